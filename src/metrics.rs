@@ -1,0 +1,173 @@
+//! Prometheus metrics of DESIGN.md. One registry per worker instance (not the global one), so
+//! several workers can run in one test process and each be checked on its own.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_consumed: IntCounter,
+    pub events_decoded: IntCounter,
+    /// label `reason`: "undecodable" | "invalid"
+    pub events_invalid: IntCounterVec,
+    pub events_deduplicated: IntCounter,
+    pub events_stale: IntCounter,
+    /// Changes that equal what was last delivered for the (user, segment): not written again.
+    pub events_redundant: IntCounter,
+    /// label `class`: "2xx" | "4xx" | "429" | "5xx" | "error" (timeout, connection)
+    pub braze_requests: IntCounterVec,
+    pub braze_request_duration: Histogram,
+    pub braze_objects_delivered: IntCounter,
+    pub braze_objects_rejected: IntCounter,
+    /// Data points: attributes written in delivered objects (what Braze bills).
+    pub braze_attributes_written: IntCounter,
+    pub braze_retries: IntCounter,
+    pub braze_rate_limited: IntCounter,
+    pub braze_in_flight: IntGauge,
+    /// label `reason`: "undecodable" | "invalid" | "rejected"
+    pub dlq_records: IntCounterVec,
+    /// labels `topic`, `partition`
+    pub committed_offset: IntGaugeVec,
+    /// labels `topic`, `partition`
+    pub consumer_lag: IntGaugeVec,
+    pub window_pending_users: IntGauge,
+    pub window_pending_changes: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(format!("segment_sync_{name}"), help).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(format!("segment_sync_{name}"), help), labels)
+        .expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(format!("segment_sync_{name}"), help).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(format!("segment_sync_{name}"), help), labels)
+        .expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let braze_request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "segment_sync_braze_request_duration_seconds",
+                "Latency of POST /users/track requests, one observation per HTTP attempt",
+            )
+            // Braze answers in tens to hundreds of milliseconds; the tail up to the 10 s
+            // default timeout is where trouble shows.
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        r.register(Box::new(braze_request_duration.clone()))
+            .expect("unique metric");
+        Metrics {
+            events_consumed: counter(&r, "events_consumed_total", "Records read from Kafka"),
+            events_decoded: counter(&r, "events_decoded_total", "Records decoded into events"),
+            events_invalid: counter_vec(
+                &r,
+                "events_invalid_total",
+                "Records that could not be decoded or are invalid events",
+                &["reason"],
+            ),
+            events_deduplicated: counter(
+                &r,
+                "events_deduplicated_total",
+                "Exact repeats of an event_id, dropped",
+            ),
+            events_stale: counter(
+                &r,
+                "events_stale_total",
+                "Events older than what was already sent for the same user and segment, dropped",
+            ),
+            events_redundant: counter(
+                &r,
+                "events_redundant_total",
+                "Changes equal to what was last delivered for the same user and segment, not written",
+            ),
+            braze_requests: counter_vec(
+                &r,
+                "braze_requests_total",
+                "HTTP requests to Braze by response class",
+                &["class"],
+            ),
+            braze_request_duration,
+            braze_objects_delivered: counter(
+                &r,
+                "braze_objects_delivered_total",
+                "Attributes objects Braze accepted",
+            ),
+            braze_objects_rejected: counter(
+                &r,
+                "braze_objects_rejected_total",
+                "Attributes objects Braze rejected",
+            ),
+            braze_attributes_written: counter(
+                &r,
+                "braze_attributes_written_total",
+                "Attributes written in accepted objects (Braze data points)",
+            ),
+            braze_retries: counter(&r, "braze_retries_total", "Requests sent again"),
+            braze_rate_limited: counter(&r, "braze_rate_limited_total", "429 answers from Braze"),
+            braze_in_flight: gauge(&r, "braze_in_flight_requests", "Braze requests in flight"),
+            dlq_records: counter_vec(
+                &r,
+                "dlq_records_total",
+                "Records written to the dead-letter topic and acknowledged",
+                &["reason"],
+            ),
+            committed_offset: gauge_vec(
+                &r,
+                "committed_offset",
+                "Last committed offset per partition",
+                &["topic", "partition"],
+            ),
+            consumer_lag: gauge_vec(
+                &r,
+                "consumer_lag",
+                "High watermark minus committed offset per partition",
+                &["topic", "partition"],
+            ),
+            window_pending_users: gauge(&r, "window_pending_users", "Users waiting in the window"),
+            window_pending_changes: gauge(
+                &r,
+                "window_pending_changes",
+                "(user, segment) changes waiting in the window",
+            ),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
