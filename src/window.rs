@@ -1,1 +1,799 @@
-//! (being written)
+//! The coalescing window: pending segment changes per user, last write wins.
+//!
+//! Pure logic, driven by the pipeline with explicit times so it can be tested without a clock.
+//! It knows nothing of Kafka or HTTP: a record's position is an opaque `P` that comes back out
+//! of the window when the record is settled (delivered, superseded, dropped).
+//!
+//! Memory is what the hot path is designed around (DESIGN.md: ≤ 300 bytes a pending user):
+//! users live in a slab indexed by `u32`, found through a `HashTable<u32>` that hashes the
+//! slab's own key (no second copy of the identifier), segment ids are interned to `u32`, and
+//! the usual user with one pending change holds it inline.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use hashbrown::HashTable;
+use rustc_hash::{FxBuildHasher, FxHasher};
+use smallvec::SmallVec;
+
+use crate::event::{AttrValue, Change, Event, Identity};
+
+/// Last-write-wins order of DESIGN.md: (sequence, occurred_at, partition, offset).
+/// A missing sequence is `i64::MIN`, so it sorts before every present one, as `None` would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Order {
+    pub sequence: i64,
+    pub occurred_at: i64,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Order {
+    pub fn of(event: &Event<'_>, partition: i32, offset: i64) -> Order {
+        Order {
+            sequence: event.sequence.unwrap_or(i64::MIN),
+            occurred_at: event.occurred_at,
+            partition,
+            offset,
+        }
+    }
+}
+
+/// Which Braze identifier a user key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdKind {
+    ExternalId,
+    Email,
+}
+
+impl IdKind {
+    pub fn field(self) -> &'static str {
+        match self {
+            IdKind::ExternalId => "external_id",
+            IdKind::Email => "email",
+        }
+    }
+}
+
+/// What the window did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Waiting to be flushed; its position comes back in a `Flush`.
+    Pending,
+    /// Older than a change already pending for the same (user, segment): it rides along with
+    /// the newer one and settles with it.
+    Superseded,
+    /// The event_id was seen before: settle it now.
+    Duplicate,
+    /// Not newer than what was already sent for the (user, segment): settle it now.
+    Stale,
+}
+
+#[derive(Debug, Clone)]
+pub struct WindowConfig {
+    pub linger_ms: u64,
+    pub batch_size: usize,
+    pub max_pending_users: usize,
+    pub dedup_memory: usize,
+    pub delivered_memory: usize,
+}
+
+/// Interned segment ids: the window and the batch encoder speak of segments by index.
+#[derive(Default)]
+pub struct Segments {
+    names: Vec<Box<str>>,
+    index: HashTable<u32>,
+}
+
+impl Segments {
+    fn intern(&mut self, id: &str) -> u32 {
+        let hash = FxBuildHasher.hash_one(id);
+        let names = &self.names;
+        if let Some(&i) = self.index.find(hash, |&i| &*names[i as usize] == id) {
+            return i;
+        }
+        let i = self.names.len() as u32;
+        self.names.push(id.into());
+        let names = &self.names;
+        self.index
+            .insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*names[j as usize]));
+        i
+    }
+
+    pub fn name(&self, index: u32) -> &str {
+        &self.names[index as usize]
+    }
+}
+
+/// A bounded memory that forgets the oldest insertions first.
+struct Recent<K, V> {
+    map: hashbrown::HashMap<K, V, FxBuildHasher>,
+    order: VecDeque<K>,
+    capacity: usize,
+}
+
+impl<K: Copy + Eq + Hash, V> Recent<K, V> {
+    fn new(capacity: usize) -> Self {
+        Recent {
+            map: hashbrown::HashMap::with_hasher(FxBuildHasher),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, k: &K) -> Option<&V> {
+        self.map.get(k)
+    }
+
+    /// Returns false when the key was already there (its value is replaced).
+    fn put(&mut self, k: K, v: V) -> bool {
+        if self.capacity == 0 {
+            return true;
+        }
+        if let Some(old) = self.map.get_mut(&k) {
+            *old = v;
+            return false;
+        }
+        // The queue may hold keys already forgotten; it is bounded all the same.
+        while self.order.len() >= self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        self.map.insert(k, v);
+        self.order.push_back(k);
+        true
+    }
+
+    fn forget(&mut self, k: &K) {
+        self.map.remove(k);
+    }
+}
+
+struct PendingChange<P> {
+    segment: u32,
+    change: Change,
+    order: Order,
+    /// Every record this change settles: its own and those it superseded.
+    positions: SmallVec<[P; 1]>,
+}
+
+struct PendingAttr {
+    name: Box<str>,
+    value: AttrValue<'static>,
+    order: Order,
+}
+
+struct Slot<P> {
+    key: Arc<str>,
+    kind: IdKind,
+    live: bool,
+    queued: bool,
+    in_flight: bool,
+    first_pending_ms: u64,
+    changes: SmallVec<[PendingChange<P>; 1]>,
+    attrs: Vec<PendingAttr>,
+}
+
+/// One user as flushed: ranges index into the `Flush`'s shared vectors, so a batch of 75 users
+/// costs a handful of allocations, not a few per user.
+#[derive(Debug, Clone)]
+pub struct FlushedUser {
+    pub slot: u32,
+    pub kind: IdKind,
+    pub id: Arc<str>,
+    pub changes: std::ops::Range<u32>,
+    pub attributes: std::ops::Range<u32>,
+    pub positions: std::ops::Range<u32>,
+}
+
+/// Users leaving the window together, for one Braze request.
+#[derive(Debug, Clone)]
+pub struct Flush<P> {
+    pub users: Vec<FlushedUser>,
+    pub changes: Vec<(u32, Change)>,
+    pub attributes: Vec<(Box<str>, AttrValue<'static>)>,
+    pub positions: Vec<P>,
+    /// Records whose change proved redundant (equal to what was last delivered): settle now.
+    pub settled_now: Vec<P>,
+    pub redundant: usize,
+}
+
+impl<P> Default for Flush<P> {
+    fn default() -> Self {
+        Flush {
+            users: Vec::new(),
+            changes: Vec::new(),
+            attributes: Vec::new(),
+            positions: Vec::new(),
+            settled_now: Vec::new(),
+            redundant: 0,
+        }
+    }
+}
+
+impl<P> Flush<P> {
+    pub fn user_changes(&self, u: &FlushedUser) -> &[(u32, Change)] {
+        &self.changes[u.changes.start as usize..u.changes.end as usize]
+    }
+    pub fn user_attributes(&self, u: &FlushedUser) -> &[(Box<str>, AttrValue<'static>)] {
+        &self.attributes[u.attributes.start as usize..u.attributes.end as usize]
+    }
+    pub fn user_positions(&self, u: &FlushedUser) -> &[P] {
+        &self.positions[u.positions.start as usize..u.positions.end as usize]
+    }
+}
+
+pub struct Window<P> {
+    cfg: WindowConfig,
+    slots: Vec<Slot<P>>,
+    free: Vec<u32>,
+    table: HashTable<u32>,
+    queue: VecDeque<u32>,
+    segments: Segments,
+    seen: Recent<u64, ()>,
+    delivered: Recent<u128, (Order, Change)>,
+    /// Slots in use: users pending or in flight.
+    users: usize,
+    /// Users with pending changes (queued or waiting for their in-flight request).
+    pending_users: usize,
+    pending_changes: usize,
+    empty_key: Arc<str>,
+}
+
+fn user_hash(kind: IdKind, id: &str) -> u64 {
+    let mut h = FxHasher::default();
+    kind.hash(&mut h);
+    id.hash(&mut h);
+    h.finish()
+}
+
+fn event_id_hash(id: &str) -> u64 {
+    FxBuildHasher.hash_one(id)
+}
+
+/// 128 bits so that two (user, segment) pairs sharing a key is not a practical concern: a
+/// collision would drop a real update as stale.
+fn delivered_key(kind: IdKind, id: &str, segment: &str) -> u128 {
+    let mut a = FxHasher::with_seed(0x5eed_0001);
+    let mut b = FxHasher::with_seed(0x5eed_0002);
+    for h in [&mut a, &mut b] {
+        kind.hash(h);
+        id.hash(h);
+        segment.hash(h);
+    }
+    ((a.finish() as u128) << 64) | b.finish() as u128
+}
+
+impl<P: Copy> Window<P> {
+    pub fn new(cfg: WindowConfig) -> Window<P> {
+        Window {
+            seen: Recent::new(cfg.dedup_memory),
+            delivered: Recent::new(cfg.delivered_memory),
+            cfg,
+            slots: Vec::new(),
+            free: Vec::new(),
+            table: HashTable::new(),
+            queue: VecDeque::new(),
+            segments: Segments::default(),
+            users: 0,
+            pending_users: 0,
+            pending_changes: 0,
+            empty_key: Arc::from(""),
+        }
+    }
+
+    pub fn segments(&self) -> &Segments {
+        &self.segments
+    }
+
+    /// Users held: waiting to be flushed or in a request in flight.
+    pub fn users(&self) -> usize {
+        self.users
+    }
+
+    pub fn pending_users(&self) -> usize {
+        self.pending_users
+    }
+
+    pub fn pending_changes(&self) -> usize {
+        self.pending_changes
+    }
+
+    /// Back-pressure: the caller stops consuming while this holds.
+    pub fn is_full(&self) -> bool {
+        self.users >= self.cfg.max_pending_users
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users == 0
+    }
+
+    /// When the oldest waiting user's linger runs out (ms), if anyone is waiting.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.queue
+            .front()
+            .map(|&s| self.slots[s as usize].first_pending_ms + self.cfg.linger_ms)
+    }
+
+    fn find(&self, kind: IdKind, id: &str, hash: u64) -> Option<u32> {
+        let slots = &self.slots;
+        self.table
+            .find(hash, |&i| {
+                let s = &slots[i as usize];
+                s.kind == kind && &*s.key == id
+            })
+            .copied()
+    }
+
+    fn create(&mut self, kind: IdKind, id: &str, hash: u64) -> u32 {
+        let slot = Slot {
+            key: Arc::from(id),
+            kind,
+            live: true,
+            queued: false,
+            in_flight: false,
+            first_pending_ms: 0,
+            changes: SmallVec::new(),
+            attrs: Vec::new(),
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slots = &self.slots;
+        self.table.insert_unique(hash, idx, |&j| {
+            let s = &slots[j as usize];
+            user_hash(s.kind, &s.key)
+        });
+        self.users += 1;
+        idx
+    }
+
+    fn release(&mut self, idx: u32) {
+        let s = &self.slots[idx as usize];
+        let hash = user_hash(s.kind, &s.key);
+        if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
+            entry.remove();
+        }
+        let s = &mut self.slots[idx as usize];
+        s.live = false;
+        s.key = self.empty_key.clone();
+        s.changes = SmallVec::new();
+        s.attrs = Vec::new();
+        self.free.push(idx);
+        self.users -= 1;
+    }
+
+    /// Takes an event the caller has validated (`identity` is `event.validate()`'s answer).
+    pub fn admit(
+        &mut self,
+        event: &Event<'_>,
+        identity: Identity<'_>,
+        partition: i32,
+        offset: i64,
+        pos: P,
+        now_ms: u64,
+    ) -> Admit {
+        if !self.seen.put(event_id_hash(&event.event_id), ()) {
+            return Admit::Duplicate;
+        }
+        let (kind, id) = match identity {
+            Identity::ExternalId(v) => (IdKind::ExternalId, v),
+            Identity::Email(v) => (IdKind::Email, v),
+        };
+        let order = Order::of(event, partition, offset);
+        if let Some((sent, _)) = self
+            .delivered
+            .get(&delivered_key(kind, id, &event.segment_id))
+        {
+            if order <= *sent {
+                return Admit::Stale;
+            }
+        }
+        let segment = self.segments.intern(&event.segment_id);
+        let hash = user_hash(kind, id);
+        let idx = match self.find(kind, id, hash) {
+            Some(i) => i,
+            None => self.create(kind, id, hash),
+        };
+        let slot = &mut self.slots[idx as usize];
+        let was_pending = !slot.changes.is_empty();
+        let mut result = Admit::Pending;
+        match slot.changes.iter_mut().find(|c| c.segment == segment) {
+            Some(c) if order > c.order => {
+                c.order = order;
+                c.change = event.change;
+                c.positions.push(pos);
+            }
+            Some(c) => {
+                c.positions.push(pos);
+                result = Admit::Superseded;
+            }
+            None => {
+                slot.changes.push(PendingChange {
+                    segment,
+                    change: event.change,
+                    order,
+                    positions: SmallVec::from_buf([pos]),
+                });
+                self.pending_changes += 1;
+            }
+        }
+        for (name, value) in &event.attributes {
+            match slot.attrs.iter_mut().find(|a| *a.name == **name) {
+                Some(a) if order > a.order => {
+                    a.value = value.clone().into_owned();
+                    a.order = order;
+                }
+                Some(_) => {}
+                None => slot.attrs.push(PendingAttr {
+                    name: (**name).into(),
+                    value: value.clone().into_owned(),
+                    order,
+                }),
+            }
+        }
+        if !was_pending {
+            self.pending_users += 1;
+            slot.first_pending_ms = now_ms;
+        }
+        if !slot.queued && !slot.in_flight {
+            slot.queued = true;
+            self.queue.push_back(idx);
+        }
+        result
+    }
+
+    /// Whether a flush is due: a full batch is waiting, the oldest has lingered long enough,
+    /// or `force` (revoke, shutdown, a backfill's end).
+    pub fn flush_due(&self, now_ms: u64, force: bool) -> bool {
+        if self.queue.is_empty() {
+            return false;
+        }
+        force
+            || self.queue.len() >= self.cfg.batch_size
+            || self.next_deadline().is_some_and(|d| d <= now_ms)
+    }
+
+    /// Takes up to `batch_size` users, oldest first, when a flush is due. Their slots stay
+    /// in flight until `complete`, so no user is in two requests at once. Changes equal to what
+    /// was last delivered for the (user, segment) are left out and their records settle now.
+    pub fn pop_batch(&mut self, now_ms: u64, force: bool) -> Option<Flush<P>> {
+        if !self.flush_due(now_ms, force) {
+            return None;
+        }
+        let mut flush = Flush::default();
+        while flush.users.len() < self.cfg.batch_size {
+            let Some(idx) = self.queue.pop_front() else {
+                break;
+            };
+            let slot = &mut self.slots[idx as usize];
+            slot.queued = false;
+            if slot.changes.is_empty() {
+                // Emptied by a revoke while queued.
+                if !slot.in_flight {
+                    self.release(idx);
+                }
+                continue;
+            }
+            let changes = std::mem::take(&mut slot.changes);
+            let attrs = std::mem::take(&mut slot.attrs);
+            self.pending_users -= 1;
+            self.pending_changes -= changes.len();
+            let (kind, key) = (slot.kind, slot.key.clone());
+            let c0 = flush.changes.len() as u32;
+            let a0 = flush.attributes.len() as u32;
+            let p0 = flush.positions.len() as u32;
+            for c in changes {
+                let dk = delivered_key(kind, &key, self.segments.name(c.segment));
+                let redundant = self
+                    .delivered
+                    .get(&dk)
+                    .is_some_and(|(_, last)| *last == c.change);
+                self.delivered.put(dk, (c.order, c.change));
+                if redundant {
+                    flush.redundant += 1;
+                    flush.settled_now.extend_from_slice(&c.positions);
+                } else {
+                    flush.changes.push((c.segment, c.change));
+                    flush.positions.extend_from_slice(&c.positions);
+                }
+            }
+            let wrote_changes = flush.changes.len() as u32 > c0;
+            if wrote_changes {
+                // Extra attributes ride only with a change that is written: alone they would
+                // be a write the window cannot show is needed.
+                flush
+                    .attributes
+                    .extend(attrs.into_iter().map(|a| (a.name, a.value)));
+                flush.users.push(FlushedUser {
+                    slot: idx,
+                    kind,
+                    id: key,
+                    changes: c0..flush.changes.len() as u32,
+                    attributes: a0..flush.attributes.len() as u32,
+                    positions: p0..flush.positions.len() as u32,
+                });
+                self.slots[idx as usize].in_flight = true;
+            } else {
+                self.release(idx);
+            }
+        }
+        if flush.users.is_empty() && flush.settled_now.is_empty() {
+            return None;
+        }
+        Some(flush)
+    }
+
+    /// A request holding this user has finished. `rejected` forgets what the window believed
+    /// was delivered, so a later change is neither stale nor redundant against it.
+    pub fn complete(&mut self, user: &FlushedUser, changes: &[(u32, Change)], rejected: bool) {
+        if rejected {
+            for (segment, _) in changes {
+                let dk = delivered_key(user.kind, &user.id, self.segments.name(*segment));
+                self.delivered.forget(&dk);
+            }
+        }
+        let slot = &mut self.slots[user.slot as usize];
+        if !slot.live || !slot.in_flight || !Arc::ptr_eq(&slot.key, &user.id) {
+            return;
+        }
+        slot.in_flight = false;
+        if slot.changes.is_empty() {
+            self.release(user.slot);
+        } else if !slot.queued {
+            slot.queued = true;
+            self.queue.push_back(user.slot);
+        }
+    }
+
+    /// After a revoke: positions for which `gone` holds are dropped (the partition's new owner
+    /// reads those records again); a change left with none is dropped. Returns how many
+    /// changes were dropped.
+    pub fn drop_positions(&mut self, gone: impl Fn(&P) -> bool) -> usize {
+        let mut dropped = 0;
+        for idx in 0..self.slots.len() {
+            let slot = &mut self.slots[idx];
+            if !slot.live || slot.changes.is_empty() {
+                continue;
+            }
+            let before = slot.changes.len();
+            for c in slot.changes.iter_mut() {
+                c.positions.retain(|p| !gone(p));
+            }
+            slot.changes.retain(|c| !c.positions.is_empty());
+            let removed = before - slot.changes.len();
+            dropped += removed;
+            self.pending_changes -= removed;
+            if slot.changes.is_empty() {
+                slot.attrs.clear();
+                self.pending_users -= 1;
+                // A queued slot is released when the queue reaches it.
+                if !slot.queued && !slot.in_flight {
+                    self.release(idx as u32);
+                }
+            }
+        }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn cfg() -> WindowConfig {
+        WindowConfig {
+            linger_ms: 100,
+            batch_size: 3,
+            max_pending_users: 10,
+            dedup_memory: 1000,
+            delivered_memory: 1000,
+        }
+    }
+
+    fn ev(id: &str, user: &str, seg: &str, change: Change, seq: i64) -> Event<'static> {
+        Event {
+            event_id: id.to_string().into(),
+            external_id: Some(user.to_string().into()),
+            email: None,
+            segment_id: seg.to_string().into(),
+            segment_name: None,
+            change,
+            occurred_at: 1_000,
+            sequence: Some(seq),
+            attributes: vec![],
+        }
+    }
+
+    fn admit(w: &mut Window<i64>, e: &Event<'_>, offset: i64, now: u64) -> Admit {
+        let identity = e.validate().unwrap();
+        w.admit(e, identity, 0, offset, offset, now)
+    }
+
+    fn written(w: &Window<i64>, f: &Flush<i64>) -> Vec<(String, String, Change)> {
+        let mut out = vec![];
+        for u in &f.users {
+            for (s, c) in f.user_changes(u) {
+                out.push((u.id.to_string(), w.segments().name(*s).to_string(), *c));
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+
+    #[test]
+    fn last_write_wins_by_sequence_and_older_rides_along() {
+        let mut w = Window::new(cfg());
+        assert_eq!(
+            admit(&mut w, &ev("a", "u1", "s", Change::Entered, 2), 0, 0),
+            Admit::Pending
+        );
+        assert_eq!(
+            admit(&mut w, &ev("b", "u1", "s", Change::Exited, 1), 1, 0),
+            Admit::Superseded
+        );
+        assert_eq!(
+            admit(&mut w, &ev("a", "u1", "s", Change::Exited, 9), 2, 0),
+            Admit::Duplicate
+        );
+        assert_eq!(w.pending_users(), 1);
+        assert!(w.pop_batch(99, false).is_none(), "linger not over");
+        let f = w.pop_batch(100, false).expect("linger over");
+        assert_eq!(
+            written(&w, &f),
+            vec![("u1".into(), "s".into(), Change::Entered)]
+        );
+        assert_eq!(f.positions, vec![0, 1]);
+        w.complete(&f.users[0], f.user_changes(&f.users[0]), false);
+        assert!(w.is_empty());
+        // Older than what was sent: stale. Newer but equal to what was sent: redundant.
+        assert_eq!(
+            admit(&mut w, &ev("c", "u1", "s", Change::Exited, 1), 3, 200),
+            Admit::Stale
+        );
+        assert_eq!(
+            admit(&mut w, &ev("d", "u1", "s", Change::Entered, 3), 4, 200),
+            Admit::Pending
+        );
+        let f = w.pop_batch(300, false).unwrap();
+        assert!(f.users.is_empty());
+        assert_eq!(f.settled_now, vec![4]);
+        assert_eq!(f.redundant, 1);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_user_in_flight_is_not_flushed_again_until_complete() {
+        let mut w = Window::new(cfg());
+        admit(&mut w, &ev("a", "u1", "s", Change::Entered, 1), 0, 0);
+        let f1 = w.pop_batch(0, true).unwrap();
+        admit(&mut w, &ev("b", "u1", "s", Change::Exited, 2), 1, 0);
+        assert!(w.pop_batch(1000, true).is_none(), "u1 is in flight");
+        w.complete(&f1.users[0], f1.user_changes(&f1.users[0]), false);
+        let f2 = w.pop_batch(1000, false).unwrap();
+        assert_eq!(
+            written(&w, &f2),
+            vec![("u1".into(), "s".into(), Change::Exited)]
+        );
+    }
+
+    #[test]
+    fn full_batch_flushes_before_linger_and_respects_batch_size() {
+        let mut w = Window::new(cfg());
+        for i in 0..7 {
+            admit(
+                &mut w,
+                &ev(&format!("e{i}"), &format!("u{i}"), "s", Change::Entered, 1),
+                i,
+                0,
+            );
+        }
+        let f = w.pop_batch(0, false).unwrap();
+        assert_eq!(f.users.len(), 3);
+        let f = w.pop_batch(0, false).unwrap();
+        assert_eq!(f.users.len(), 3);
+        assert!(w.pop_batch(0, false).is_none(), "one left, lingering");
+        assert_eq!(w.pop_batch(0, true).unwrap().users.len(), 1);
+    }
+
+    #[test]
+    fn rejection_forgets_the_delivery() {
+        let mut w = Window::new(cfg());
+        admit(&mut w, &ev("a", "u1", "s", Change::Entered, 5), 0, 0);
+        let f = w.pop_batch(0, true).unwrap();
+        w.complete(&f.users[0], f.user_changes(&f.users[0]), true);
+        assert_eq!(
+            admit(&mut w, &ev("b", "u1", "s", Change::Entered, 1), 1, 0),
+            Admit::Pending
+        );
+    }
+
+    #[test]
+    fn revoked_positions_drop_their_changes_only() {
+        let mut w = Window::new(cfg());
+        admit(&mut w, &ev("a", "u1", "s", Change::Entered, 1), 10, 0);
+        admit(&mut w, &ev("b", "u2", "s", Change::Entered, 1), 20, 0);
+        assert_eq!(w.drop_positions(|p| *p == 10), 1);
+        let f = w.pop_batch(0, true).unwrap();
+        assert_eq!(
+            written(&w, &f),
+            vec![("u2".into(), "s".into(), Change::Entered)]
+        );
+        assert_eq!(w.pending_users(), 0);
+    }
+
+    #[test]
+    fn email_and_external_id_are_different_users() {
+        let mut w = Window::new(cfg());
+        let mut e = ev("a", "x", "s", Change::Entered, 1);
+        admit(&mut w, &e, 0, 0);
+        e.event_id = "b".into();
+        e.external_id = None;
+        e.email = Some("x".into());
+        admit(&mut w, &e, 1, 0);
+        assert_eq!(w.pending_users(), 2);
+    }
+
+    proptest! {
+        /// Whatever the arrival order, flushing and delivering everything leaves each
+        /// (user, segment) at the change of its greatest order, and every record settles once.
+        #[test]
+        fn delivered_state_is_last_write_wins(
+            events in proptest::collection::vec((0u8..5, 0u8..3, any::<bool>(), 0i64..6), 1..80),
+            flush_every in 1usize..20,
+        ) {
+            let mut w: Window<i64> = Window::new(WindowConfig { batch_size: 4, ..cfg() });
+            let mut state: HashMap<(String, String), Change> = HashMap::new();
+            let mut expected: HashMap<(String, String), (Order, Change)> = HashMap::new();
+            let mut settled = vec![0u32; events.len()];
+            let deliver = |w: &mut Window<i64>, f: Flush<i64>, settled: &mut Vec<u32>,
+                               state: &mut HashMap<(String, String), Change>| {
+                for p in &f.settled_now { settled[*p as usize] += 1; }
+                for u in &f.users {
+                    for (s, c) in f.user_changes(u) {
+                        state.insert((u.id.to_string(), w.segments().name(*s).to_string()), *c);
+                    }
+                    for p in f.user_positions(u) { settled[*p as usize] += 1; }
+                    w.complete(u, f.user_changes(u), false);
+                }
+            };
+            for (i, (user, seg, entered, seq)) in events.iter().enumerate() {
+                let change = if *entered { Change::Entered } else { Change::Exited };
+                let e = ev(&format!("e{i}"), &format!("u{user}"), &format!("s{seg}"), change, *seq);
+                let order = Order::of(&e, 0, i as i64);
+                let k = (format!("u{user}"), format!("s{seg}"));
+                if expected.get(&k).is_none_or(|(o, _)| order > *o) {
+                    expected.insert(k, (order, change));
+                }
+                match admit(&mut w, &e, i as i64, 0) {
+                    Admit::Duplicate | Admit::Stale => settled[i] += 1,
+                    Admit::Pending | Admit::Superseded => {}
+                }
+                if i % flush_every == 0 {
+                    while let Some(f) = w.pop_batch(0, true) {
+                        deliver(&mut w, f, &mut settled, &mut state);
+                    }
+                }
+            }
+            while let Some(f) = w.pop_batch(0, true) {
+                deliver(&mut w, f, &mut settled, &mut state);
+            }
+            prop_assert!(w.is_empty());
+            prop_assert!(settled.iter().all(|&n| n == 1), "settled {:?}", settled);
+            for (k, (_, change)) in expected {
+                prop_assert_eq!(state.get(&k), Some(&change), "{:?}", k);
+            }
+        }
+    }
+}
