@@ -20,6 +20,12 @@ pub mod braze;
 pub mod offsets;
 /// Dead-letter records and their Kafka Connect headers.
 pub mod dlq;
+/// Produces dead-letter records and reports their acknowledgements.
+pub mod dlq_writer;
+/// Reads rejected records back from the log for their dead-letter copies.
+pub mod refetch;
+/// Consumer settings and the rebalance callbacks.
+pub mod consumer;
 /// The one place that wires consumer → window → Braze → offsets → commit.
 pub mod pipeline;
 /// Sample CDP changes for `produce`, the demo and the tests.

@@ -1,1 +1,685 @@
-//! (being written)
+//! The per-partition contiguous settled watermark that offsets are committed from.
+//!
+//! Every consumed record is `track`ed in offset order and later `settle`d, in any order,
+//! when it is delivered, superseded, dropped or dead-lettered. The offset to commit for a
+//! partition is the first offset that is not settled yet (Kafka's convention: the committed
+//! offset is the next record to read), so nothing is ever committed past a record that could
+//! still be lost.
+//!
+//! Assignments are epochs: a partition that is revoked and assigned again gets a new
+//! [`PartitionId`], and positions handed out under the old one settle nothing, because a
+//! late acknowledgement from before a rebalance must not move the watermark of the new owner.
+//!
+//! Pure: no rdkafka types, no clocks, no I/O.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// A cheap handle on one assignment (epoch) of one partition, returned by
+/// [`OffsetTracker::assign`]. The hot path uses it instead of `(topic, partition)` so that
+/// tracking a record costs an index and a compare, not a string hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PartitionId {
+    slot: u32,
+    epoch: u32,
+}
+
+/// One tracked record: which assignment it belongs to and its offset. 16 bytes, `Copy`, so the
+/// window can keep one beside every pending change without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Position {
+    partition: PartitionId,
+    offset: i64,
+}
+
+impl Position {
+    pub fn partition(&self) -> PartitionId {
+        self.partition
+    }
+
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+}
+
+/// A tracked offset and whether it is settled, in 8 bytes: Kafka offsets are never negative,
+/// so a settled offset is stored bitwise-negated (always negative) instead of beside a flag
+/// that would double the size of the queue.
+#[derive(Debug, Clone, Copy)]
+struct Slot(i64);
+
+impl Slot {
+    fn pending(offset: i64) -> Slot {
+        Slot(offset)
+    }
+
+    fn offset(self) -> i64 {
+        if self.0 < 0 {
+            !self.0
+        } else {
+            self.0
+        }
+    }
+
+    fn is_settled(self) -> bool {
+        self.0 < 0
+    }
+
+    fn settle(&mut self) {
+        if self.0 >= 0 {
+            self.0 = !self.0;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    topic: Arc<str>,
+    partition: i32,
+    epoch: u32,
+    /// Tracked offsets from the first unsettled one to the highest tracked, ascending.
+    /// Offsets absent between two entries were never consumed (compaction, transaction
+    /// markers) and count as settled; keeping only consumed offsets bounds memory by the
+    /// number of records in flight, whatever the size of the gaps.
+    slots: VecDeque<Slot>,
+    /// The highest tracked offset + 1; `None` until the first record of this epoch.
+    next: Option<i64>,
+    unsettled: usize,
+    /// The committable offset last returned by `take_commits`, or the position the
+    /// consumer started this epoch at, which is already committed or about to be read.
+    reported: Option<i64>,
+}
+
+impl PartitionState {
+    fn new(topic: Arc<str>, partition: i32, epoch: u32) -> Self {
+        PartitionState {
+            topic,
+            partition,
+            epoch,
+            slots: VecDeque::new(),
+            next: None,
+            unsettled: 0,
+            reported: None,
+        }
+    }
+
+    fn committable(&self) -> Option<i64> {
+        match self.slots.front() {
+            Some(slot) => Some(slot.offset()),
+            None => self.next,
+        }
+    }
+
+    fn track(&mut self, offset: i64) {
+        if offset < 0 {
+            // librdkafka's logical offsets (-1001 and friends) are not records.
+            return;
+        }
+        match self.next {
+            None => self.reported = Some(offset),
+            Some(next) if offset < next => self.rewind(offset),
+            Some(_) => {}
+        }
+        self.slots.push_back(Slot::pending(offset));
+        self.next = Some(offset + 1);
+        self.unsettled += 1;
+    }
+
+    /// A record at or below the highest tracked offset means the consumer was seeked back.
+    /// The records from `offset` on will be delivered again, so their earlier tracking is
+    /// forgotten and they are tracked afresh; records below `offset` keep their state. A
+    /// settlement that arrives later for a forgotten copy still settles the re-read copy
+    /// once it is tracked: it is the same Kafka record, and its earlier delivery counts.
+    fn rewind(&mut self, offset: i64) {
+        let keep = self.slots.partition_point(|slot| slot.offset() < offset);
+        let forgotten = self
+            .slots
+            .range(keep..)
+            .filter(|slot| !slot.is_settled())
+            .count();
+        self.slots.truncate(keep);
+        self.unsettled -= forgotten;
+    }
+
+    /// Returns how many unsettled records the call settled (1, or 0 when already settled
+    /// or never tracked).
+    fn settle(&mut self, offset: i64) -> usize {
+        let Some(front) = self.slots.front() else {
+            return 0;
+        };
+        // Offsets are usually contiguous, so the slot is usually exactly `offset - front`
+        // places in; gaps fall back to a binary search of the ascending queue.
+        let guess = usize::try_from(offset - front.offset()).ok();
+        let index = match guess.and_then(|i| self.slots.get(i).map(|slot| (i, *slot))) {
+            Some((i, slot)) if slot.offset() == offset => i,
+            _ => match self
+                .slots
+                .binary_search_by_key(&offset, |slot| slot.offset())
+            {
+                Ok(i) => i,
+                Err(_) => return 0,
+            },
+        };
+        let slot = &mut self.slots[index];
+        if slot.is_settled() {
+            return 0;
+        }
+        slot.settle();
+        self.unsettled -= 1;
+        while self.slots.front().is_some_and(|slot| slot.is_settled()) {
+            self.slots.pop_front();
+        }
+        1
+    }
+}
+
+/// The settled watermark of every assigned partition.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    /// Indexed by `PartitionId::slot`; `None` for a revoked partition whose slot is free.
+    partitions: Vec<Option<PartitionState>>,
+    free: Vec<u32>,
+    next_epoch: u32,
+    unsettled: usize,
+}
+
+impl OffsetTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A partition was assigned (again): starts a new epoch for it and returns its handle.
+    /// Positions of an earlier epoch of the partition settle nothing from now on.
+    pub fn assign(&mut self, topic: &str, partition: i32) -> PartitionId {
+        let epoch = self.next_epoch;
+        // Wrapping is harmless: a position would have to outlive four billion assignments
+        // to be mistaken for a current one.
+        self.next_epoch = self.next_epoch.wrapping_add(1);
+        if let Some(slot) = self.find(topic, partition) {
+            if let Some(state) = self.partitions[slot as usize].as_mut() {
+                self.unsettled -= state.unsettled;
+                *state = PartitionState::new(Arc::clone(&state.topic), partition, epoch);
+                return PartitionId { slot, epoch };
+            }
+        }
+        let state = PartitionState::new(Arc::from(topic), partition, epoch);
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.partitions[slot as usize] = Some(state);
+                slot
+            }
+            None => {
+                self.partitions.push(Some(state));
+                // More than u32::MAX partitions in one consumer is not a real configuration.
+                u32::try_from(self.partitions.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        PartitionId { slot, epoch }
+    }
+
+    /// The partition is gone: its state is forgotten and its positions settle nothing.
+    /// Take its last commit with [`take_commits`](Self::take_commits) before revoking.
+    /// Returns whether it was assigned.
+    pub fn revoke(&mut self, topic: &str, partition: i32) -> bool {
+        let Some(slot) = self.find(topic, partition) else {
+            return false;
+        };
+        if let Some(state) = self.partitions[slot as usize].take() {
+            self.unsettled -= state.unsettled;
+        }
+        self.free.push(slot);
+        true
+    }
+
+    /// Forgets every partition, as on a full revoke or at shutdown.
+    pub fn revoke_all(&mut self) {
+        self.partitions.clear();
+        self.free.clear();
+        self.unsettled = 0;
+    }
+
+    /// The current handle of an assigned partition.
+    pub fn partition_id(&self, topic: &str, partition: i32) -> Option<PartitionId> {
+        let slot = self.find(topic, partition)?;
+        let state = self.partitions[slot as usize].as_ref()?;
+        Some(PartitionId {
+            slot,
+            epoch: state.epoch,
+        })
+    }
+
+    /// A record was consumed at `offset`; returns the position to settle it with.
+    ///
+    /// Offsets normally increase by one; a jump leaves a gap that counts as settled. An
+    /// offset at or below the highest tracked one is a rewind (the consumer was seeked
+    /// back): the records from it on are tracked afresh and their earlier tracking is
+    /// forgotten, so the committable offset may move back to it. A handle from an earlier
+    /// epoch, or a negative (logical) offset, tracks nothing, and the returned position
+    /// settles nothing.
+    pub fn track(&mut self, partition: PartitionId, offset: i64) -> Position {
+        if let Some(state) = self.state_mut(partition) {
+            // Rewinds can forget records, so recount from the partition's own tally.
+            let before = state.unsettled;
+            state.track(offset);
+            let after = state.unsettled;
+            self.unsettled = self.unsettled + after - before;
+        }
+        Position { partition, offset }
+    }
+
+    /// The record at `pos` is settled. Idempotent; positions of a revoked partition or an
+    /// earlier epoch, and offsets never tracked, are ignored.
+    pub fn settle(&mut self, pos: Position) {
+        if let Some(state) = self.state_mut(pos.partition) {
+            self.unsettled -= state.settle(pos.offset);
+        }
+    }
+
+    /// For each assigned partition whose committable offset moved since the last call (or
+    /// since the epoch started): `(topic, partition, next offset to commit)`. The offset is
+    /// the first unsettled one, or the highest tracked + 1 when all are settled: the
+    /// record to read next, as Kafka expects a commit to name.
+    pub fn take_commits(&mut self) -> Vec<(Arc<str>, i32, i64)> {
+        let mut commits = Vec::new();
+        for state in self.partitions.iter_mut().flatten() {
+            let Some(offset) = state.committable() else {
+                continue;
+            };
+            if state.reported != Some(offset) {
+                state.reported = Some(offset);
+                commits.push((Arc::clone(&state.topic), state.partition, offset));
+            }
+        }
+        commits
+    }
+
+    /// The offset that could be committed for the partition now; `None` when it is not
+    /// assigned or no record of this epoch was tracked.
+    pub fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.state(topic, partition)?.committable()
+    }
+
+    /// Unsettled records over every assigned partition.
+    pub fn unsettled(&self) -> usize {
+        self.unsettled
+    }
+
+    /// Unsettled records of one partition; 0 when it is not assigned.
+    pub fn unsettled_in(&self, topic: &str, partition: i32) -> usize {
+        self.state(topic, partition).map_or(0, |s| s.unsettled)
+    }
+
+    // Assignments change rarely and a worker owns few partitions, so a scan beats keeping
+    // a map keyed by topic name in step with the slots.
+    fn find(&self, topic: &str, partition: i32) -> Option<u32> {
+        self.partitions
+            .iter()
+            .position(|s| {
+                s.as_ref()
+                    .is_some_and(|s| s.partition == partition && &*s.topic == topic)
+            })
+            .and_then(|i| u32::try_from(i).ok())
+    }
+
+    fn state(&self, topic: &str, partition: i32) -> Option<&PartitionState> {
+        let slot = self.find(topic, partition)?;
+        self.partitions[slot as usize].as_ref()
+    }
+
+    fn state_mut(&mut self, id: PartitionId) -> Option<&mut PartitionState> {
+        self.partitions
+            .get_mut(id.slot as usize)?
+            .as_mut()
+            .filter(|s| s.epoch == id.epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commits(t: &mut OffsetTracker) -> Vec<(String, i32, i64)> {
+        t.take_commits()
+            .into_iter()
+            .map(|(topic, p, o)| (topic.to_string(), p, o))
+            .collect()
+    }
+
+    #[test]
+    fn watermark_waits_for_the_first_unsettled_offset() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let pos: Vec<Position> = (100..105).map(|o| t.track(p, o)).collect();
+        assert_eq!(t.committable("t", 0), Some(100));
+        t.settle(pos[2]);
+        assert_eq!(t.committable("t", 0), Some(100));
+        t.settle(pos[0]);
+        assert_eq!(t.committable("t", 0), Some(101));
+        t.settle(pos[1]);
+        assert_eq!(t.committable("t", 0), Some(103));
+        t.settle(pos[4]);
+        t.settle(pos[3]);
+        assert_eq!(t.committable("t", 0), Some(105));
+        assert_eq!(t.unsettled(), 0);
+    }
+
+    #[test]
+    fn skipped_offsets_count_as_settled() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let a = t.track(p, 10);
+        let b = t.track(p, 13);
+        let c = t.track(p, 20);
+        t.settle(a);
+        assert_eq!(t.committable("t", 0), Some(13));
+        t.settle(c);
+        assert_eq!(t.committable("t", 0), Some(13));
+        t.settle(b);
+        assert_eq!(t.committable("t", 0), Some(21));
+        // A jump while nothing is pending moves the watermark to the new record.
+        let d = t.track(p, 1_000_000);
+        assert_eq!(t.committable("t", 0), Some(1_000_000));
+        t.settle(d);
+        assert_eq!(t.committable("t", 0), Some(1_000_001));
+    }
+
+    #[test]
+    fn settle_is_idempotent_and_ignores_untracked_offsets() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let a = t.track(p, 0);
+        let b = t.track(p, 1);
+        t.settle(b);
+        t.settle(b);
+        assert_eq!(t.unsettled(), 1);
+        assert_eq!(t.committable("t", 0), Some(0));
+        // Never tracked: inside a gap, past the end, before the start.
+        let _ = t.track(p, 5);
+        for offset in [3, 9, -1] {
+            t.settle(Position {
+                partition: p,
+                offset,
+            });
+        }
+        assert_eq!(t.unsettled(), 2);
+        t.settle(a);
+        t.settle(a);
+        assert_eq!(t.unsettled(), 1);
+        assert_eq!(t.committable("t", 0), Some(5));
+    }
+
+    #[test]
+    fn late_settle_from_an_earlier_epoch_is_ignored() {
+        let mut t = OffsetTracker::new();
+        let first = t.assign("t", 3);
+        let old = t.track(first, 7);
+        assert!(t.revoke("t", 3));
+        t.settle(old);
+        assert_eq!(t.committable("t", 3), None);
+
+        let second = t.assign("t", 3);
+        assert_ne!(first, second);
+        let new = t.track(second, 7);
+        t.settle(old);
+        assert_eq!(t.unsettled_in("t", 3), 1);
+        assert_eq!(t.committable("t", 3), Some(7));
+        t.settle(new);
+        assert_eq!(t.committable("t", 3), Some(8));
+    }
+
+    #[test]
+    fn reassign_without_revoke_starts_a_new_epoch() {
+        let mut t = OffsetTracker::new();
+        let first = t.assign("t", 0);
+        let old = t.track(first, 1);
+        let second = t.assign("t", 0);
+        assert_eq!(t.unsettled(), 0);
+        assert_eq!(t.partition_id("t", 0), Some(second));
+        // A stale handle tracks nothing.
+        let _ = t.track(first, 2);
+        assert_eq!(t.unsettled(), 0);
+        let new = t.track(second, 1);
+        t.settle(old);
+        assert_eq!(t.unsettled(), 1);
+        t.settle(new);
+        assert_eq!(t.committable("t", 0), Some(2));
+    }
+
+    #[test]
+    fn a_reused_slot_does_not_take_settlements_of_its_previous_partition() {
+        let mut t = OffsetTracker::new();
+        let a = t.assign("a", 0);
+        let old = t.track(a, 0);
+        t.revoke("a", 0);
+        let b = t.assign("b", 0);
+        assert_eq!(a.slot, b.slot, "the test is about a reused slot");
+        let _ = t.track(b, 0);
+        t.settle(old);
+        assert_eq!(t.unsettled_in("b", 0), 1);
+        assert_eq!(t.committable("b", 0), Some(0));
+    }
+
+    #[test]
+    fn take_commits_reports_only_moves() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let q = t.assign("u", 1);
+        assert!(commits(&mut t).is_empty());
+        let pos: Vec<Position> = (0..3).map(|o| t.track(p, o)).collect();
+        let other = t.track(q, 50);
+        // Nothing settled yet: the start position is not a move.
+        assert!(commits(&mut t).is_empty());
+        t.settle(pos[0]);
+        assert_eq!(commits(&mut t), vec![("t".to_string(), 0, 1)]);
+        assert!(commits(&mut t).is_empty());
+        t.settle(pos[2]);
+        assert!(commits(&mut t).is_empty());
+        t.settle(pos[1]);
+        t.settle(other);
+        assert_eq!(
+            commits(&mut t),
+            vec![("t".to_string(), 0, 3), ("u".to_string(), 1, 51)]
+        );
+        assert!(commits(&mut t).is_empty());
+    }
+
+    #[test]
+    fn revoked_partitions_are_forgotten() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let q = t.assign("t", 1);
+        let _ = t.track(p, 0);
+        let _ = t.track(q, 0);
+        let _ = t.track(q, 1);
+        assert_eq!(t.unsettled(), 3);
+        assert_eq!(t.unsettled_in("t", 1), 2);
+        assert!(t.revoke("t", 1));
+        assert!(!t.revoke("t", 1));
+        assert_eq!(t.unsettled(), 1);
+        assert_eq!(t.unsettled_in("t", 1), 0);
+        assert_eq!(t.partition_id("t", 1), None);
+        t.revoke_all();
+        assert_eq!(t.unsettled(), 0);
+        assert_eq!(t.committable("t", 0), None);
+    }
+
+    #[test]
+    fn a_rewind_retracks_from_the_seek_position() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let pos: Vec<Position> = (0..10).map(|o| t.track(p, o)).collect();
+        for &x in &pos[..3] {
+            t.settle(x);
+        }
+        t.settle(pos[7]);
+        assert_eq!(t.committable("t", 0), Some(3));
+        assert_eq!(t.unsettled(), 6);
+
+        // Seek back to 5: 5..=9 are forgotten and read again.
+        let again = t.track(p, 5);
+        assert_eq!(t.unsettled(), 3, "3 and 4 kept, 5 tracked afresh");
+        t.settle(pos[3]);
+        t.settle(pos[4]);
+        assert_eq!(t.committable("t", 0), Some(5));
+        assert_eq!(again, pos[5], "the re-read record has the same position");
+        t.settle(again);
+        assert_eq!(t.committable("t", 0), Some(6));
+        assert_eq!(t.unsettled(), 0);
+        let _ = commits(&mut t);
+
+        // Seek back below the watermark: the commit moves back with it.
+        let _ = t.track(p, 2);
+        assert_eq!(t.committable("t", 0), Some(2));
+        assert_eq!(commits(&mut t), vec![("t".to_string(), 0, 2)]);
+    }
+
+    #[test]
+    fn logical_offsets_are_not_tracked() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let pos = t.track(p, -1001);
+        assert_eq!(t.unsettled(), 0);
+        assert_eq!(t.committable("t", 0), None);
+        t.settle(pos);
+        assert_eq!(t.unsettled(), 0);
+    }
+
+    #[test]
+    fn memory_is_released_as_the_watermark_advances() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        for o in 0..100_000 {
+            let pos = t.track(p, o * 3);
+            t.settle(pos);
+        }
+        let state = t.partitions[0].as_ref().map(|s| s.slots.len());
+        assert_eq!(state, Some(0));
+        assert_eq!(t.committable("t", 0), Some(299_998));
+    }
+
+    #[test]
+    fn a_position_is_small() {
+        assert!(std::mem::size_of::<Position>() <= 16);
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+        use std::collections::HashSet;
+
+        /// Records in consumption order: (partition index, offset), offsets increasing per
+        /// partition with random gaps.
+        fn records() -> impl Strategy<Value = (usize, Vec<(usize, i64)>)> {
+            (1usize..4).prop_flat_map(|partitions| {
+                let gap = prop_oneof![4 => Just(1i64), 2 => 2i64..5, 1 => 5i64..10_000];
+                (
+                    Just(partitions),
+                    proptest::collection::vec((0..partitions, gap, 0i64..3), 1..120),
+                )
+                    .prop_map(|(partitions, steps)| {
+                        let mut next = vec![None::<i64>; partitions];
+                        let records = steps
+                            .into_iter()
+                            .map(|(p, gap, start)| {
+                                let offset = match next[p] {
+                                    None => start * 1000,
+                                    Some(n) => n + gap - 1,
+                                };
+                                next[p] = Some(offset + 1);
+                                (p, offset)
+                            })
+                            .collect();
+                        (partitions, records)
+                    })
+            })
+        }
+
+        fn check_watermarks(
+            t: &OffsetTracker,
+            tracked: &[(usize, i64)],
+            settled: &HashSet<usize>,
+            partitions: usize,
+        ) -> Result<(), TestCaseError> {
+            for p in 0..partitions {
+                let mine: Vec<(usize, i64)> = tracked
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.0 == p)
+                    .map(|(i, r)| (i, r.1))
+                    .collect();
+                let committable = t.committable("topic", p as i32);
+                let Some(&(_, last)) = mine.last() else {
+                    prop_assert_eq!(committable, None);
+                    continue;
+                };
+                let Some(c) = committable else {
+                    return Err(TestCaseError::fail("tracked partition has no watermark"));
+                };
+                for &(i, offset) in &mine {
+                    if offset < c {
+                        prop_assert!(settled.contains(&i), "offset {} < {} unsettled", offset, c);
+                    }
+                }
+                let first_unsettled = mine
+                    .iter()
+                    .find(|(i, _)| !settled.contains(i))
+                    .map(|&(_, o)| o);
+                // Not just safe but live: the watermark is exactly the first unsettled
+                // record, or one past the last one.
+                prop_assert_eq!(c, first_unsettled.unwrap_or(last + 1));
+                let pending = mine.iter().filter(|(i, _)| !settled.contains(i)).count();
+                prop_assert_eq!(t.unsettled_in("topic", p as i32), pending);
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn watermark_never_passes_an_unsettled_offset(
+                (partitions, records, order) in records().prop_flat_map(|(partitions, records)| {
+                    let order: Vec<usize> = (0..records.len()).collect();
+                    (Just(partitions), Just(records), Just(order).prop_shuffle())
+                }),
+                repeat_every in 2usize..7,
+            ) {
+                let mut t = OffsetTracker::new();
+                let ids: Vec<PartitionId> =
+                    (0..partitions).map(|p| t.assign("topic", p as i32)).collect();
+                let mut positions = Vec::new();
+                let mut settled = HashSet::new();
+                let mut reported: Vec<Option<i64>> = vec![None; partitions];
+                for (step, &k) in order.iter().enumerate() {
+                    // Track everything up to the record about to be settled, so tracking
+                    // and settling interleave.
+                    while positions.len() <= k {
+                        let (p, offset) = records[positions.len()];
+                        positions.push(t.track(ids[p], offset));
+                        check_watermarks(&t, &records[..positions.len()], &settled, partitions)?;
+                    }
+                    t.settle(positions[k]);
+                    settled.insert(k);
+                    if step % repeat_every == 0 {
+                        // Settling again changes nothing.
+                        t.settle(positions[k]);
+                    }
+                    check_watermarks(&t, &records[..positions.len()], &settled, partitions)?;
+                    prop_assert_eq!(t.unsettled(), positions.len() - settled.len());
+                    if step % repeat_every == 1 {
+                        for (topic, p, offset) in t.take_commits() {
+                            prop_assert_eq!(&*topic, "topic");
+                            let p = p as usize;
+                            prop_assert_ne!(reported[p], Some(offset), "a commit that did not move");
+                            prop_assert_eq!(Some(offset), t.committable("topic", p as i32));
+                            reported[p] = Some(offset);
+                        }
+                    }
+                }
+                prop_assert_eq!(t.unsettled(), 0);
+                for p in 0..partitions {
+                    let last = records.iter().filter(|r| r.0 == p).map(|r| r.1).max();
+                    prop_assert_eq!(t.committable("topic", p as i32), last.map(|l| l + 1));
+                }
+            }
+        }
+    }
+}
