@@ -2,6 +2,7 @@
 //! environment overrides, `BRAZE_API_KEY`, and validation that names the key and the fix.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -50,7 +51,8 @@ impl Default for KafkaConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` is written by hand below so that `{:?}` of a configuration never prints the key.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrazeConfig {
     /// A URL (`https://rest.iad-03.braze.com`) or a bare host (`rest.iad-03.braze.com`).
@@ -79,6 +81,21 @@ impl Default for BrazeConfig {
             api_key_file: None,
             api_key: None,
         }
+    }
+}
+
+impl std::fmt::Debug for BrazeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrazeConfig")
+            .field("endpoint", &self.endpoint)
+            .field("batch_size", &self.batch_size)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("requests_per_second", &self.requests_per_second)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("update_existing_only", &self.update_existing_only)
+            .field("api_key_file", &self.api_key_file)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .finish()
     }
 }
 
@@ -155,5 +172,1325 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:9464".into(),
         }
+    }
+}
+
+/// Every environment variable that overrides a key starts with this.
+pub const ENV_PREFIX: &str = "SEGMENT_SYNC_";
+
+/// `SEGMENT_SYNC_*` variables that belong to the command line, not to a configuration key,
+/// so the typo check must let them through.
+pub const COMMAND_LINE_ENV: &[&str] = &["SEGMENT_SYNC_CONFIG", "SEGMENT_SYNC_LOG_JSON"];
+
+/// Where the API key comes from; it is never read from the TOML file.
+pub const API_KEY_ENV: &str = "BRAZE_API_KEY";
+
+/// Braze rejects a `/users/track` request with more attributes objects than this.
+pub const BRAZE_MAX_BATCH: usize = 75;
+
+/// Beyond five minutes a user's change waits longer than any operator expects a sync to take.
+pub const MAX_LINGER_MS: u64 = 300_000;
+
+/// librdkafka properties the worker sets itself; letting the file override them would break
+/// the group membership or the at-least-once commit.
+const OWNED_PROPERTIES: &[(&str, &str)] = &[
+    ("group.id", "use kafka.group_id instead"),
+    ("bootstrap.servers", "use kafka.brokers instead"),
+    ("metadata.broker.list", "use kafka.brokers instead"),
+    (
+        "enable.auto.commit",
+        "remove it: the worker commits an offset only once every event below it is settled",
+    ),
+    (
+        "auto.commit.enable",
+        "remove it: the worker commits an offset only once every event below it is settled",
+    ),
+    (
+        "enable.auto.offset.store",
+        "remove it: the worker stores offsets itself once the events are settled",
+    ),
+];
+
+/// Parts of a `kafka.properties` key that mark its value as a secret.
+const SECRET_PROPERTY_MARKERS: &[&str] = &["password", "secret", "sasl.jaas", "token", "key"];
+
+/// Whether loading must find a Braze API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRequirement {
+    /// `run`: the worker cannot talk to Braze without one.
+    Required,
+    /// `check-config`, `replay --dry-run`: nothing is sent to Braze.
+    Optional,
+}
+
+/// One thing wrong with an otherwise well-formed configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted key, e.g. `braze.batch_size`.
+    pub key: String,
+    /// What is wrong and how to fix it; starts with the key.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin} is not valid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("unknown section [{section}] in {origin} ({suggestion}known sections: {known})")]
+    UnknownSection {
+        section: String,
+        origin: String,
+        /// `did you mean ...? ` or empty.
+        suggestion: String,
+        known: String,
+    },
+    #[error("unknown key `{key}` in {origin} ({suggestion}known keys in [{section}]: {known})")]
+    UnknownKey {
+        key: String,
+        section: String,
+        origin: String,
+        /// `did you mean ...? ` or empty.
+        suggestion: String,
+        known: String,
+    },
+    #[error("{key} in {origin}: {message}")]
+    BadValue {
+        key: String,
+        origin: String,
+        message: String,
+    },
+    #[error("environment variable {var} matches no configuration key: {hint}")]
+    UnknownEnv { var: String, hint: String },
+    #[error("environment variable {var} (for {key}): {message}")]
+    BadEnv {
+        var: String,
+        key: String,
+        message: String,
+    },
+    #[error("braze.api_key_file = {path:?}: {message}")]
+    ApiKeyFile { path: String, message: String },
+    #[error("no Braze API key: set {API_KEY_ENV} or braze.api_key_file")]
+    MissingApiKey,
+    #[error("{}", render_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    match problems {
+        [one] => one.message.clone(),
+        many => {
+            let mut out = format!("{} problems in the configuration:", many.len());
+            for p in many {
+                out.push_str("\n  - ");
+                out.push_str(&p.message);
+            }
+            out
+        }
+    }
+}
+
+impl Config {
+    /// Reads the TOML file, applies `SEGMENT_SYNC_<SECTION>_<KEY>` environment overrides,
+    /// reads the API key (required), validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, KeyRequirement::Required)
+    }
+
+    /// [`Config::load`] for commands that may run without an API key.
+    pub fn load_with(path: &Path, key: KeyRequirement) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let env = process_env()?;
+        Config::parse(&text, env, key, &path.display().to_string())
+    }
+
+    /// Same as [`Config::load`] from a string and an explicit environment of (name, value).
+    pub fn from_toml_str(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        Config::from_toml_str_with(text, env, KeyRequirement::Required)
+    }
+
+    /// [`Config::from_toml_str`] for commands that may run without an API key.
+    pub fn from_toml_str_with(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        key: KeyRequirement,
+    ) -> Result<Config, ConfigError> {
+        Config::parse(text, env, key, "the configuration")
+    }
+
+    fn parse(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        key: KeyRequirement,
+        origin: &str,
+    ) -> Result<Config, ConfigError> {
+        let schema = Schema::new();
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        schema.check_document(&mut doc, origin)?;
+        let mut api_key_env = None;
+        for (var, value) in env {
+            if var == API_KEY_ENV {
+                api_key_env = Some(value);
+            } else if var.starts_with(ENV_PREFIX) && !COMMAND_LINE_ENV.contains(&var.as_str()) {
+                schema.apply_env(&mut doc, &var, &value)?;
+            }
+        }
+        let mut config: Config =
+            toml::Value::Table(doc)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::BadValue {
+                    key: "(configuration)".into(),
+                    origin: origin.to_string(),
+                    message: e.message().to_string(),
+                })?;
+        config.validate()?;
+        config.braze.api_key = read_api_key(api_key_env, config.braze.api_key_file.as_deref())?;
+        if key == KeyRequirement::Required && config.braze.api_key.is_none() {
+            return Err(ConfigError::MissingApiKey);
+        }
+        Ok(config)
+    }
+
+    /// Every problem of the loaded values, each naming its key and the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            out.push(Problem {
+                key: key.to_string(),
+                message,
+            })
+        };
+        let k = &self.kafka;
+        if k.brokers.split(',').all(|b| b.trim().is_empty()) {
+            bad(
+                "kafka.brokers",
+                "kafka.brokers is empty: set it to host:port[,host:port...]".into(),
+            );
+        }
+        if k.group_id.trim().is_empty() {
+            bad(
+                "kafka.group_id",
+                "kafka.group_id is empty: set the consumer group every copy of the worker shares"
+                    .into(),
+            );
+        }
+        if k.topics.is_empty() {
+            bad(
+                "kafka.topics",
+                "kafka.topics is empty: list at least one topic to consume".into(),
+            );
+        } else if k.topics.iter().any(|t| t.trim().is_empty()) {
+            bad(
+                "kafka.topics",
+                format!(
+                    "kafka.topics = {:?} holds an empty topic name: remove it",
+                    k.topics
+                ),
+            );
+        }
+        if k.dlq_topic.trim().is_empty() {
+            bad(
+                "kafka.dlq_topic",
+                "kafka.dlq_topic is empty: set the dead-letter topic for rejected and undecodable records".into(),
+            );
+        } else if k.topics.contains(&k.dlq_topic) {
+            bad(
+                "kafka.dlq_topic",
+                format!(
+                    "kafka.dlq_topic = {:?} is also in kafka.topics: the worker would consume its own dead letters; use a separate topic",
+                    k.dlq_topic
+                ),
+            );
+        }
+        if k.format == Format::AvroConfluent && !is_http_url(&k.schema_registry_url) {
+            bad(
+                "kafka.schema_registry_url",
+                format!(
+                    "kafka.schema_registry_url = {:?} is not an http(s) URL: format = \"avro-confluent\" needs the schema registry, e.g. \"http://127.0.0.1:8081\"",
+                    k.schema_registry_url
+                ),
+            );
+        }
+        for name in k.properties.keys() {
+            let lower = name.to_ascii_lowercase();
+            if let Some((_, fix)) = OWNED_PROPERTIES.iter().find(|(owned, _)| *owned == lower) {
+                bad(
+                    "kafka.properties",
+                    format!("kafka.properties.\"{name}\" is set by the worker itself: {fix}"),
+                );
+            }
+        }
+
+        let b = &self.braze;
+        if !is_http_url(&self.braze_base_url()) {
+            bad(
+                "braze.endpoint",
+                format!(
+                    "braze.endpoint = {:?} is neither a URL nor a host: use your instance's REST endpoint, e.g. \"https://rest.iad-03.braze.com\" or \"rest.fra-01.braze.eu\"",
+                    b.endpoint
+                ),
+            );
+        }
+        if !(1..=BRAZE_MAX_BATCH).contains(&b.batch_size) {
+            bad(
+                "braze.batch_size",
+                format!(
+                    "braze.batch_size = {} is out of range: Braze accepts 1 to {BRAZE_MAX_BATCH} attributes objects per request",
+                    b.batch_size
+                ),
+            );
+        }
+        if b.max_in_flight < 1 {
+            bad(
+                "braze.max_in_flight",
+                "braze.max_in_flight = 0 would never send a request: set it to 1 or more".into(),
+            );
+        }
+        if b.requests_per_second < 1 {
+            bad(
+                "braze.requests_per_second",
+                "braze.requests_per_second = 0 would never send a request: set it to 1 or more (Braze's default limit is 1000 per second per workspace)".into(),
+            );
+        }
+        if b.timeout_ms < 1 {
+            bad(
+                "braze.timeout_ms",
+                "braze.timeout_ms = 0 would time out every request: set it to 1 or more milliseconds".into(),
+            );
+        }
+        if let Some(file) = &b.api_key_file {
+            if file.trim().is_empty() {
+                bad(
+                    "braze.api_key_file",
+                    "braze.api_key_file is empty: set it to the path of the key file, or remove it"
+                        .into(),
+                );
+            }
+        }
+
+        let m = &self.mapping;
+        if m.mode == MappingMode::Array && m.array_attribute.trim().is_empty() {
+            bad(
+                "mapping.array_attribute",
+                "mapping.array_attribute is empty: mode = \"array\" needs the name of the array attribute, e.g. \"cdp_segments\"".into(),
+            );
+        }
+        if m.attribute_prefix.starts_with('$') {
+            bad(
+                "mapping.attribute_prefix",
+                format!(
+                    "mapping.attribute_prefix = {:?} starts with \"$\", which Braze reserves for its own attributes: choose another prefix",
+                    m.attribute_prefix
+                ),
+            );
+        }
+        if m.mode == MappingMode::Array && m.array_attribute.starts_with('$') {
+            bad(
+                "mapping.array_attribute",
+                format!(
+                    "mapping.array_attribute = {:?} starts with \"$\", which Braze reserves for its own attributes: choose another name",
+                    m.array_attribute
+                ),
+            );
+        }
+
+        let w = &self.window;
+        if w.linger_ms > MAX_LINGER_MS {
+            bad(
+                "window.linger_ms",
+                format!(
+                    "window.linger_ms = {} is out of range: use 0 to {MAX_LINGER_MS} milliseconds",
+                    w.linger_ms
+                ),
+            );
+        }
+        if w.max_pending_users < b.batch_size {
+            bad(
+                "window.max_pending_users",
+                format!(
+                    "window.max_pending_users = {} is below braze.batch_size = {}: the window could never fill a request; raise it",
+                    w.max_pending_users, b.batch_size
+                ),
+            );
+        }
+        for (key, value) in [
+            ("window.dedup_memory", w.dedup_memory as u64),
+            ("window.delivered_memory", w.delivered_memory as u64),
+            ("window.commit_interval_ms", w.commit_interval_ms),
+        ] {
+            if value < 1 {
+                bad(
+                    key,
+                    format!("{key} = 0 is out of range: set it to 1 or more"),
+                );
+            }
+        }
+
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            bad(
+                "server.listen",
+                format!(
+                    "server.listen = {:?} is not a socket address: use ip:port, e.g. \"0.0.0.0:9464\"",
+                    self.server.listen
+                ),
+            );
+        }
+        out
+    }
+
+    /// The effective configuration as TOML with secrets masked: the API key is shown as `***`
+    /// (or `(not set)`), and so is every `kafka.properties` value whose key names a secret.
+    pub fn to_masked_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.braze.api_key = None;
+        for (name, value) in shown.kafka.properties.iter_mut() {
+            if is_secret_property(name) {
+                *value = "***".into();
+            }
+        }
+        let key = if self.braze.api_key.is_some() {
+            "\"***\""
+        } else {
+            "(not set)"
+        };
+        let body = match toml::to_string(&shown) {
+            Ok(body) => body,
+            // Every field is a plain string, number, bool or string map: serialising cannot fail.
+            Err(e) => format!("# cannot render the configuration: {e}\n"),
+        };
+        format!(
+            "# Effective configuration: file + {ENV_PREFIX}* environment overrides, secrets masked.\n\
+             # braze.api_key = {key}  (from {API_KEY_ENV} or braze.api_key_file)\n\n{body}"
+        )
+    }
+
+    /// The Braze REST base URL: a bare host becomes `https://host`; trailing slashes are trimmed.
+    pub fn braze_base_url(&self) -> String {
+        let endpoint = self.braze.endpoint.trim().trim_end_matches('/');
+        if endpoint.contains("://") {
+            endpoint.to_string()
+        } else {
+            format!("https://{endpoint}")
+        }
+    }
+}
+
+/// `check-config`: loads without requiring an API key, returns the masked effective TOML.
+pub fn check_config(path: &Path) -> Result<String, ConfigError> {
+    Config::load_with(path, KeyRequirement::Optional).map(|c| c.to_masked_toml())
+}
+
+fn is_secret_property(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    SECRET_PROPERTY_MARKERS.iter().any(|m| lower.contains(m))
+}
+
+fn is_http_url(text: &str) -> bool {
+    match reqwest::Url::parse(text.trim()) {
+        Ok(url) => {
+            matches!(url.scheme(), "http" | "https")
+                && url.host_str().is_some_and(|h| !h.is_empty())
+        }
+        Err(_) => false,
+    }
+}
+
+/// The process environment; a `SEGMENT_SYNC_*` or `BRAZE_API_KEY` value that is not UTF-8 is
+/// an error rather than a silently ignored override.
+fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with(ENV_PREFIX) || name == API_KEY_ENV) {
+            continue;
+        }
+        match value.into_string() {
+            Ok(value) => out.push((name.to_string(), value)),
+            Err(_) => {
+                return Err(ConfigError::BadEnv {
+                    var: name.to_string(),
+                    key: "the configuration".into(),
+                    message: "the value is not valid UTF-8".into(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_api_key(
+    from_env: Option<String>,
+    file: Option<&str>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(key) = from_env.map(|k| k.trim().to_string()) {
+        if !key.is_empty() {
+            return Ok(Some(key));
+        }
+    }
+    let Some(path) = file.filter(|p| !p.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::ApiKeyFile {
+        path: path.to_string(),
+        message: format!("cannot read the API key file: {e}"),
+    })?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(ConfigError::ApiKeyFile {
+            path: path.to_string(),
+            message: "the file is empty: put the Braze REST API key in it".into(),
+        });
+    }
+    Ok(Some(key.to_string()))
+}
+
+/// The sections and keys of the file, taken from the serialised default so that a field added
+/// to a struct is known to the typo check and gets its environment variable without more code.
+struct Schema {
+    /// section → key → a specimen value, whose TOML type tells how to parse an env value.
+    sections: BTreeMap<String, toml::Table>,
+}
+
+/// A free-form table inside a section: any key, string values (numbers and booleans accepted).
+const FREE_TABLES: &[(&str, &str)] = &[("kafka", "properties")];
+
+impl Schema {
+    fn new() -> Schema {
+        let mut specimen = Config::default();
+        // Optional fields are left out of serialised TOML; give each a value so it is listed.
+        specimen.braze.api_key_file = Some(String::new());
+        let sections = match toml::Value::try_from(&specimen) {
+            Ok(toml::Value::Table(top)) => top
+                .into_iter()
+                .filter_map(|(name, v)| match v {
+                    toml::Value::Table(t) => Some((name, t)),
+                    _ => None,
+                })
+                .collect(),
+            // The default configuration is plain data; this arm only keeps the type honest.
+            _ => BTreeMap::new(),
+        };
+        Schema { sections }
+    }
+
+    fn known_sections(&self) -> String {
+        self.sections.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    fn known_keys(&self, section: &str) -> String {
+        self.sections
+            .get(section)
+            .map(|t| t.keys().cloned().collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    }
+
+    fn is_free_table(section: &str, key: &str) -> bool {
+        FREE_TABLES.contains(&(section, key))
+    }
+
+    /// Rejects unknown sections and keys, and checks each value's type on its own so the error
+    /// names the key (a whole-document error from serde would not).
+    fn check_document(&self, doc: &mut toml::Table, origin: &str) -> Result<(), ConfigError> {
+        for (section, value) in doc.iter_mut() {
+            let Some(known) = self.sections.get(section) else {
+                return Err(ConfigError::UnknownSection {
+                    section: section.clone(),
+                    origin: origin.to_string(),
+                    suggestion: did_you_mean(section, self.sections.keys(), |s| format!("[{s}]")),
+                    known: self.known_sections(),
+                });
+            };
+            let toml::Value::Table(table) = value else {
+                return Err(ConfigError::BadValue {
+                    key: section.clone(),
+                    origin: origin.to_string(),
+                    message: format!("`{section}` must be a table: write it as [{section}]"),
+                });
+            };
+            for (key, value) in table.iter_mut() {
+                if !known.contains_key(key) {
+                    return Err(ConfigError::UnknownKey {
+                        key: format!("{section}.{key}"),
+                        section: section.clone(),
+                        origin: origin.to_string(),
+                        suggestion: did_you_mean(key, known.keys(), |k| format!("`{k}`")),
+                        known: self.known_keys(section),
+                    });
+                }
+                if Schema::is_free_table(section, key) {
+                    stringify_free_table(value).map_err(|message| ConfigError::BadValue {
+                        key: format!("{section}.{key}"),
+                        origin: origin.to_string(),
+                        message,
+                    })?;
+                }
+                check_one(section, key, value.clone()).map_err(|message| {
+                    ConfigError::BadValue {
+                        key: format!("{section}.{key}"),
+                        origin: origin.to_string(),
+                        message,
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one `SEGMENT_SYNC_*` variable to the document.
+    fn apply_env(&self, doc: &mut toml::Table, var: &str, raw: &str) -> Result<(), ConfigError> {
+        for (section, keys) in &self.sections {
+            for (key, specimen) in keys {
+                let name = env_name(section, key);
+                if Schema::is_free_table(section, key) {
+                    if let Some(property) =
+                        var.strip_prefix(&name).and_then(|r| r.strip_prefix('_'))
+                    {
+                        return self.apply_free_env(doc, var, section, key, property, raw);
+                    }
+                    continue;
+                }
+                if var != name {
+                    continue;
+                }
+                let dotted = format!("{section}.{key}");
+                let bad = |message: String| ConfigError::BadEnv {
+                    var: var.to_string(),
+                    key: dotted.clone(),
+                    message,
+                };
+                let value = env_value(specimen, raw).map_err(&bad)?;
+                check_one(section, key, value.clone()).map_err(&bad)?;
+                section_table(doc, section).insert(key.clone(), value);
+                return Ok(());
+            }
+        }
+        Err(ConfigError::UnknownEnv {
+            var: var.to_string(),
+            hint: self.env_hint(var),
+        })
+    }
+
+    fn apply_free_env(
+        &self,
+        doc: &mut toml::Table,
+        var: &str,
+        section: &str,
+        key: &str,
+        name: &str,
+        raw: &str,
+    ) -> Result<(), ConfigError> {
+        if name.is_empty() {
+            return Err(ConfigError::BadEnv {
+                var: var.to_string(),
+                key: format!("{section}.{key}"),
+                message: format!(
+                    "name the property after the prefix, e.g. {ENV_PREFIX}{}_{}_SASL_MECHANISM",
+                    section.to_ascii_uppercase(),
+                    key.to_ascii_uppercase()
+                ),
+            });
+        }
+        let property = name.to_ascii_lowercase().replace('_', ".");
+        let table = section_table(doc, section);
+        let entry = table
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(props) = entry {
+            props.insert(property, toml::Value::String(raw.to_string()));
+        }
+        Ok(())
+    }
+
+    fn env_hint(&self, var: &str) -> String {
+        if var == format!("{ENV_PREFIX}BRAZE_API_KEY") {
+            return format!("the API key is read from {API_KEY_ENV}");
+        }
+        let mut all: Vec<String> = Vec::new();
+        let mut in_section: Vec<String> = Vec::new();
+        for (section, keys) in &self.sections {
+            let section_prefix = env_name(section, "");
+            for key in keys.keys() {
+                let mut name = env_name(section, key);
+                if Schema::is_free_table(section, key) {
+                    name.push_str("_<NAME>");
+                }
+                if var.starts_with(&section_prefix) {
+                    in_section.push(name.clone());
+                }
+                all.push(name);
+            }
+        }
+        let suggestion = did_you_mean(var, all.iter(), |n| n.to_string());
+        if in_section.is_empty() {
+            let sections: Vec<String> = self.sections.keys().map(|s| env_name(s, "*")).collect();
+            format!("{suggestion}variables are named {}", sections.join(", "))
+        } else {
+            format!("{suggestion}known variables: {}", in_section.join(", "))
+        }
+    }
+}
+
+/// `did you mean X? ` for the known name closest to a typo, or nothing when none is close.
+fn did_you_mean<'k>(
+    typo: &str,
+    known: impl IntoIterator<Item = &'k String>,
+    show: impl Fn(&str) -> String,
+) -> String {
+    let typo = typo.to_ascii_lowercase();
+    known
+        .into_iter()
+        .map(|k| (edit_distance(&typo, &k.to_ascii_lowercase()), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| format!("did you mean {}? ", show(k)))
+        .unwrap_or_default()
+}
+
+/// Levenshtein distance over bytes; names are ASCII.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let replace = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = replace.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// `SEGMENT_SYNC_<SECTION>_<KEY>`, upper case.
+fn env_name(section: &str, key: &str) -> String {
+    format!("{ENV_PREFIX}{section}_{key}").to_ascii_uppercase()
+}
+
+fn section_table<'d>(doc: &'d mut toml::Table, section: &str) -> &'d mut toml::Table {
+    let entry = doc
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if !entry.is_table() {
+        *entry = toml::Value::Table(toml::Table::new());
+    }
+    match entry {
+        toml::Value::Table(t) => t,
+        // Made a table just above.
+        _ => unreachable!("section is a table"),
+    }
+}
+
+/// librdkafka takes every property as a string; accept `session.timeout.ms = 45000` too.
+fn stringify_free_table(value: &mut toml::Value) -> Result<(), String> {
+    let toml::Value::Table(table) = value else {
+        return Err("must be a table of property = \"value\"".into());
+    };
+    for (name, v) in table.iter_mut() {
+        let text = match v {
+            toml::Value::String(_) => continue,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                return Err(format!(
+                    "property {name:?} must be a string, number or boolean"
+                ))
+            }
+        };
+        *v = toml::Value::String(text);
+    }
+    Ok(())
+}
+
+/// Deserialises a configuration that sets only this key, so a wrong type or enum spelling is
+/// reported against the key (all other keys take their defaults).
+fn check_one(section: &str, key: &str, value: toml::Value) -> Result<(), String> {
+    let mut inner = toml::Table::new();
+    inner.insert(key.to_string(), value);
+    let mut outer = toml::Table::new();
+    outer.insert(section.to_string(), toml::Value::Table(inner));
+    toml::Value::Table(outer)
+        .try_into::<Config>()
+        .map(|_| ())
+        .map_err(|e| e.message().to_string())
+}
+
+/// Parses an environment value to the TOML type of the key's specimen value.
+fn env_value(specimen: &toml::Value, raw: &str) -> Result<toml::Value, String> {
+    let trimmed = raw.trim();
+    Ok(match specimen {
+        toml::Value::Integer(_) => toml::Value::Integer(
+            trimmed
+                .parse()
+                .map_err(|_| format!("{raw:?} is not a whole number"))?,
+        ),
+        toml::Value::Float(_) => toml::Value::Float(
+            trimmed
+                .parse()
+                .map_err(|_| format!("{raw:?} is not a number"))?,
+        ),
+        toml::Value::Boolean(_) => match trimmed.to_ascii_lowercase().as_str() {
+            "true" => toml::Value::Boolean(true),
+            "false" => toml::Value::Boolean(false),
+            _ => return Err(format!("{raw:?} is not a boolean: use true or false")),
+        },
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(|item| toml::Value::String(item.trim().to_string()))
+                .collect(),
+        ),
+        _ => toml::Value::String(raw.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn with_key(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut all = env(pairs);
+        all.push((API_KEY_ENV.into(), "test-key-123".into()));
+        all
+    }
+
+    fn load(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, with_key(pairs))
+    }
+
+    fn err(text: &str, pairs: &[(&str, &str)]) -> String {
+        match load(text, pairs) {
+            Ok(_) => panic!("expected an error for {text:?} {pairs:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults_of_the_design() {
+        let c = load("", &[]).unwrap();
+        let mut expected = Config::default();
+        expected.braze.api_key = Some("test-key-123".into());
+        assert_eq!(c, expected);
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.braze.batch_size, 75);
+        assert_eq!(c.server.listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn the_example_file_loads_and_matches_the_defaults() {
+        let text = include_str!("../segment-sync.example.toml");
+        let c = Config::from_toml_str_with(text, env(&[]), KeyRequirement::Optional).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn the_example_file_documents_every_key() {
+        let text = include_str!("../segment-sync.example.toml");
+        for (section, keys) in &Schema::new().sections {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "[{section}] missing"
+            );
+            for key in keys.keys() {
+                assert!(
+                    text.contains(&format!("{key} ="))
+                        || text.contains(&format!("[{section}.{key}]")),
+                    "{section}.{key} is not in the example file"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_file_is_read() {
+        let text = r#"
+            [kafka]
+            brokers = "k1:9092,k2:9092"
+            group_id = "g"
+            topics = ["a", "b"]
+            dlq_topic = "a.dlq"
+            format = "json"
+            schema_registry_url = ""
+            [kafka.properties]
+            "security.protocol" = "SASL_SSL"
+            "session.timeout.ms" = 45000
+            [braze]
+            endpoint = "rest.fra-01.braze.eu/"
+            batch_size = 50
+            update_existing_only = true
+            [mapping]
+            mode = "array"
+            exited_value = "null"
+            [window]
+            linger_ms = 0
+            [server]
+            listen = "0.0.0.0:9000"
+        "#;
+        let c = load(text, &[]).unwrap();
+        assert_eq!(c.kafka.topics, vec!["a", "b"]);
+        assert_eq!(c.kafka.format, Format::Json);
+        assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(c.kafka.properties["session.timeout.ms"], "45000");
+        assert_eq!(c.braze.batch_size, 50);
+        assert!(c.braze.update_existing_only);
+        assert_eq!(c.mapping.mode, MappingMode::Array);
+        assert_eq!(c.mapping.exited_value, ExitedValue::Null);
+        assert_eq!(c.window.linger_ms, 0);
+        assert_eq!(c.braze_base_url(), "https://rest.fra-01.braze.eu");
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_lists_the_known_ones() {
+        let e = err("[braze]\nbatch_sise = 10\n", &[]);
+        assert!(e.contains("unknown key `braze.batch_sise`"), "{e}");
+        assert!(e.contains("known keys in [braze]"), "{e}");
+        assert!(e.contains("did you mean `batch_size`?"), "{e}");
+        assert!(e.contains("api_key_file"), "{e}");
+        let e = err("[braze]\nfoo = 10\n", &[]);
+        assert!(!e.contains("did you mean"), "nothing is close to foo: {e}");
+    }
+
+    #[test]
+    fn unknown_section_and_top_level_key_are_errors() {
+        let e = err("[braz]\nbatch_size = 10\n", &[]);
+        assert!(
+            e.contains("unknown section [braz]") && e.contains("did you mean [braze]?"),
+            "{e}"
+        );
+        let e = err("brokers = \"x\"\n", &[]);
+        assert!(e.contains("[brokers]"), "{e}");
+        let e = err("kafka = 3\n", &[]);
+        assert!(e.contains("`kafka` must be a table"), "{e}");
+    }
+
+    #[test]
+    fn the_typo_check_knows_every_field_of_the_structs() {
+        // serde lists a struct's fields when it meets an unknown one; the schema must agree.
+        for (section, keys) in &Schema::new().sections {
+            let text = format!("[{section}]\nzzz_not_a_key = 1\n");
+            let serde_msg = toml::from_str::<Config>(&text).unwrap_err().to_string();
+            for key in keys.keys() {
+                assert!(serde_msg.contains(&format!("`{key}`")), "{section}.{key}");
+            }
+            let expected = serde_msg.matches('`').count() / 2 - 1;
+            assert_eq!(keys.len(), expected, "{section}: {serde_msg}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_show_line_and_column() {
+        let e = err("[kafka]\nbrokers = \n", &[]);
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("column"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let e = err("[braze]\nbatch_size = \"75\"\n", &[]);
+        assert!(e.contains("braze.batch_size"), "{e}");
+        let e = err("[kafka]\nformat = \"protobuf\"\n", &[]);
+        assert!(
+            e.contains("kafka.format") && e.contains("avro-confluent"),
+            "{e}"
+        );
+        let e = err("[kafka]\ntopics = \"a\"\n", &[]);
+        assert!(e.contains("kafka.topics"), "{e}");
+    }
+
+    fn problem_of(text: &str) -> String {
+        let e = err(text, &[]);
+        assert!(
+            e.lines().count() == 1,
+            "expected exactly one problem, got {e}"
+        );
+        e
+    }
+
+    #[test]
+    fn each_bad_value_is_reported_with_its_key_and_fix() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[kafka]\nbrokers = \" \"", "kafka.brokers", "host:port"),
+            (
+                "[kafka]\ngroup_id = \"\"",
+                "kafka.group_id",
+                "consumer group",
+            ),
+            ("[kafka]\ntopics = []", "kafka.topics", "at least one"),
+            (
+                "[kafka]\ntopics = [\"a\", \"\"]",
+                "kafka.topics",
+                "empty topic name",
+            ),
+            (
+                "[kafka]\ndlq_topic = \"\"",
+                "kafka.dlq_topic",
+                "dead-letter",
+            ),
+            (
+                "[kafka]\ntopics = [\"a\"]\ndlq_topic = \"a\"",
+                "kafka.dlq_topic",
+                "separate topic",
+            ),
+            (
+                "[kafka]\nschema_registry_url = \"localhost:8081\"",
+                "kafka.schema_registry_url",
+                "avro-confluent",
+            ),
+            (
+                "[kafka.properties]\n\"group.id\" = \"x\"",
+                "kafka.properties.\"group.id\"",
+                "kafka.group_id",
+            ),
+            (
+                "[kafka.properties]\n\"bootstrap.servers\" = \"x\"",
+                "bootstrap.servers",
+                "kafka.brokers",
+            ),
+            (
+                "[kafka.properties]\n\"enable.auto.commit\" = \"true\"",
+                "enable.auto.commit",
+                "remove it",
+            ),
+            (
+                "[kafka.properties]\n\"enable.auto.offset.store\" = \"true\"",
+                "enable.auto.offset.store",
+                "remove it",
+            ),
+            (
+                "[braze]\nendpoint = \"\"",
+                "braze.endpoint",
+                "REST endpoint",
+            ),
+            (
+                "[braze]\nendpoint = \"ftp://x\"",
+                "braze.endpoint",
+                "REST endpoint",
+            ),
+            (
+                "[braze]\nbatch_size = 100",
+                "braze.batch_size = 100",
+                "1 to 75",
+            ),
+            ("[braze]\nbatch_size = 0", "braze.batch_size = 0", "1 to 75"),
+            (
+                "[braze]\nmax_in_flight = 0",
+                "braze.max_in_flight",
+                "1 or more",
+            ),
+            (
+                "[braze]\nrequests_per_second = 0",
+                "braze.requests_per_second",
+                "1 or more",
+            ),
+            ("[braze]\ntimeout_ms = 0", "braze.timeout_ms", "1 or more"),
+            (
+                "[mapping]\nmode = \"array\"\narray_attribute = \"\"",
+                "mapping.array_attribute",
+                "cdp_segments",
+            ),
+            (
+                "[mapping]\nattribute_prefix = \"$seg_\"",
+                "mapping.attribute_prefix",
+                "reserves",
+            ),
+            (
+                "[window]\nlinger_ms = 300001",
+                "window.linger_ms",
+                "0 to 300000",
+            ),
+            (
+                "[window]\nmax_pending_users = 74",
+                "window.max_pending_users",
+                "braze.batch_size",
+            ),
+            (
+                "[window]\ncommit_interval_ms = 0",
+                "window.commit_interval_ms",
+                "1 or more",
+            ),
+            (
+                "[server]\nlisten = \"localhost\"",
+                "server.listen",
+                "ip:port",
+            ),
+        ];
+        for (text, key, fix) in cases {
+            let e = problem_of(text);
+            assert!(e.contains(key), "{text}: {e}");
+            assert!(e.contains(fix), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn json_format_needs_no_registry_and_boundaries_are_accepted() {
+        let text = "[kafka]\nformat = \"json\"\nschema_registry_url = \"\"\n\
+                    [braze]\nbatch_size = 1\n[window]\nlinger_ms = 300000\nmax_pending_users = 1\n";
+        let c = load(text, &[]).unwrap();
+        assert_eq!(c.braze.batch_size, 1);
+    }
+
+    #[test]
+    fn several_problems_are_all_listed() {
+        let e = err("[braze]\nbatch_size = 100\ntimeout_ms = 0\n", &[]);
+        assert!(e.starts_with("2 problems"), "{e}");
+        assert!(
+            e.contains("braze.batch_size") && e.contains("braze.timeout_ms"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn env_overrides_every_type() {
+        let c = load(
+            "[kafka]\nbrokers = \"file:9092\"\n",
+            &[
+                ("SEGMENT_SYNC_KAFKA_BROKERS", "env:9092"),
+                ("SEGMENT_SYNC_KAFKA_TOPICS", "t1, t2"),
+                ("SEGMENT_SYNC_KAFKA_FORMAT", "json"),
+                ("SEGMENT_SYNC_BRAZE_BATCH_SIZE", "20"),
+                ("SEGMENT_SYNC_BRAZE_UPDATE_EXISTING_ONLY", "true"),
+                ("SEGMENT_SYNC_MAPPING_EXITED_VALUE", "null"),
+                ("SEGMENT_SYNC_WINDOW_LINGER_MS", "250"),
+                ("SEGMENT_SYNC_SERVER_LISTEN", "0.0.0.0:1234"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "env:9092");
+        assert_eq!(c.kafka.topics, vec!["t1", "t2"]);
+        assert_eq!(c.kafka.format, Format::Json);
+        assert_eq!(c.braze.batch_size, 20);
+        assert!(c.braze.update_existing_only);
+        assert_eq!(c.mapping.exited_value, ExitedValue::Null);
+        assert_eq!(c.window.linger_ms, 250);
+        assert_eq!(c.server.listen, "0.0.0.0:1234");
+    }
+
+    #[test]
+    fn env_overrides_properties_with_dotted_lower_case_names() {
+        let c = load(
+            "[kafka.properties]\n\"security.protocol\" = \"PLAINTEXT\"\n",
+            &[
+                ("SEGMENT_SYNC_KAFKA_PROPERTIES_SASL_MECHANISM", "PLAIN"),
+                (
+                    "SEGMENT_SYNC_KAFKA_PROPERTIES_SECURITY_PROTOCOL",
+                    "SASL_SSL",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.properties["sasl.mechanism"], "PLAIN");
+        assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+        let e = err("", &[("SEGMENT_SYNC_KAFKA_PROPERTIES_GROUP_ID", "x")]);
+        assert!(
+            e.contains("group.id") && e.contains("kafka.group_id"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn env_typos_and_bad_values_name_the_variable() {
+        let e = err("", &[("SEGMENT_SYNC_BRAZE_BATCH_SISE", "10")]);
+        assert!(e.contains("SEGMENT_SYNC_BRAZE_BATCH_SISE"), "{e}");
+        assert!(
+            e.contains("did you mean SEGMENT_SYNC_BRAZE_BATCH_SIZE?"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("SEGMENT_SYNC_KAFKA_BROKERS"),
+            "only [braze] is listed: {e}"
+        );
+        let e = err("", &[("SEGMENT_SYNC_BRAZ_ENDPOINT", "x")]);
+        assert!(
+            e.contains("did you mean SEGMENT_SYNC_BRAZE_ENDPOINT?"),
+            "{e}"
+        );
+        let e = err("", &[("SEGMENT_SYNC_BRAZE_BATCH_SIZE", "ten")]);
+        assert!(
+            e.contains("SEGMENT_SYNC_BRAZE_BATCH_SIZE") && e.contains("whole number"),
+            "{e}"
+        );
+        let e = err("", &[("SEGMENT_SYNC_WINDOW_LINGER_MS", "-5")]);
+        assert!(e.contains("SEGMENT_SYNC_WINDOW_LINGER_MS"), "{e}");
+        let e = err("", &[("SEGMENT_SYNC_BRAZE_UPDATE_EXISTING_ONLY", "yes")]);
+        assert!(
+            e.contains("SEGMENT_SYNC_BRAZE_UPDATE_EXISTING_ONLY") && e.contains("true or false"),
+            "{e}"
+        );
+        let e = err("", &[("SEGMENT_SYNC_MAPPING_MODE", "bool")]);
+        assert!(
+            e.contains("SEGMENT_SYNC_MAPPING_MODE") && e.contains("boolean"),
+            "{e}"
+        );
+        let e = err("", &[("SEGMENT_SYNC_BRAZE_API_KEY", "k")]);
+        assert!(e.contains(API_KEY_ENV), "{e}");
+        let e = err("", &[("SEGMENT_SYNC_KAFKA_PROPERTIES_", "k")]);
+        assert!(e.contains("SEGMENT_SYNC_KAFKA_PROPERTIES_"), "{e}");
+    }
+
+    #[test]
+    fn command_line_and_foreign_variables_are_ignored() {
+        let c = load(
+            "",
+            &[
+                ("SEGMENT_SYNC_CONFIG", "/etc/x.toml"),
+                ("PATH", "/bin"),
+                ("KAFKA_BROKERS", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+    }
+
+    #[test]
+    fn api_key_comes_from_env_else_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "  file-key\n").unwrap();
+        let text = format!("[braze]\napi_key_file = {:?}\n", file.display().to_string());
+        let c = Config::from_toml_str(&text, env(&[])).unwrap();
+        assert_eq!(c.braze.api_key.as_deref(), Some("file-key"));
+        let c = Config::from_toml_str(&text, env(&[(API_KEY_ENV, "env-key")])).unwrap();
+        assert_eq!(c.braze.api_key.as_deref(), Some("env-key"));
+
+        let missing = dir.path().join("nope");
+        let text = format!(
+            "[braze]\napi_key_file = {:?}\n",
+            missing.display().to_string()
+        );
+        let e = Config::from_toml_str(&text, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("braze.api_key_file") && e.contains("nope"),
+            "{e}"
+        );
+
+        std::fs::write(&file, "\n").unwrap();
+        let text = format!("[braze]\napi_key_file = {:?}\n", file.display().to_string());
+        let e = Config::from_toml_str(&text, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("braze.api_key_file") && e.contains("empty"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_key_fails_run_but_not_check_config() {
+        let e = Config::from_toml_str("", env(&[])).unwrap_err().to_string();
+        assert!(
+            e.contains("BRAZE_API_KEY") && e.contains("braze.api_key_file"),
+            "{e}"
+        );
+        let c = Config::from_toml_str_with("", env(&[]), KeyRequirement::Optional).unwrap();
+        assert_eq!(c.braze.api_key, None);
+        assert!(c.to_masked_toml().contains("(not set)"));
+    }
+
+    #[test]
+    fn masking_never_shows_the_key_or_a_secret() {
+        let text = r#"
+            [kafka.properties]
+            "sasl.password" = "hunter2-sasl"
+            "ssl.key.password" = "hunter2-ssl"
+            "sasl.jaas.config" = "hunter2-jaas"
+            "sasl.oauthbearer.client.secret" = "hunter2-secret"
+            "sasl.oauthbearer.token.endpoint.url" = "hunter2-token"
+            "security.protocol" = "SASL_SSL"
+        "#;
+        let c = Config::from_toml_str(text, env(&[(API_KEY_ENV, "sk-live-abcdef")])).unwrap();
+        let shown = c.to_masked_toml();
+        assert!(!shown.contains("sk-live-abcdef"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("api_key = \"***\""), "{shown}");
+        assert!(shown.contains("\"sasl.password\" = \"***\""), "{shown}");
+        assert!(
+            shown.contains("SASL_SSL"),
+            "non-secrets stay visible: {shown}"
+        );
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("sk-live-abcdef") && debug.contains("***"),
+            "{debug}"
+        );
+        // The masked view is itself a valid configuration with the same non-secret values.
+        let back = Config::from_toml_str_with(&shown, env(&[]), KeyRequirement::Optional).unwrap();
+        assert_eq!(
+            back.braze,
+            BrazeConfig {
+                api_key: None,
+                ..c.braze.clone()
+            }
+        );
+        assert_eq!(back.window, c.window);
+    }
+
+    #[test]
+    fn braze_base_url_accepts_hosts_and_urls() {
+        let mut c = Config::default();
+        for (endpoint, url) in [
+            ("rest.iad-03.braze.com", "https://rest.iad-03.braze.com"),
+            (
+                "https://rest.fra-01.braze.eu/",
+                "https://rest.fra-01.braze.eu",
+            ),
+            ("http://127.0.0.1:4010", "http://127.0.0.1:4010"),
+            ("127.0.0.1:4010//", "https://127.0.0.1:4010"),
+        ] {
+            c.braze.endpoint = endpoint.into();
+            assert_eq!(c.braze_base_url(), url);
+            assert!(c.validate().is_ok(), "{endpoint}");
+        }
+    }
+
+    #[test]
+    fn check_config_prints_the_masked_effective_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment-sync.toml");
+        std::fs::write(&path, "[braze]\nbatch_size = 40\n").unwrap();
+        let shown = check_config(&path).unwrap();
+        assert!(shown.contains("batch_size = 40"), "{shown}");
+        std::fs::write(&path, "[braze]\nbatch_size = 400\n").unwrap();
+        let e = check_config(&path).unwrap_err().to_string();
+        assert!(e.contains("braze.batch_size = 400"), "{e}");
+        let e = check_config(&dir.path().join("absent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absent.toml"), "{e}");
     }
 }

@@ -28,6 +28,8 @@ pub mod refetch;
 pub mod consumer;
 /// The one place that wires consumer → window → Braze → offsets → commit.
 pub mod pipeline;
+/// `segment-sync replay`: `--from` parsing and where a backfill stops.
+pub mod replay;
 /// Sample CDP changes for `produce`, the demo and the tests.
 pub mod generate;
 /// `segment-sync produce`: writes generated changes to the topic.

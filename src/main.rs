@@ -1,1 +1,208 @@
-fn main() {}
+//! The command line: parse, load the configuration, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use segment_sync::config::{Config, KeyRequirement};
+use segment_sync::health::Health;
+use segment_sync::metrics::Metrics;
+use segment_sync::pipeline::{self, RunOptions, RunSummary};
+use segment_sync::{demo, logging, produce, replay, server, sim};
+
+#[derive(Parser)]
+#[command(name = "segment-sync", version, about = "CDP segment changes from Kafka to Braze user profiles")]
+struct Cli {
+    /// Log as JSON lines (default: JSON unless stderr is a terminal).
+    #[arg(long, global = true)]
+    json_logs: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker as a member of the consumer group.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Backfill: replay the topic from a point in a group of its own, until caught up.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        args: replay::ReplayArgs,
+    },
+    /// Everything embedded (mock Kafka, simulated Braze, sample stream): nothing to install.
+    Demo(demo::DemoArgs),
+    /// The Braze simulator as an HTTP server.
+    BrazeSim(sim::SimArgs),
+    /// Write sample CDP segment changes into the configured topic.
+    Produce {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        args: produce::ProduceArgs,
+    },
+    /// Validate the configuration and print the effective one, secrets masked.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::Demo(_)) && std::env::var_os("RUST_LOG").is_none() {
+        // The demo dead-letters on purpose; its summary says so, a warning per record would
+        // bury it. RUST_LOG=warn shows them.
+        std::env::set_var("RUST_LOG", "error");
+    }
+    logging::init(cli.json_logs.then_some(true));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(dispatch(cli.command));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            let cfg = Config::load(&config)?;
+            let summary = worker(cfg, RunOptions::live(stop_on_signal())).await?;
+            tracing::info!(consumed = summary.consumed, delivered = summary.objects_delivered,
+                dlq = summary.dlq_records, "stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay { config, args } => {
+            let key = if args.dry_run {
+                KeyRequirement::Optional
+            } else {
+                KeyRequirement::Required
+            };
+            let cfg = Config::load_with(&config, key)?;
+            let start = replay::parse_from(&args.from)?;
+            let options = RunOptions {
+                group_id: Some(
+                    args.group
+                        .clone()
+                        .unwrap_or_else(|| format!("{}.replay", cfg.kafka.group_id)),
+                ),
+                start,
+                until: replay::until(&args),
+                stop: stop_on_signal(),
+                dry_run: args
+                    .dry_run
+                    .then(|| Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>),
+            };
+            let summary = worker(cfg, options).await?;
+            eprintln!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => {
+            demo::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BrazeSim(args) => {
+            sim::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Produce { config, args } => {
+            let cfg = Config::load_with(&config, KeyRequirement::Optional)?;
+            let summary = produce::run(&cfg, &args).await?;
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => match segment_sync::config::check_config(&config) {
+            Ok(text) => {
+                println!("{text}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+    }
+}
+
+/// SIGINT or SIGTERM sets the flag: the worker stops taking records, drains and commits.
+fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        flag.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("stopping: draining in-flight work and committing");
+        flag.store(true, Ordering::Relaxed);
+    });
+    stop
+}
+
+/// Serves /metrics and the probes, runs the pipeline on its own thread, waits for it.
+async fn worker(cfg: Config, options: RunOptions) -> anyhow::Result<RunSummary> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new());
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+        .await
+        .with_context(|| format!("server.listen = {:?}: cannot listen", cfg.server.listen))?;
+    let (server_stop, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        async move {
+            let _ = server_stopped.await;
+        },
+    ));
+    let rt = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (m, h) = (metrics.clone(), health.clone());
+    std::thread::Builder::new()
+        .name("pipeline".into())
+        .spawn(move || {
+            let _ = tx.send(pipeline::run(&cfg, options, m, h, rt));
+        })
+        .context("starting the pipeline thread")?;
+    let result = rx.await.context("the pipeline thread died")?;
+    let _ = server_stop.send(());
+    let _ = server.await;
+    Ok(result?)
+}

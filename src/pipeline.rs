@@ -29,7 +29,7 @@ use crate::dlq_writer::{DlqWriter, PendingDlq};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, PartitionId, Position};
-use crate::refetch::{headers_of, Refetcher};
+use crate::refetch::{self, RejectedEvents, Refetcher};
 use crate::window::{Admit, Flush, Window, WindowConfig};
 
 /// Where consumption of a partition starts when the worker is first assigned it.
@@ -133,6 +133,8 @@ pub enum PipelineError {
     Decode(#[from] crate::decode::DecodeError),
     #[error("dead-letter producer: {0}")]
     Dlq(#[from] crate::dlq_writer::DlqWriterError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> PipelineError {
@@ -172,10 +174,10 @@ pub struct Core {
     in_flight: HashMap<u64, InFlight>,
     next_request: u64,
     max_in_flight: usize,
-    dlq: DlqWriter,
+    dlq: Arc<DlqWriter>,
     dlq_pending: usize,
+    rejected_tx: Sender<RejectedEvents>,
     dlq_retry: Vec<(Instant, Box<PendingDlq>)>,
-    refetch: Refetcher,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     paused: bool,
@@ -317,7 +319,8 @@ impl Core {
         self.dlq.send(pending);
     }
 
-    /// The events of a user Braze rejected, read back from the log and dead-lettered.
+    /// The events of a user Braze rejected go to the re-reader thread, which dead-letters
+    /// them; each comes back as a dead-letter acknowledgement.
     fn dead_letter_rejected(&mut self, positions: &[Position], rejection: &Rejection) {
         let mut by_partition: HashMap<PartitionId, Vec<Position>> = HashMap::new();
         for p in positions {
@@ -328,37 +331,15 @@ impl Core {
             let Some((topic, partition)) = self.names.get(&pid).cloned() else {
                 continue;
             };
-            let offsets: Vec<i64> = positions.iter().map(|p| p.offset()).collect();
-            let found = self
-                .refetch
-                .fetch(&topic, partition, &offsets, Duration::from_secs(10));
-            for pos in positions {
-                let reason = DlqReason::Rejected {
-                    status: rejection.status,
-                    error_type: rejection.error_type.clone(),
-                    message: rejection.message.clone(),
-                };
-                let msg = found.get(&pos.offset());
-                if msg.is_none() {
-                    tracing::warn!(topic = &*topic, partition, offset = pos.offset(),
-                        "rejected record no longer readable; dead-lettering its context only");
-                }
-                let headers = msg.map(headers_of).unwrap_or_default();
-                let src = SourceRecord {
-                    topic: &topic,
-                    partition,
-                    offset: pos.offset(),
-                    timestamp: msg.and_then(|m| m.timestamp().to_millis()),
-                    key: msg.and_then(|m| m.key()),
-                    value: msg.and_then(|m| m.payload()),
-                    headers,
-                };
-                let record = dead_letter(&src, &reason);
-                self.send_dlq(Box::new(PendingDlq {
-                    record,
-                    positions: vec![pos],
-                    label: reason.metric_label(),
-                }));
+            self.dlq_pending += positions.len();
+            let job = RejectedEvents {
+                topic,
+                partition,
+                positions,
+                rejection: rejection.clone(),
+            };
+            if self.rejected_tx.send(job).is_err() {
+                tracing::error!("the dead-letter re-reader stopped; rejected events stay unsettled");
             }
         }
     }
@@ -428,13 +409,12 @@ impl Core {
                 self.metrics.braze_in_flight.dec();
                 let flush = done.flush;
                 for (i, user) in flush.users.iter().enumerate() {
-                    let changes = flush.user_changes(user);
                     let positions = flush.user_positions(user);
                     match outcomes.get(i) {
                         Some(ObjectOutcome::Rejected(r)) => {
                             tracing::warn!(user_kind = user.kind.field(), status = r.status,
                                 error_type = %r.error_type, "braze rejected an object; its events go to the dead-letter topic");
-                            self.window.complete(user, changes, true);
+                            self.window.complete(&flush, user, true);
                             self.dead_letter_rejected(positions, r);
                         }
                         Some(ObjectOutcome::Delivered) | None => {
@@ -444,7 +424,7 @@ impl Core {
                             self.metrics
                                 .braze_attributes_written
                                 .inc_by(u64::from(done.data_points.get(i).copied().unwrap_or(0)));
-                            self.window.complete(user, changes, false);
+                            self.window.complete(&flush, user, false);
                         }
                     }
                 }
@@ -841,8 +821,10 @@ pub fn run(
         None => Sink::Braze(BrazeClient::new(&cfg.braze, metrics.clone(), health.clone())?),
     };
     let (acks_tx, acks_rx) = channel();
-    let dlq = DlqWriter::new(cfg, acks_tx.clone())?;
-    let refetch = Refetcher::new(cfg, &group_id).map_err(kafka("creating the re-reader"))?;
+    let dlq = Arc::new(DlqWriter::new(cfg, acks_tx.clone())?);
+    let refetcher = Refetcher::new(cfg, &group_id).map_err(kafka("creating the re-reader"))?;
+    let (rejected_tx, refetch_thread) =
+        refetch::spawn(refetcher, dlq.clone()).map_err(PipelineError::Thread)?;
     let core = Core {
         window: Window::new(WindowConfig {
             linger_ms: cfg.window.linger_ms,
@@ -864,8 +846,8 @@ pub fn run(
         max_in_flight: cfg.braze.max_in_flight.max(1),
         dlq,
         dlq_pending: 0,
+        rejected_tx,
         dlq_retry: Vec::new(),
-        refetch,
         metrics: metrics.clone(),
         health: health.clone(),
         paused: false,
@@ -949,5 +931,8 @@ pub fn run(
     health.consuming.store(false, Ordering::Relaxed);
     consumer.unsubscribe();
     drop(consumer);
+    // Close every client before returning, so none outlives the run (or the brokers).
+    drop(core);
+    let _ = refetch_thread.join();
     Ok(summary)
 }

@@ -1,7 +1,8 @@
 //! Reads consumed records back by offset, for the dead-letter records of events Braze
 //! rejected. The window keeps only a 16-byte position per event, not the payload (that is
 //! what keeps a pending user under 300 bytes), so on the rare rejection the original key,
-//! value and headers are fetched again from the log.
+//! value and headers are fetched again from the log, on a thread of its own so the poll loop
+//! never waits for it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -11,7 +12,40 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::braze::Rejection;
 use crate::config::Config;
+use crate::dlq::{dead_letter, DlqReason, SourceRecord};
+use crate::dlq_writer::{DlqWriter, PendingDlq};
+use crate::offsets::Position;
+
+/// The events of one partition that Braze rejected.
+pub struct RejectedEvents {
+    pub topic: std::sync::Arc<str>,
+    pub partition: i32,
+    pub positions: Vec<Position>,
+    pub rejection: Rejection,
+}
+
+/// Starts the thread that reads rejected events back and dead-letters them. Each position
+/// handed over comes back to the pipeline as exactly one dead-letter acknowledgement.
+/// The thread ends once the sender is dropped; join it to be sure its clients are closed.
+pub fn spawn(
+    refetcher: Refetcher,
+    dlq: std::sync::Arc<DlqWriter>,
+) -> std::io::Result<(
+    std::sync::mpsc::Sender<RejectedEvents>,
+    std::thread::JoinHandle<()>,
+)> {
+    let (tx, rx) = std::sync::mpsc::channel::<RejectedEvents>();
+    let handle = std::thread::Builder::new()
+        .name("dlq-refetch".into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                refetcher.dead_letter(job, &dlq);
+            }
+        })?;
+    Ok((tx, handle))
+}
 
 pub struct Refetcher {
     consumer: BaseConsumer,
@@ -25,10 +59,43 @@ impl Refetcher {
         c.set("group.id", format!("{group_id}.refetch"))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true");
+            .set("enable.partition.eof", "true")
+            // The records are there already: do not let the broker hold the fetch open.
+            .set("fetch.wait.max.ms", "10");
         Ok(Refetcher {
             consumer: c.create()?,
         })
+    }
+
+    fn dead_letter(&self, job: RejectedEvents, dlq: &DlqWriter) {
+        let offsets: Vec<i64> = job.positions.iter().map(|p| p.offset()).collect();
+        let found = self.fetch(&job.topic, job.partition, &offsets, Duration::from_secs(10));
+        for pos in job.positions {
+            let reason = DlqReason::Rejected {
+                status: job.rejection.status,
+                error_type: job.rejection.error_type.clone(),
+                message: job.rejection.message.clone(),
+            };
+            let msg = found.get(&pos.offset());
+            if msg.is_none() {
+                tracing::warn!(topic = &*job.topic, partition = job.partition, offset = pos.offset(),
+                    "rejected record no longer readable; dead-lettering its context only");
+            }
+            let src = SourceRecord {
+                topic: &job.topic,
+                partition: job.partition,
+                offset: pos.offset(),
+                timestamp: msg.and_then(|m| m.timestamp().to_millis()),
+                key: msg.and_then(|m| m.key()),
+                value: msg.and_then(|m| m.payload()),
+                headers: msg.map(headers_of).unwrap_or_default(),
+            };
+            dlq.send(Box::new(PendingDlq {
+                record: dead_letter(&src, &reason),
+                positions: vec![pos],
+                label: reason.metric_label(),
+            }));
+        }
     }
 
     /// The records at `offsets` of one partition; an offset missing from the answer is no
@@ -75,7 +142,7 @@ impl Refetcher {
 }
 
 /// The original headers of a record, borrowed, as `dlq::SourceRecord` wants them.
-pub fn headers_of(m: &OwnedMessage) -> Vec<(&str, Option<&[u8]>)> {
+fn headers_of(m: &OwnedMessage) -> Vec<(&str, Option<&[u8]>)> {
     m.headers()
         .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
         .unwrap_or_default()

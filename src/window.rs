@@ -253,15 +253,23 @@ fn event_id_hash(id: &str) -> u64 {
     FxBuildHasher.hash_one(id)
 }
 
+#[derive(Hash, Clone, Copy)]
+enum Remembered {
+    Segment,
+    Attribute,
+}
+
 /// 128 bits so that two (user, segment) pairs sharing a key is not a practical concern: a
 /// collision would drop a real update as stale.
-fn delivered_key(kind: IdKind, id: &str, segment: &str) -> u128 {
+/// `what` tells a segment's membership from an extra attribute of the same name.
+fn delivered_key(kind: IdKind, id: &str, what: Remembered, name: &str) -> u128 {
     let mut a = FxHasher::with_seed(0x5eed_0001);
     let mut b = FxHasher::with_seed(0x5eed_0002);
     for h in [&mut a, &mut b] {
         kind.hash(h);
         id.hash(h);
-        segment.hash(h);
+        what.hash(h);
+        name.hash(h);
     }
     ((a.finish() as u128) << 64) | b.finish() as u128
 }
@@ -392,7 +400,7 @@ impl<P: Copy> Window<P> {
         let order = Order::of(event, partition, offset);
         if let Some((sent, _)) = self
             .delivered
-            .get(&delivered_key(kind, id, &event.segment_id))
+            .get(&delivered_key(kind, id, Remembered::Segment, &event.segment_id))
         {
             if order <= *sent {
                 return Admit::Stale;
@@ -428,6 +436,13 @@ impl<P: Copy> Window<P> {
             }
         }
         for (name, value) in &event.attributes {
+            // An attribute older than the one already sent would overwrite a newer value.
+            let sent = self
+                .delivered
+                .get(&delivered_key(kind, id, Remembered::Attribute, name));
+            if sent.is_some_and(|(o, _)| order <= *o) {
+                continue;
+            }
             match slot.attrs.iter_mut().find(|a| *a.name == **name) {
                 Some(a) if order > a.order => {
                     a.value = value.clone().into_owned();
@@ -492,8 +507,9 @@ impl<P: Copy> Window<P> {
             let c0 = flush.changes.len() as u32;
             let a0 = flush.attributes.len() as u32;
             let p0 = flush.positions.len() as u32;
+            let s0 = flush.settled_now.len();
             for c in changes {
-                let dk = delivered_key(kind, &key, self.segments.name(c.segment));
+                let dk = delivered_key(kind, &key, Remembered::Segment, self.segments.name(c.segment));
                 let redundant = self
                     .delivered
                     .get(&dk)
@@ -507,13 +523,17 @@ impl<P: Copy> Window<P> {
                     flush.positions.extend_from_slice(&c.positions);
                 }
             }
-            let wrote_changes = flush.changes.len() as u32 > c0;
-            if wrote_changes {
-                // Extra attributes ride only with a change that is written: alone they would
-                // be a write the window cannot show is needed.
-                flush
-                    .attributes
-                    .extend(attrs.into_iter().map(|a| (a.name, a.value)));
+            // Extra attributes cannot be shown redundant (their last values are not kept), so
+            // they are written even when every segment change was; the records that carried
+            // them then settle with the object, not before it.
+            if flush.changes.len() as u32 > c0 || !attrs.is_empty() {
+                let carried: Vec<P> = flush.settled_now.drain(s0..).collect();
+                flush.positions.extend(carried);
+                for a in attrs {
+                    let dk = delivered_key(kind, &key, Remembered::Attribute, &a.name);
+                    self.delivered.put(dk, (a.order, Change::Entered));
+                    flush.attributes.push((a.name, a.value));
+                }
                 flush.users.push(FlushedUser {
                     slot: idx,
                     kind,
@@ -535,10 +555,15 @@ impl<P: Copy> Window<P> {
 
     /// A request holding this user has finished. `rejected` forgets what the window believed
     /// was delivered, so a later change is neither stale nor redundant against it.
-    pub fn complete(&mut self, user: &FlushedUser, changes: &[(u32, Change)], rejected: bool) {
+    pub fn complete(&mut self, flush: &Flush<P>, user: &FlushedUser, rejected: bool) {
         if rejected {
-            for (segment, _) in changes {
-                let dk = delivered_key(user.kind, &user.id, self.segments.name(*segment));
+            for (segment, _) in flush.user_changes(user) {
+                let name = self.segments.name(*segment);
+                let dk = delivered_key(user.kind, &user.id, Remembered::Segment, name);
+                self.delivered.forget(&dk);
+            }
+            for (name, _) in flush.user_attributes(user) {
+                let dk = delivered_key(user.kind, &user.id, Remembered::Attribute, name);
                 self.delivered.forget(&dk);
             }
         }
@@ -655,7 +680,7 @@ mod tests {
             vec![("u1".into(), "s".into(), Change::Entered)]
         );
         assert_eq!(f.positions, vec![0, 1]);
-        w.complete(&f.users[0], f.user_changes(&f.users[0]), false);
+        w.complete(&f, &f.users[0], false);
         assert!(w.is_empty());
         // Older than what was sent: stale. Newer but equal to what was sent: redundant.
         assert_eq!(
@@ -680,7 +705,7 @@ mod tests {
         let f1 = w.pop_batch(0, true).unwrap();
         admit(&mut w, &ev("b", "u1", "s", Change::Exited, 2), 1, 0);
         assert!(w.pop_batch(1000, true).is_none(), "u1 is in flight");
-        w.complete(&f1.users[0], f1.user_changes(&f1.users[0]), false);
+        w.complete(&f1, &f1.users[0], false);
         let f2 = w.pop_batch(1000, false).unwrap();
         assert_eq!(
             written(&w, &f2),
@@ -712,7 +737,7 @@ mod tests {
         let mut w = Window::new(cfg());
         admit(&mut w, &ev("a", "u1", "s", Change::Entered, 5), 0, 0);
         let f = w.pop_batch(0, true).unwrap();
-        w.complete(&f.users[0], f.user_changes(&f.users[0]), true);
+        w.complete(&f, &f.users[0], true);
         assert_eq!(
             admit(&mut w, &ev("b", "u1", "s", Change::Entered, 1), 1, 0),
             Admit::Pending
@@ -765,7 +790,7 @@ mod tests {
                         state.insert((u.id.to_string(), w.segments().name(*s).to_string()), *c);
                     }
                     for p in f.user_positions(u) { settled[*p as usize] += 1; }
-                    w.complete(u, f.user_changes(u), false);
+                    w.complete(&f, u, false);
                 }
             };
             for (i, (user, seg, entered, seq)) in events.iter().enumerate() {

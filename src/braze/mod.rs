@@ -1,1 +1,12 @@
-//! (being written)
+//! Braze `/users/track`: the HTTP client (auth, retries, splitting), the pure classification
+//! of answers, the endpoint rules and the pacing shared by all requests of one worker.
+
+pub mod classify;
+mod client;
+pub mod endpoint;
+mod error;
+pub mod pacing;
+
+pub use classify::{classify, RateLimitHeaders, Verdict};
+pub use client::{BrazeClient, ObjectOutcome, Rejection};
+pub use error::BrazeError;

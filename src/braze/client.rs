@@ -1,0 +1,461 @@
+//! The Braze HTTP client: one `reqwest::Client`, one pacer, and the loop that turns answers
+//! into outcomes. `deliver` never gives up on an object: it ends delivered or rejected.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+
+use super::classify::{classify, RateLimitHeaders, Verdict};
+use super::pacing::Pacer;
+use super::{endpoint, BrazeError};
+use crate::config::BrazeConfig;
+use crate::health::Health;
+use crate::metrics::Metrics;
+
+/// Transient failures in a row (across all calls) before readiness reports Braze unreachable:
+/// one lost connection is normal, three are an outage.
+const UNREACHABLE_AFTER: u32 = 3;
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A wrong key or endpoint is not fixed by hammering Braze: retry slowly until someone fixes it.
+const CONFIG_RETRY_BASE: Duration = Duration::from_secs(5);
+const CONFIG_RETRY_CAP: Duration = Duration::from_secs(30);
+const CONFIG_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What became of one attributes object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectOutcome {
+    Delivered,
+    Rejected(Rejection),
+}
+
+/// Why Braze refused one object: for the dead-letter headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub error_type: String,
+    pub message: String,
+}
+
+/// A cheap handle (an `Arc` inside) shared by every task that sends to Braze.
+#[derive(Clone)]
+pub struct BrazeClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    /// `{endpoint}/users/track`
+    url: String,
+    /// `Bearer <key>`, marked sensitive so reqwest never prints it either.
+    auth: HeaderValue,
+    pacer: Pacer,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    consecutive_failures: AtomicU32,
+    /// This client told `health` about a problem that it has not cleared yet.
+    problem_reported: AtomicBool,
+    last_config_log: Mutex<Option<Instant>>,
+}
+
+impl fmt::Debug for BrazeClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrazeClient")
+            .field("url", &self.inner.url)
+            .field("api_key", &"***")
+            .finish()
+    }
+}
+
+/// How one request for a run of objects ended, once retries are over.
+enum Settled {
+    /// Braze took it; these (in-range) positions were rejected.
+    Answered {
+        status: u16,
+        rejected: Vec<(usize, String)>,
+    },
+    /// Braze refused the whole request for its content.
+    Refused { status: u16, message: String },
+}
+
+impl BrazeClient {
+    pub fn new(
+        cfg: &BrazeConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Result<BrazeClient, BrazeError> {
+        let key = cfg
+            .api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(BrazeError::MissingApiKey)?;
+        let mut auth = HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| BrazeError::InvalidApiKey)?;
+        auth.set_sensitive(true);
+        let base = endpoint::normalize(&cfg.endpoint)?;
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("segment-sync/", env!("CARGO_PKG_VERSION")))
+            // A redirect means a wrong endpoint; following it would turn the POST into a GET.
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(cfg.max_in_flight.max(1))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true);
+        if cfg.timeout_ms > 0 {
+            let timeout = Duration::from_millis(cfg.timeout_ms);
+            builder = builder
+                .timeout(timeout)
+                .connect_timeout(timeout.min(Duration::from_secs(5)));
+        }
+        Ok(BrazeClient {
+            inner: Arc::new(Inner {
+                http: builder.build()?,
+                url: format!("{base}/users/track"),
+                auth,
+                pacer: Pacer::new(cfg.requests_per_second),
+                metrics,
+                health,
+                consecutive_failures: AtomicU32::new(0),
+                problem_reported: AtomicBool::new(false),
+                last_config_log: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Sends the objects (each a serialised attributes object) as one `/users/track` request,
+    /// splitting it when Braze refuses its content, and returns one outcome per object in
+    /// order. Retries rate limits, server errors, timeouts and configuration faults for as
+    /// long as it takes.
+    pub async fn deliver(&self, objects: Vec<Bytes>) -> Vec<ObjectOutcome> {
+        let mut outcomes = vec![ObjectOutcome::Delivered; objects.len()];
+        // Depth first, first half first, so a bad object is isolated in log2(n) steps.
+        let mut todo: Vec<(usize, usize)> = vec![(0, objects.len())];
+        while let Some((start, end)) = todo.pop() {
+            let range = start..end;
+            if range.is_empty() {
+                continue;
+            }
+            match self.send(&objects[range.clone()]).await {
+                Settled::Answered { status, rejected } => {
+                    for (i, error_type) in rejected {
+                        outcomes[range.start + i] = ObjectOutcome::Rejected(Rejection {
+                            status,
+                            message: format!("Braze rejected the attributes object: {error_type}"),
+                            error_type,
+                        });
+                    }
+                }
+                Settled::Refused { status, message } if range.len() == 1 => {
+                    outcomes[range.start] = ObjectOutcome::Rejected(Rejection {
+                        status,
+                        error_type: format!("HTTP {status}"),
+                        message,
+                    });
+                }
+                Settled::Refused { .. } => {
+                    let mid = range.start + range.len() / 2;
+                    todo.push((mid, end));
+                    todo.push((start, mid));
+                }
+            }
+        }
+        let rejected = outcomes
+            .iter()
+            .filter(|o| matches!(o, ObjectOutcome::Rejected(_)))
+            .count();
+        let m = &self.inner.metrics;
+        m.braze_objects_rejected.inc_by(rejected as u64);
+        m.braze_objects_delivered
+            .inc_by((outcomes.len() - rejected) as u64);
+        outcomes
+    }
+
+    /// Sends one request until it is answered or refused.
+    async fn send(&self, objects: &[Bytes]) -> Settled {
+        let inner = &*self.inner;
+        let body = request_body(objects);
+        let mut transient = 0u32;
+        let mut faults = 0u32;
+        let mut first = true;
+        loop {
+            if !first {
+                inner.metrics.braze_retries.inc();
+            }
+            first = false;
+            let seq = inner.pacer.acquire().await;
+            let started = Instant::now();
+            let answer = self.post(body.clone()).await;
+            inner
+                .metrics
+                .braze_request_duration
+                .observe(started.elapsed().as_secs_f64());
+            let (status, headers, reply) = match answer {
+                Ok(answer) => answer,
+                Err(e) => {
+                    self.count("error");
+                    let why = if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "connection error"
+                    };
+                    tracing::warn!(objects = objects.len(), error = %e, "Braze request failed ({why}); retrying");
+                    self.transient_failure(why);
+                    sleep_backoff(transient).await;
+                    transient = transient.saturating_add(1);
+                    continue;
+                }
+            };
+            inner.pacer.observe(seq, headers);
+            self.count(status_class(status));
+            match classify(status, &reply, headers) {
+                Verdict::Delivered {
+                    rejected,
+                    unattributed,
+                    unreadable_body,
+                } => {
+                    self.reachable();
+                    if unreadable_body {
+                        tracing::warn!(
+                            status,
+                            "Braze accepted the request with an unreadable body"
+                        );
+                    }
+                    if unattributed > 0 {
+                        tracing::warn!(
+                            status,
+                            unattributed,
+                            "Braze listed errors that name no attributes index"
+                        );
+                    }
+                    let (in_range, out): (Vec<_>, Vec<_>) =
+                        rejected.into_iter().partition(|(i, _)| *i < objects.len());
+                    if !out.is_empty() {
+                        tracing::warn!(status, objects = objects.len(), indexes = ?out.iter().map(|(i, _)| i).collect::<Vec<_>>(), "Braze rejected indexes outside the request; ignored");
+                    }
+                    tracing::debug!(
+                        status,
+                        objects = objects.len(),
+                        rejected = in_range.len(),
+                        "Braze accepted the request"
+                    );
+                    return Settled::Answered {
+                        status,
+                        rejected: in_range,
+                    };
+                }
+                Verdict::Split { status, message } => {
+                    self.reachable();
+                    tracing::warn!(status, objects = objects.len(), %message, "Braze refused the request");
+                    return Settled::Refused { status, message };
+                }
+                Verdict::ConfigFault { status, message } => {
+                    self.config_fault(status, &message, objects.len());
+                    let wait = CONFIG_RETRY_BASE
+                        .saturating_mul(1 << faults.min(8))
+                        .min(CONFIG_RETRY_CAP);
+                    tokio::time::sleep(wait).await;
+                    faults = faults.saturating_add(1);
+                }
+                Verdict::RateLimited { reset_at } => {
+                    // Braze answered, so it is reachable and the key is good.
+                    self.reachable();
+                    inner.metrics.braze_rate_limited.inc();
+                    let wait = inner.pacer.rate_limited(reset_at);
+                    tracing::warn!(
+                        status,
+                        objects = objects.len(),
+                        wait_ms = wait.as_millis() as u64,
+                        "Braze rate limit hit; holding all requests until the reset"
+                    );
+                }
+                Verdict::Retry { status, message } => {
+                    tracing::warn!(status, objects = objects.len(), %message, "Braze request failed; retrying");
+                    self.transient_failure(&format!("HTTP {status}"));
+                    sleep_backoff(transient).await;
+                    transient = transient.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    async fn post(&self, body: Bytes) -> Result<(u16, RateLimitHeaders, Bytes), reqwest::Error> {
+        let inner = &*self.inner;
+        let response = inner
+            .http
+            .post(&inner.url)
+            .header(AUTHORIZATION, inner.auth.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let h = response.headers();
+        let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        let headers = RateLimitHeaders::parse(
+            get("x-ratelimit-limit"),
+            get("x-ratelimit-remaining"),
+            get("x-ratelimit-reset"),
+        );
+        let reply = response.bytes().await?;
+        Ok((status, headers, reply))
+    }
+
+    fn count(&self, class: &str) {
+        self.inner
+            .metrics
+            .braze_requests
+            .with_label_values(&[class])
+            .inc();
+    }
+
+    fn reachable(&self) {
+        let inner = &*self.inner;
+        inner.consecutive_failures.store(0, Ordering::Relaxed);
+        if inner.problem_reported.swap(false, Ordering::Relaxed) {
+            inner.health.set_braze_ok();
+            tracing::info!("Braze answers normally again");
+        }
+    }
+
+    fn transient_failure(&self, why: &str) {
+        let inner = &*self.inner;
+        let n = inner.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= UNREACHABLE_AFTER {
+            inner.health.set_braze_problem(format!(
+                "Braze unreachable: {n} failed requests in a row (last: {why})"
+            ));
+            inner.problem_reported.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn config_fault(&self, status: u16, message: &str, objects: usize) {
+        let inner = &*self.inner;
+        inner.consecutive_failures.store(0, Ordering::Relaxed);
+        let problem = format!(
+            "Braze answered {status} ({message}): check BRAZE_API_KEY and braze.endpoint ({})",
+            inner.url
+        );
+        inner.health.set_braze_problem(problem.clone());
+        inner.problem_reported.store(true, Ordering::Relaxed);
+        let loud = {
+            let mut last = inner
+                .last_config_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = last.map_or(true, |t| t.elapsed() >= CONFIG_LOG_EVERY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if loud {
+            tracing::error!(
+                status,
+                objects,
+                "{problem}; delivery is paused and retried slowly"
+            );
+        } else {
+            tracing::debug!(status, objects, "Braze configuration fault persists");
+        }
+    }
+}
+
+/// `{"attributes":[o1,o2,...]}` by concatenation: the objects are already valid JSON.
+fn request_body(objects: &[Bytes]) -> Bytes {
+    const HEAD: &[u8] = b"{\"attributes\":[";
+    const TAIL: &[u8] = b"]}";
+    let len = HEAD.len() + TAIL.len() + objects.iter().map(|o| o.len() + 1).sum::<usize>();
+    let mut body = Vec::with_capacity(len);
+    body.extend_from_slice(HEAD);
+    for (i, o) in objects.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(o);
+    }
+    body.extend_from_slice(TAIL);
+    Bytes::from(body)
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        429 => "429",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "error",
+    }
+}
+
+/// Exponential backoff with full jitter: a random wait up to 100 ms × 2^n, capped at 30 s,
+/// so that workers hit by the same outage do not come back in lockstep.
+async fn sleep_backoff(n: u32) {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1u32 << n.min(16))
+        .min(BACKOFF_CAP);
+    let ms = rand::random_range(0..=ceiling.as_millis() as u64);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_the_objects_in_an_attributes_array() {
+        let body = request_body(&[
+            Bytes::from_static(br#"{"external_id":"a","s1":true}"#),
+            Bytes::from_static(br#"{"email":"b@x.io","s1":null}"#),
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"attributes":[{"external_id":"a","s1":true},{"email":"b@x.io","s1":null}]})
+        );
+        assert_eq!(&request_body(&[])[..], br#"{"attributes":[]}"#);
+    }
+
+    fn cfg(key: Option<&str>) -> BrazeConfig {
+        BrazeConfig {
+            endpoint: "rest.iad-03.braze.com/".into(),
+            api_key: key.map(str::to_owned),
+            ..BrazeConfig::default()
+        }
+    }
+
+    fn client(key: Option<&str>) -> Result<BrazeClient, BrazeError> {
+        BrazeClient::new(&cfg(key), Arc::new(Metrics::new()), Arc::new(Health::new()))
+    }
+
+    #[test]
+    fn a_key_is_required_and_the_error_names_the_variable() {
+        for key in [None, Some(""), Some("  ")] {
+            let err = client(key).unwrap_err().to_string();
+            assert!(err.contains("BRAZE_API_KEY"), "{err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_masks_the_key_and_shows_the_url() {
+        let c = client(Some("secret-key-123")).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("secret-key-123"), "{shown}");
+        assert!(
+            shown.contains("https://rest.iad-03.braze.com/users/track"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn status_classes_match_the_metric_labels() {
+        assert_eq!(status_class(201), "2xx");
+        assert_eq!(status_class(429), "429");
+        assert_eq!(status_class(404), "4xx");
+        assert_eq!(status_class(503), "5xx");
+        assert_eq!(status_class(302), "error");
+    }
+}

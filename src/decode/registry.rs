@@ -1,0 +1,273 @@
+//! Where writer schemas come from: the Confluent schema registry over HTTP, or memory.
+//!
+//! The HTTP client is blocking on purpose: decoding runs on a plain thread, and a schema is
+//! fetched once per id, so an async client would only add a runtime hop to a rare call.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// Why a writer schema could not be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry answered 404: the record names a schema that does not exist.
+    #[error("schema id {0} is not in the schema registry")]
+    NotFound(u32),
+    /// Connection refused, timeout, 5xx, or a refusal that is the deployment's fault (401,
+    /// 403, ...): the same request may succeed later.
+    #[error("schema registry unavailable: {0}")]
+    Unavailable(String),
+    /// The registry answered, but with something this worker cannot use (a non-Avro schema,
+    /// an incompatible or invalid schema on register).
+    #[error("schema registry refused: {0}")]
+    Rejected(String),
+}
+
+/// A source of writer schemas by Confluent schema id.
+pub trait SchemaSource: Send + Sync {
+    /// The writer schema's JSON text.
+    fn fetch(&self, id: u32) -> Result<String, RegistryError>;
+}
+
+/// The Confluent schema registry REST API.
+///
+/// Blocking: call it from a plain thread or `tokio::task::spawn_blocking`, never from an
+/// async task (reqwest's blocking client panics there). The HTTP client is created on first
+/// use, so building a `RegistryClient` inside a runtime is fine.
+pub struct RegistryClient {
+    base: String,
+    timeout: Duration,
+    http: OnceLock<Result<reqwest::blocking::Client, String>>,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SchemaAnswer {
+    schema: String,
+    #[serde(rename = "schemaType")]
+    schema_type: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct IdAnswer {
+    id: u32,
+}
+
+#[derive(serde::Serialize)]
+struct RegisterBody<'a> {
+    schema: &'a str,
+}
+
+const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+impl RegistryClient {
+    /// `url` is the registry's base URL, e.g. `http://127.0.0.1:8081`.
+    pub fn new(url: &str) -> RegistryClient {
+        RegistryClient {
+            base: url.trim_end_matches('/').to_string(),
+            timeout: Duration::from_secs(10),
+            http: OnceLock::new(),
+        }
+    }
+
+    fn http(&self) -> Result<&reqwest::blocking::Client, RegistryError> {
+        let built = self.http.get_or_init(|| {
+            reqwest::blocking::Client::builder()
+                .timeout(self.timeout)
+                .build()
+                .map_err(|e| e.to_string())
+        });
+        built
+            .as_ref()
+            .map_err(|e| RegistryError::Unavailable(format!("cannot build HTTP client: {e}")))
+    }
+
+    /// Registers `schema` under `subject` (idempotent on the registry's side) and returns its id.
+    pub fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
+        let url = format!("{}/subjects/{}/versions", self.base, subject);
+        let response = self
+            .http()?
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .json(&RegisterBody { schema })
+            .send()
+            .map_err(|e| RegistryError::Unavailable(format!("POST {url}: {e}")))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .map_err(|e| RegistryError::Unavailable(format!("POST {url}: {e}")))?;
+        match status.as_u16() {
+            200..=299 => serde_json::from_str::<IdAnswer>(&text)
+                .map(|a| a.id)
+                .map_err(|e| RegistryError::Unavailable(format!("POST {url}: bad answer: {e}"))),
+            // Incompatible (409) or invalid (422) schema: retrying will not help.
+            409 | 422 => Err(RegistryError::Rejected(format!(
+                "POST {url}: {status}: {text}"
+            ))),
+            _ => Err(RegistryError::Unavailable(format!(
+                "POST {url}: {status}: {text}"
+            ))),
+        }
+    }
+}
+
+impl SchemaSource for RegistryClient {
+    fn fetch(&self, id: u32) -> Result<String, RegistryError> {
+        let url = format!("{}/schemas/ids/{}", self.base, id);
+        let response = self
+            .http()?
+            .get(&url)
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE)
+            .send()
+            .map_err(|e| RegistryError::Unavailable(format!("GET {url}: {e}")))?;
+        let status = response.status();
+        if status.as_u16() == 404 {
+            return Err(RegistryError::NotFound(id));
+        }
+        let text = response
+            .text()
+            .map_err(|e| RegistryError::Unavailable(format!("GET {url}: {e}")))?;
+        if !status.is_success() {
+            // Anything but 404 is the deployment's fault (auth, proxy, outage), not the record's.
+            return Err(RegistryError::Unavailable(format!(
+                "GET {url}: {status}: {text}"
+            )));
+        }
+        let answer: SchemaAnswer = serde_json::from_str(&text)
+            .map_err(|e| RegistryError::Unavailable(format!("GET {url}: bad answer: {e}")))?;
+        match answer.schema_type.as_deref() {
+            None | Some("AVRO") => Ok(answer.schema),
+            Some(other) => Err(RegistryError::Rejected(format!(
+                "schema id {id} is a {other} schema, not Avro"
+            ))),
+        }
+    }
+}
+
+/// An in-process registry for the demo and the tests: ids are handed out from 1.
+#[derive(Debug, Default)]
+pub struct MemoryRegistry {
+    schemas: Mutex<HashMap<u32, String>>,
+}
+
+impl MemoryRegistry {
+    pub fn new() -> MemoryRegistry {
+        MemoryRegistry::default()
+    }
+
+    /// Stores `schema` and returns its id; the same text always gets the same id.
+    pub fn register(&self, schema: &str) -> u32 {
+        let mut schemas = self.schemas.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((id, _)) = schemas.iter().find(|(_, s)| s.as_str() == schema) {
+            return *id;
+        }
+        let id = schemas.len() as u32 + 1;
+        schemas.insert(id, schema.to_string());
+        id
+    }
+}
+
+impl SchemaSource for MemoryRegistry {
+    fn fetch(&self, id: u32) -> Result<String, RegistryError> {
+        let schemas = self.schemas.lock().unwrap_or_else(|p| p.into_inner());
+        schemas.get(&id).cloned().ok_or(RegistryError::NotFound(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    /// Answers one HTTP request with `status` and `body`; returns the request line and body.
+    fn serve_once(status: &str, body: &str) -> (String, std::thread::JoinHandle<(String, String)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let response = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).expect("request line");
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).expect("header");
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().expect("length");
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).expect("body");
+            reader
+                .get_mut()
+                .write_all(response.as_bytes())
+                .expect("answer");
+            (
+                request_line.trim().to_string(),
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        });
+        (url, handle)
+    }
+
+    #[test]
+    fn fetch_reads_the_schema_string() {
+        let (url, server) = serve_once("200 OK", r#"{"schema":"{\"type\":\"string\"}"}"#);
+        let got = RegistryClient::new(&url).fetch(12);
+        let (request, _) = server.join().expect("server");
+        assert_eq!(request, "GET /schemas/ids/12 HTTP/1.1");
+        assert_eq!(got, Ok(r#"{"type":"string"}"#.to_string()));
+    }
+
+    #[test]
+    fn fetch_404_is_not_found_and_5xx_is_unavailable() {
+        let (url, server) = serve_once("404 Not Found", r#"{"error_code":40403}"#);
+        assert_eq!(
+            RegistryClient::new(&url).fetch(5),
+            Err(RegistryError::NotFound(5))
+        );
+        server.join().expect("server");
+        let (url, server) = serve_once("503 Service Unavailable", "{}");
+        let got = RegistryClient::new(&url).fetch(5);
+        server.join().expect("server");
+        assert!(matches!(got, Err(RegistryError::Unavailable(_))), "{got:?}");
+    }
+
+    #[test]
+    fn register_posts_the_schema_and_returns_its_id() {
+        let (url, server) = serve_once("200 OK", r#"{"id":31}"#);
+        let got =
+            RegistryClient::new(&format!("{url}/")).register("t-value", r#"{"type":"string"}"#);
+        let (request, body) = server.join().expect("server");
+        assert_eq!(got, Ok(31));
+        assert_eq!(request, "POST /subjects/t-value/versions HTTP/1.1");
+        let body: serde_json::Value = serde_json::from_str(&body).expect("json body");
+        assert_eq!(body["schema"], r#"{"type":"string"}"#);
+    }
+
+    #[test]
+    fn memory_registry_gives_one_id_per_schema() {
+        let r = MemoryRegistry::new();
+        let a = r.register("\"string\"");
+        let b = r.register("\"long\"");
+        assert_ne!(a, b);
+        assert_eq!(r.register("\"string\""), a);
+        assert_eq!(r.fetch(b), Ok("\"long\"".to_string()));
+        assert_eq!(r.fetch(99), Err(RegistryError::NotFound(99)));
+    }
+}

@@ -1,0 +1,203 @@
+//! Running the real pipeline in the test process: producing generated records, running the
+//! worker until it has caught up, reading topics back.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use segment_sync::config::{Config, Format};
+use segment_sync::generate::{Generated, Record};
+use segment_sync::health::Health;
+use segment_sync::metrics::Metrics;
+use segment_sync::pipeline::{self, RunOptions, RunSummary, StartAt, Until};
+
+use super::expected::Landed;
+
+pub const API_KEY: &str = "test-key";
+
+/// A configuration for tests: the given brokers and simulator, JSON, short linger.
+pub fn test_config(brokers: &str, topic: &str, braze_url: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers.to_string();
+    cfg.kafka.topics = vec![topic.to_string()];
+    cfg.kafka.dlq_topic = format!("{topic}.dlq");
+    cfg.kafka.group_id = format!("{topic}.group");
+    cfg.kafka.format = Format::Json;
+    cfg.braze.endpoint = braze_url.to_string();
+    cfg.braze.api_key = Some(API_KEY.to_string());
+    cfg.window.linger_ms = 50;
+    cfg.window.commit_interval_ms = 100;
+    cfg.window.drain_timeout_ms = 10_000;
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg
+}
+
+pub fn payload(format: Format, record: &Record) -> Vec<u8> {
+    match (format, record) {
+        (_, Record::Undecodable(bytes)) => bytes.clone(),
+        (Format::Json, Record::Valid(e) | Record::Invalid(e)) => segment_sync::encode::to_json(e),
+        (Format::Avro, Record::Valid(e) | Record::Invalid(e)) => segment_sync::encode::to_avro(e),
+        (Format::AvroConfluent, Record::Valid(e) | Record::Invalid(e)) => {
+            segment_sync::encode::to_confluent(1, e)
+        }
+    }
+}
+
+/// Produces the records in order (keyed by user) and returns where each one landed.
+pub fn produce(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    topic: &str,
+    format: Format,
+    records: &[Generated],
+) -> Vec<Landed> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        // One in flight per partition keeps a user's records in the order they were made.
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("test producer");
+    rt.block_on(async {
+        let sends = records.iter().map(|g| {
+            let bytes = payload(format, &g.record);
+            let producer = &producer;
+            async move {
+                producer
+                    .send(
+                        FutureRecord::to(topic).key(&g.key).payload(&bytes),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)
+                    .expect("produce")
+            }
+        });
+        let delivered = futures::future::join_all(sends).await;
+        records
+            .iter()
+            .zip(delivered)
+            .map(|(g, d)| Landed {
+                event: match &g.record {
+                    Record::Valid(e) => Some(e.clone()),
+                    _ => None,
+                },
+                partition: d.partition,
+                offset: d.offset,
+            })
+            .collect()
+    })
+}
+
+/// Runs the worker on this thread until it has caught up with the log.
+pub fn run_until_caught_up(
+    cfg: &Config,
+    rt: &tokio::runtime::Runtime,
+) -> (RunSummary, Arc<Metrics>, Arc<Health>) {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new());
+    let opts = RunOptions {
+        group_id: None,
+        start: StartAt::Committed,
+        until: Until::CaughtUp,
+        stop: Arc::new(AtomicBool::new(false)),
+        dry_run: None,
+    };
+    let summary = pipeline::run(
+        cfg,
+        opts,
+        metrics.clone(),
+        health.clone(),
+        rt.handle().clone(),
+    )
+    .expect("worker run");
+    (summary, metrics, health)
+}
+
+/// Every record of a topic, by partition then offset.
+pub fn read_all(brokers: &str, topic: &str, partitions: i32) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .expect("reader");
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .expect("watermarks");
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))
+            .unwrap();
+        consumer.assign(&tpl).expect("assign");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut next = low;
+        while next < high && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                next = m.offset() + 1;
+                out.push(m.detach());
+            }
+        }
+    }
+    out
+}
+
+/// The group's committed offset per partition (−1 when none).
+pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .expect("offset reader");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let c = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    (0..partitions)
+        .map(|p| match c.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// High watermarks per partition.
+pub fn end_offsets(brokers: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("watermark reader");
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .collect()
+}
+
+/// A header's value as text.
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let h = m.headers()?;
+    h.iter()
+        .filter(|h| h.key == name)
+        .last()
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
