@@ -75,7 +75,10 @@ impl ConsumerContext for RebalanceContext {
             }
         };
         self.pre_rebalance(consumer, &rebalance);
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         let result = match (err, cooperative) {
             (RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, true) => {
                 consumer.incremental_assign(tpl)

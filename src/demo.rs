@@ -118,8 +118,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  objects applied       {}", stats.objects_applied);
     println!("  objects rejected      {}", stats.objects_rejected);
     println!("  data points written   {}", stats.data_points);
-    println!("  largest request       {} objects", stats.max_objects_in_request);
-    println!("  user in two requests  {}", stats.concurrent_user_violations);
+    println!(
+        "  largest request       {} objects",
+        stats.max_objects_in_request
+    );
+    println!(
+        "  user in two requests  {}",
+        stats.concurrent_user_violations
+    );
     println!("  profiles              {}", profiles.len());
     braze.shutdown().await;
     Ok(())

@@ -15,7 +15,11 @@ use segment_sync::pipeline::{self, RunOptions, RunSummary};
 use segment_sync::{demo, logging, produce, replay, server, sim};
 
 #[derive(Parser)]
-#[command(name = "segment-sync", version, about = "CDP segment changes from Kafka to Braze user profiles")]
+#[command(
+    name = "segment-sync",
+    version,
+    about = "CDP segment changes from Kafka to Braze user profiles"
+)]
 struct Cli {
     /// Log as JSON lines (default: JSON unless stderr is a terminal).
     #[arg(long, global = true)]
@@ -89,8 +93,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
             let summary = worker(cfg, RunOptions::live(stop_on_signal())).await?;
-            tracing::info!(consumed = summary.consumed, delivered = summary.objects_delivered,
-                dlq = summary.dlq_records, "stopped");
+            tracing::info!(
+                consumed = summary.consumed,
+                delivered = summary.objects_delivered,
+                dlq = summary.dlq_records,
+                "stopped"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay { config, args } => {

@@ -29,7 +29,7 @@ use crate::dlq_writer::{DlqWriter, PendingDlq};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, PartitionId, Position};
-use crate::refetch::{self, RejectedEvents, Refetcher};
+use crate::refetch::{self, Refetcher, RejectedEvents};
 use crate::window::{Admit, Flush, Window, WindowConfig};
 
 /// Where consumption of a partition starts when the worker is first assigned it.
@@ -339,7 +339,9 @@ impl Core {
                 rejection: rejection.clone(),
             };
             if self.rejected_tx.send(job).is_err() {
-                tracing::error!("the dead-letter re-reader stopped; rejected events stay unsettled");
+                tracing::error!(
+                    "the dead-letter re-reader stopped; rejected events stay unsettled"
+                );
             }
         }
     }
@@ -357,11 +359,7 @@ impl Core {
         let encoded = batch::encode(&self.mapping, self.window.segments(), &flush);
         let id = self.next_request;
         self.next_request += 1;
-        tracing::debug!(
-            request = id,
-            users = flush.users.len(),
-            "flush"
-        );
+        tracing::debug!(request = id, users = flush.users.len(), "flush");
         match &mut self.sink {
             Sink::Braze(client) => {
                 let client = client.clone();
@@ -374,7 +372,9 @@ impl Core {
                 self.metrics.braze_in_flight.inc();
             }
             Sink::DryRun(out) => {
-                let mut line = Vec::with_capacity(64 + encoded.objects.iter().map(|o| o.len() + 1).sum::<usize>());
+                let mut line = Vec::with_capacity(
+                    64 + encoded.objects.iter().map(|o| o.len() + 1).sum::<usize>(),
+                );
                 line.extend_from_slice(b"{\"attributes\":[");
                 for (i, o) in encoded.objects.iter().enumerate() {
                     if i > 0 {
@@ -454,8 +454,9 @@ impl Core {
         }
         if !self.dlq_retry.is_empty() {
             let now = Instant::now();
-            let (due, later): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut self.dlq_retry).into_iter().partition(|(t, _)| *t <= now);
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dlq_retry)
+                .into_iter()
+                .partition(|(t, _)| *t <= now);
             self.dlq_retry = later;
             for (_, p) in due {
                 self.send_dlq(p);
@@ -546,7 +547,11 @@ impl Core {
                 match r {
                     Ok(()) => {
                         self.paused = full;
-                        tracing::debug!(paused = full, users = self.window.users(), "back-pressure");
+                        tracing::debug!(
+                            paused = full,
+                            users = self.window.users(),
+                            "back-pressure"
+                        );
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot pause/resume partitions"),
                 }
@@ -635,7 +640,8 @@ impl Core {
                 self.names.remove(&pid);
             }
             self.tracker.revoke(t, *p);
-            self.last_sent.retain(|(topic, part), _| !(&**topic == t && part == p));
+            self.last_sent
+                .retain(|(topic, part), _| !(&**topic == t && part == p));
         }
         self.health
             .assigned
@@ -658,7 +664,11 @@ impl Core {
 
     /// Sets the start offset of partitions assigned for the first time, for replays. Runs
     /// inside the rebalance callback, before the assignment takes effect.
-    pub(crate) fn start_offsets(&mut self, consumer: &BaseConsumer<RebalanceContext>, tpl: &mut TopicPartitionList) {
+    pub(crate) fn start_offsets(
+        &mut self,
+        consumer: &BaseConsumer<RebalanceContext>,
+        tpl: &mut TopicPartitionList,
+    ) {
         let elements: Vec<(String, i32)> = tpl
             .elements()
             .iter()
@@ -684,14 +694,13 @@ impl Core {
                     let mut q = TopicPartitionList::new();
                     let _ = q.add_partition_offset(&topic, partition, Offset::Offset(*ts));
                     match consumer.offsets_for_times(q, Duration::from_secs(10)) {
-                        Ok(found) => match found
-                            .find_partition(&topic, partition)
-                            .map(|e| e.offset())
-                        {
-                            Some(Offset::Offset(o)) => Offset::Offset(o),
-                            // No record at or after the time: start at the end.
-                            _ => Offset::End,
-                        },
+                        Ok(found) => {
+                            match found.find_partition(&topic, partition).map(|e| e.offset()) {
+                                Some(Offset::Offset(o)) => Offset::Offset(o),
+                                // No record at or after the time: start at the end.
+                                _ => Offset::End,
+                            }
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, topic, partition, "timestamp lookup failed; starting at the committed offset");
                             continue;
@@ -720,10 +729,12 @@ impl Core {
         let position = consumer.position().ok();
         for (topic, partition) in self.names.values() {
             let end = match until {
-                Until::StartOffsets => match self.start_ends.get(&(topic.to_string(), *partition)) {
-                    Some(e) => *e,
-                    None => continue,
-                },
+                Until::StartOffsets => {
+                    match self.start_ends.get(&(topic.to_string(), *partition)) {
+                        Some(e) => *e,
+                        None => continue,
+                    }
+                }
                 _ => match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(5)) {
                     Ok((low, high)) if low == high => continue,
                     Ok((_, high)) => high,
@@ -812,13 +823,19 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| cfg.kafka.group_id.clone());
     let registry: Option<Arc<dyn SchemaSource>> = match cfg.kafka.format {
-        Format::AvroConfluent => Some(Arc::new(RegistryClient::new(&cfg.kafka.schema_registry_url))),
+        Format::AvroConfluent => Some(Arc::new(RegistryClient::new(
+            &cfg.kafka.schema_registry_url,
+        ))),
         _ => None,
     };
     let decoder = Decoder::new(cfg.kafka.format, registry)?;
     let sink = match opts.dry_run {
         Some(out) => Sink::DryRun(out),
-        None => Sink::Braze(BrazeClient::new(&cfg.braze, metrics.clone(), health.clone())?),
+        None => Sink::Braze(BrazeClient::new(
+            &cfg.braze,
+            metrics.clone(),
+            health.clone(),
+        )?),
     };
     let (acks_tx, acks_rx) = channel();
     let dlq = Arc::new(DlqWriter::new(cfg, acks_tx.clone())?);

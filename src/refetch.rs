@@ -78,8 +78,12 @@ impl Refetcher {
             };
             let msg = found.get(&pos.offset());
             if msg.is_none() {
-                tracing::warn!(topic = &*job.topic, partition = job.partition, offset = pos.offset(),
-                    "rejected record no longer readable; dead-lettering its context only");
+                tracing::warn!(
+                    topic = &*job.topic,
+                    partition = job.partition,
+                    offset = pos.offset(),
+                    "rejected record no longer readable; dead-lettering its context only"
+                );
             }
             let src = SourceRecord {
                 topic: &job.topic,
@@ -132,7 +136,9 @@ impl Refetcher {
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(e)) => tracing::warn!(error = %e, topic, partition, "re-reading a rejected record"),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, topic, partition, "re-reading a rejected record")
+                }
                 None => {}
             }
         }

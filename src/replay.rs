@@ -100,7 +100,15 @@ mod tests {
 
     #[test]
     fn from_rejects_with_the_expected_forms() {
-        for bad in ["", "0:", "a:1", "1:-2", "0:1,0:2", "2024-13-01T00:00:00Z", "latest"] {
+        for bad in [
+            "",
+            "0:",
+            "a:1",
+            "1:-2",
+            "0:1,0:2",
+            "2024-13-01T00:00:00Z",
+            "latest",
+        ] {
             let e = parse_from(bad).unwrap_err().to_string();
             assert!(e.contains("expected `earliest`"), "{bad}: {e}");
         }

@@ -398,10 +398,12 @@ impl<P: Copy> Window<P> {
             Identity::Email(v) => (IdKind::Email, v),
         };
         let order = Order::of(event, partition, offset);
-        if let Some((sent, _)) = self
-            .delivered
-            .get(&delivered_key(kind, id, Remembered::Segment, &event.segment_id))
-        {
+        if let Some((sent, _)) = self.delivered.get(&delivered_key(
+            kind,
+            id,
+            Remembered::Segment,
+            &event.segment_id,
+        )) {
             if order <= *sent {
                 return Admit::Stale;
             }
@@ -509,7 +511,12 @@ impl<P: Copy> Window<P> {
             let p0 = flush.positions.len() as u32;
             let s0 = flush.settled_now.len();
             for c in changes {
-                let dk = delivered_key(kind, &key, Remembered::Segment, self.segments.name(c.segment));
+                let dk = delivered_key(
+                    kind,
+                    &key,
+                    Remembered::Segment,
+                    self.segments.name(c.segment),
+                );
                 let redundant = self
                     .delivered
                     .get(&dk)

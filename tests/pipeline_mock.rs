@@ -15,8 +15,7 @@ use segment_sync::sim::{self, Faults, SimConfig, SimHandle};
 
 use support::expected::{boolean_profiles, diff, profile_key, strip_identifiers, Landed};
 use support::worker::{
-    committed, end_offsets, header, produce, read_all, run_until_caught_up, test_config,
-    API_KEY,
+    committed, end_offsets, header, produce, read_all, run_until_caught_up, test_config, API_KEY,
 };
 
 struct Env {
@@ -57,7 +56,11 @@ fn assert_profiles(env: &Env, landed: &[Landed], skip_prefix: Option<&str>) {
     }
     let got = strip_identifiers(env.sim.state.profiles());
     let d = diff(&want, &got);
-    assert!(d.is_empty(), "profiles differ from last write wins:\n{}", d.join("\n"));
+    assert!(
+        d.is_empty(),
+        "profiles differ from last write wins:\n{}",
+        d.join("\n")
+    );
 }
 
 fn assert_committed_to_end(cfg: &segment_sync::config::Config, partitions: i32) {
@@ -87,7 +90,13 @@ fn repeats_and_out_of_order_sequences_end_in_last_write_wins() {
             seed: 1,
         },
     );
-    let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &records);
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records,
+    );
     let (summary, _, _) = run_until_caught_up(&cfg, &env.rt);
     assert_eq!(summary.consumed, 4000);
     assert!(summary.duplicates > 0, "repeats were dropped: {summary}");
@@ -124,7 +133,13 @@ fn rejected_objects_go_to_the_dead_letter_topic_before_their_offsets_are_committ
             seed: 2,
         },
     );
-    let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &records);
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records,
+    );
     // The dead-letter producer's first writes fail: the watermark must hold meanwhile.
     env.cluster.request_errors(
         RDKafkaApiKey::Produce,
@@ -137,7 +152,9 @@ fn rejected_objects_go_to_the_dead_letter_topic_before_their_offsets_are_committ
     let mut seen_ids = BTreeSet::new();
     for l in &landed {
         let Some(e) = &l.event else { continue };
-        if e.external_id.as_deref().is_some_and(|id| id.starts_with("user-00001"))
+        if e.external_id
+            .as_deref()
+            .is_some_and(|id| id.starts_with("user-00001"))
             && seen_ids.insert(e.event_id.to_string())
         {
             want.insert((l.partition, l.offset));
@@ -147,19 +164,31 @@ fn rejected_objects_go_to_the_dead_letter_topic_before_their_offsets_are_committ
     let dlq = read_all(&cfg.kafka.brokers, "rejects.dlq", 1);
     let mut got = BTreeSet::new();
     for m in &dlq {
-        let p: i32 = header(m, "__connect.errors.partition").unwrap().parse().unwrap();
-        let o: i64 = header(m, "__connect.errors.offset").unwrap().parse().unwrap();
+        let p: i32 = header(m, "__connect.errors.partition")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let o: i64 = header(m, "__connect.errors.offset")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(header(m, "__connect.errors.topic").as_deref(), Some(topic));
         assert!(header(m, "braze.error.type").is_some_and(|t| !t.is_empty()));
         assert!(header(m, "__connect.errors.exception.message").is_some());
         assert!(header(m, "__connect.errors.stage").is_some());
-        let original = landed.iter().find(|l| l.partition == p && l.offset == o).unwrap();
+        let original = landed
+            .iter()
+            .find(|l| l.partition == p && l.offset == o)
+            .unwrap();
         let e = original.event.as_ref().unwrap();
         assert_eq!(m.key(), Some(e.external_id.as_deref().unwrap().as_bytes()));
         assert_eq!(m.payload(), Some(&segment_sync::encode::to_json(e)[..]));
         assert!(got.insert((p, o)), "({p}, {o}) dead-lettered twice");
     }
-    assert_eq!(got, want, "dead-lettered events are exactly the rejected users' events");
+    assert_eq!(
+        got, want,
+        "dead-lettered events are exactly the rejected users' events"
+    );
     assert_eq!(summary.dlq_records as usize, want.len());
     assert_profiles(&env, &landed, Some("user-00001"));
     assert_committed_to_end(&cfg, 2);
@@ -188,10 +217,19 @@ fn bursts_of_5xx_and_429_lose_nothing() {
             ..GeneratorConfig::default()
         },
     );
-    let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &records);
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records,
+    );
     let (_, metrics, _) = run_until_caught_up(&cfg, &env.rt);
     let stats = env.sim.state.stats();
-    assert!(stats.responses_5xx >= 6 && stats.responses_429 >= 4, "{stats:?}");
+    assert!(
+        stats.responses_5xx >= 6 && stats.responses_429 >= 4,
+        "{stats:?}"
+    );
     assert!(metrics.braze_retries.get() >= 10);
     assert_profiles(&env, &landed, None);
     assert_committed_to_end(&cfg, 2);
@@ -214,7 +252,13 @@ fn undecodable_and_invalid_records_are_dead_lettered_and_the_worker_keeps_going(
             ..GeneratorConfig::default()
         },
     );
-    let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &records);
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records,
+    );
     let (summary, _, _) = run_until_caught_up(&cfg, &env.rt);
     let bad: BTreeMap<(i32, i64), &Record> = records
         .iter()
@@ -224,12 +268,25 @@ fn undecodable_and_invalid_records_are_dead_lettered_and_the_worker_keeps_going(
         .collect();
     assert!(bad.len() > 40, "the stream has bad records: {}", bad.len());
     let dlq = read_all(&cfg.kafka.brokers, "bad.dlq", 1);
-    assert_eq!(dlq.len(), bad.len(), "one dead-letter record per bad record");
+    assert_eq!(
+        dlq.len(),
+        bad.len(),
+        "one dead-letter record per bad record"
+    );
     for m in &dlq {
-        let p: i32 = header(m, "__connect.errors.partition").unwrap().parse().unwrap();
-        let o: i64 = header(m, "__connect.errors.offset").unwrap().parse().unwrap();
+        let p: i32 = header(m, "__connect.errors.partition")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let o: i64 = header(m, "__connect.errors.offset")
+            .unwrap()
+            .parse()
+            .unwrap();
         let stage = header(m, "__connect.errors.stage").unwrap();
-        match bad.get(&(p, o)).expect("a dead-letter record of a bad record") {
+        match bad
+            .get(&(p, o))
+            .expect("a dead-letter record of a bad record")
+        {
             Record::Undecodable(bytes) => {
                 assert_eq!(m.payload(), Some(&bytes[..]));
                 assert_eq!(stage, "VALUE_CONVERTER");
@@ -237,7 +294,10 @@ fn undecodable_and_invalid_records_are_dead_lettered_and_the_worker_keeps_going(
             Record::Invalid(e) => {
                 assert!(profile_key(e).is_none() || e.segment_id.is_empty());
                 let why = header(m, "__connect.errors.exception.message").unwrap();
-                assert!(why.contains("external_id nor email") || why.contains("segment_id"), "{why}");
+                assert!(
+                    why.contains("external_id nor email") || why.contains("segment_id"),
+                    "{why}"
+                );
             }
             Record::Valid(_) => unreachable!(),
         }
@@ -271,12 +331,21 @@ fn no_request_over_75_objects_and_no_user_in_two_requests_at_once() {
             ..GeneratorConfig::default()
         },
     );
-    let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &records);
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records,
+    );
     let (summary, _, _) = run_until_caught_up(&cfg, &env.rt);
     let stats = env.sim.state.stats();
     assert!(summary.requests > 20, "{summary}");
     assert!(stats.max_objects_in_request <= 75, "{stats:?}");
-    assert_eq!(stats.max_objects_in_request, 75, "full batches happen: {stats:?}");
+    assert_eq!(
+        stats.max_objects_in_request, 75,
+        "full batches happen: {stats:?}"
+    );
     assert_eq!(stats.oversized_requests, 0);
     assert_eq!(stats.concurrent_user_violations, 0, "{stats:?}");
     assert_profiles(&env, &landed, None);

@@ -346,7 +346,7 @@ impl BrazeClient {
                 .last_config_log
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let due = last.map_or(true, |t| t.elapsed() >= CONFIG_LOG_EVERY);
+            let due = last.is_none_or(|t| t.elapsed() >= CONFIG_LOG_EVERY);
             if due {
                 *last = Some(Instant::now());
             }

@@ -1,0 +1,35 @@
+# segment-sync: build, test, demo, benchmarks.
+#
+#   make deps     system packages the build needs (cmake, a C compiler, OpenSSL headers, Java, Maven)
+#   make test     the whole suite: unit, property, mock-cluster and real-broker tests
+#   make lint     rustfmt and clippy, warnings as errors
+#   make demo     everything embedded, nothing to install beyond the toolchain
+#   make bench    throughput and memory benchmarks (release build)
+#   make kafka    an Apache Kafka broker on 127.0.0.1:9092 in the foreground
+
+include mk/kafka.mk
+
+CARGO ?= cargo
+
+.PHONY: all build test lint demo bench deps
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+deps:
+	bash scripts/install-deps.sh
+
+test: kafka-jars
+	$(CARGO) test
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+demo:
+	$(CARGO) run --release -- demo
+
+bench:
+	$(CARGO) bench --bench decode
