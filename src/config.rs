@@ -153,8 +153,8 @@ impl Default for WindowConfig {
         WindowConfig {
             linger_ms: 1000,
             max_pending_users: 100_000,
-            dedup_memory: 1_000_000,
-            delivered_memory: 1_000_000,
+            dedup_memory: 262_144,
+            delivered_memory: 262_144,
             drain_timeout_ms: 20_000,
             commit_interval_ms: 1000,
         }
