@@ -191,9 +191,7 @@ mod tests {
     /// (event_id, external_id, email, segment_id, change)
     type Spec<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str, Change);
 
-    fn flush_of(
-        events: &[Spec<'_>],
-    ) -> (Window<i64>, Flush<i64>) {
+    fn flush_of(events: &[Spec<'_>]) -> (Window<i64>, Flush<i64>) {
         let mut w = Window::new(WindowConfig {
             linger_ms: 0,
             batch_size: 75,

@@ -99,6 +99,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         until: Until::CaughtUp,
         stop: Arc::new(AtomicBool::new(false)),
         dry_run: None,
+        progress: None,
     };
     let rt = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Health {
     /// The consumer holds at least one partition.
     pub assigned: AtomicBool,
-    /// The poll loop is running and not paused by back-pressure for a fault.
+    /// The poll loop is running (set at subscribe, cleared at shutdown). Back-pressure pauses
+    /// are normal operation and leave it set; a Braze fault shows in `braze_ok` instead.
     pub consuming: AtomicBool,
     /// The last Braze answer was not a configuration fault (401/403/404) nor unreachable.
     pub braze_ok: AtomicBool,

@@ -44,5 +44,7 @@ pub mod replay;
 pub mod server;
 /// The Braze simulator (`braze-sim` and tests).
 pub mod sim;
+/// Pure: where a partition starts when first assigned (committed, earliest, time, offset).
+pub mod start;
 /// Pure: pending changes per user, last write wins, repeats, stale and redundant changes.
 pub mod window;

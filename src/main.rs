@@ -1,5 +1,6 @@
 //! The command line: parse, load the configuration, call the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use clap::{Parser, Subcommand};
 use segment_sync::config::{Config, KeyRequirement};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
-use segment_sync::pipeline::{self, RunOptions, RunSummary};
+use segment_sync::pipeline::{self, Progress, RunOptions, RunSummary};
 use segment_sync::{demo, logging, produce, replay, server, sim};
 
 #[derive(Parser)]
@@ -22,7 +23,7 @@ use segment_sync::{demo, logging, produce, replay, server, sim};
 )]
 struct Cli {
     /// Log as JSON lines (default: JSON unless stderr is a terminal).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "SEGMENT_SYNC_LOG_JSON")]
     json_logs: bool,
     #[command(subcommand)]
     command: Command,
@@ -32,12 +33,12 @@ struct Cli {
 enum Command {
     /// Run the worker as a member of the consumer group.
     Run {
-        #[arg(long)]
+        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
         config: PathBuf,
     },
     /// Backfill: replay the topic from a point in a group of its own, until caught up.
     Replay {
-        #[arg(long)]
+        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
         config: PathBuf,
         #[command(flatten)]
         args: replay::ReplayArgs,
@@ -48,14 +49,14 @@ enum Command {
     BrazeSim(sim::SimArgs),
     /// Write sample CDP segment changes into the configured topic.
     Produce {
-        #[arg(long)]
+        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
         config: PathBuf,
         #[command(flatten)]
         args: produce::ProduceArgs,
     },
     /// Validate the configuration and print the effective one, secrets masked.
     CheckConfig {
-        #[arg(long)]
+        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
         config: PathBuf,
     },
 }
@@ -109,7 +110,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             let cfg = Config::load_with(&config, key)?;
             let start = replay::parse_from(&args.from)?;
+            let progress = Arc::new(Progress::default());
             let options = RunOptions {
+                progress: Some(progress.clone()),
                 group_id: Some(
                     args.group
                         .clone()
@@ -122,7 +125,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .dry_run
                     .then(|| Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>),
             };
-            let summary = worker(cfg, options).await?;
+            let bar = std::io::stderr()
+                .is_terminal()
+                .then(|| show_progress(progress));
+            let summary = worker(cfg, options).await;
+            if let Some(bar) = bar {
+                bar.abort();
+            }
+            let summary = summary?;
             eprintln!("{summary}");
             Ok(ExitCode::SUCCESS)
         }
@@ -151,6 +161,27 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+/// A progress bar on the terminal: records replayed and still to go.
+fn show_progress(progress: Arc<Progress>) -> tokio::task::JoinHandle<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} replay [{elapsed_precise}] {wide_bar} {pos}/{len} events, {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    tokio::spawn(async move {
+        loop {
+            let done = progress.done.load(Ordering::Relaxed);
+            let to_go = progress.to_go.load(Ordering::Relaxed);
+            bar.set_length(done + to_go);
+            bar.set_position(done);
+            bar.set_message(format!("{to_go} to go"));
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
 }
 
 /// SIGINT or SIGTERM sets the flag: the worker stops taking records, drains and commits.

@@ -299,6 +299,11 @@ impl OffsetTracker {
         self.state(topic, partition)?.committable()
     }
 
+    /// The highest offset tracked in this epoch + 1: where reading has got to.
+    pub fn next_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.state(topic, partition)?.next
+    }
+
     /// Unsettled records over every assigned partition.
     pub fn unsettled(&self) -> usize {
         self.unsettled

@@ -7,7 +7,7 @@
 //! mutex only because librdkafka runs the rebalance callbacks inside `poll`, on this same
 //! thread: the loop never holds the lock while it polls, so the callback can take it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -30,19 +30,9 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, PartitionId, Position};
 use crate::refetch::{self, Refetcher, RejectedEvents};
+pub use crate::start::StartAt;
+use crate::start::{decide, OffsetLookup, StartDecision};
 use crate::window::{Admit, Flush, Window, WindowConfig};
-
-/// Where consumption of a partition starts when the worker is first assigned it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StartAt {
-    /// The group's committed offset, else the earliest (the live worker).
-    Committed,
-    Earliest,
-    /// Epoch milliseconds: the first offset whose timestamp is at or after it, else the end.
-    Timestamp(i64),
-    /// Explicit `partition → offset`; partitions not named start at their committed offset.
-    Offsets(BTreeMap<i32, i64>),
-}
 
 /// When `run` returns by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +55,16 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Dry run: requests are written here as NDJSON instead of being sent to Braze.
     pub dry_run: Option<Box<dyn Write + Send>>,
+    /// Filled in as the run goes, for a progress display.
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// Records read so far and left to read up to the end of the log (or of the start's end
+/// offsets for `Until::StartOffsets`), updated at every commit interval.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done: std::sync::atomic::AtomicU64,
+    pub to_go: std::sync::atomic::AtomicU64,
 }
 
 impl RunOptions {
@@ -75,6 +75,7 @@ impl RunOptions {
             until: Until::Stopped,
             stop,
             dry_run: None,
+            progress: None,
         }
     }
 }
@@ -191,6 +192,12 @@ pub struct Core {
     /// End offsets taken when each partition was first assigned, for `Until::StartOffsets`.
     start_ends: HashMap<(String, i32), i64>,
     last_caught_up_check: Instant,
+    until: Until,
+    progress: Option<Arc<Progress>>,
+    /// Partitions read to their start end offsets (`Until::StartOffsets`).
+    finished: std::collections::HashSet<(String, i32)>,
+    /// Partitions to pause at the next service (ingest has no consumer at hand).
+    pause_requests: Vec<(String, i32)>,
 }
 
 impl Core {
@@ -209,8 +216,23 @@ impl Core {
         id
     }
 
+    /// Whether a record lies past the end offsets taken at start, which `--until-start`
+    /// and dry runs do not read.
+    fn past_start_end(&self, m: &BorrowedMessage<'_>) -> bool {
+        self.until == Until::StartOffsets
+            && self
+                .start_ends
+                .get(&(m.topic().to_string(), m.partition()))
+                .is_some_and(|end| m.offset() >= *end)
+    }
+
     /// One consumed record: track, decode, validate, admit.
     fn ingest(&mut self, m: &BorrowedMessage<'_>, stop: &AtomicBool) {
+        if self.past_start_end(m) {
+            // Left untracked and uncommitted; pausing keeps the partition from fetching on.
+            self.pause_partition(m.topic(), m.partition());
+            return;
+        }
         self.metrics.events_consumed.inc();
         let pid = self.partition_id(m.topic(), m.partition());
         let pos = self.tracker.track(pid, m.offset());
@@ -290,6 +312,13 @@ impl Core {
                 self.tracker.settle(pos);
             }
         }
+    }
+
+    fn pause_partition(&mut self, topic: &str, partition: i32) {
+        if !self.finished.insert((topic.to_string(), partition)) {
+            return;
+        }
+        self.pause_requests.push((topic.to_string(), partition));
     }
 
     fn dead_letter_message(&mut self, m: &BorrowedMessage<'_>, pos: Position, reason: DlqReason) {
@@ -500,21 +529,27 @@ impl Core {
             Ok(()) => {
                 for ((topic, partition), offset) in sent {
                     let p = partition.to_string();
-                    let labels = [&*topic, p.as_str()];
                     self.metrics
                         .committed_offset
-                        .with_label_values(&labels)
+                        .with_label_values(&[&*topic, p.as_str()])
                         .set(offset);
-                    if let Some(high) = cached_high_watermark(consumer, &topic, partition) {
-                        self.metrics
-                            .consumer_lag
-                            .with_label_values(&labels)
-                            .set((high - offset).max(0));
-                    }
                     self.last_sent.insert((topic, partition), offset);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
+        }
+    }
+
+    /// Lag per partition: the high watermark librdkafka last saw minus the committed offset,
+    /// refreshed every commit interval so a stalled worker shows its lag growing.
+    fn update_lag(&self, consumer: &GroupConsumer) {
+        for ((topic, partition), committed) in &self.last_sent {
+            if let Some(high) = cached_high_watermark(consumer, topic, *partition) {
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[&**topic, partition.to_string().as_str()])
+                    .set((high - committed).max(0));
+            }
         }
     }
 
@@ -529,12 +564,23 @@ impl Core {
 
     /// Between polls: acknowledgements, flushes, commits, back-pressure.
     fn service(&mut self, consumer: &GroupConsumer) {
+        if !self.pause_requests.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in self.pause_requests.drain(..) {
+                tpl.add_partition(&t, p);
+            }
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::warn!(error = %e, "cannot pause finished partitions");
+            }
+        }
         self.take_acks();
         self.flush_ready(false);
         if self.last_commit.elapsed() >= self.commit_interval {
             self.last_commit = Instant::now();
             self.commit(consumer, CommitMode::Async);
             self.update_gauges();
+            self.update_lag(consumer);
+            self.update_progress(consumer);
         }
         let full = self.window.is_full();
         if full != self.paused {
@@ -542,7 +588,17 @@ impl Core {
                 let r = if full {
                     consumer.pause(&assignment)
                 } else {
-                    consumer.resume(&assignment)
+                    // Partitions read to their start end stay paused.
+                    let mut tpl = TopicPartitionList::new();
+                    for e in assignment.elements() {
+                        if !self
+                            .finished
+                            .contains(&(e.topic().to_string(), e.partition()))
+                        {
+                            tpl.add_partition(e.topic(), e.partition());
+                        }
+                    }
+                    consumer.resume(&tpl)
                 };
                 match r {
                     Ok(()) => {
@@ -625,7 +681,13 @@ impl Core {
             let mut commit = TopicPartitionList::new();
             for (t, p) in &revoked {
                 if let Some(o) = self.tracker.committable(t, *p) {
-                    let _ = commit.add_partition_offset(t, *p, Offset::Offset(o));
+                    let sent = self
+                        .last_sent
+                        .iter()
+                        .any(|((topic, part), c)| &**topic == t && part == p && *c == o);
+                    if !sent {
+                        let _ = commit.add_partition_offset(t, *p, Offset::Offset(o));
+                    }
                 }
             }
             if commit.count() > 0 {
@@ -678,42 +740,56 @@ impl Core {
             if !self.started_partitions.insert((topic.clone(), partition)) {
                 continue;
             }
-            if let Ok((_, high)) =
-                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))
-            {
-                self.start_ends.insert((topic.clone(), partition), high);
-            }
-            let offset = match &self.start {
-                StartAt::Committed => continue,
-                StartAt::Earliest => Offset::Beginning,
-                StartAt::Offsets(map) => match map.get(&partition) {
-                    Some(o) => Offset::Offset(*o),
-                    None => continue,
-                },
-                StartAt::Timestamp(ts) => {
-                    let mut q = TopicPartitionList::new();
-                    let _ = q.add_partition_offset(&topic, partition, Offset::Offset(*ts));
-                    match consumer.offsets_for_times(q, Duration::from_secs(10)) {
-                        Ok(found) => {
-                            match found.find_partition(&topic, partition).map(|e| e.offset()) {
-                                Some(Offset::Offset(o)) => Offset::Offset(o),
-                                // No record at or after the time: start at the end.
-                                _ => Offset::End,
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, topic, partition, "timestamp lookup failed; starting at the committed offset");
-                            continue;
-                        }
+            if self.until == Until::StartOffsets {
+                match consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10)) {
+                    Ok((_, high)) => {
+                        self.start_ends.insert((topic.clone(), partition), high);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, topic, partition, "cannot read the end offset")
                     }
                 }
+            }
+            let offset = match decide(&self.start, &topic, partition, &ConsumerLookup(consumer)) {
+                Ok(StartDecision::Committed) => continue,
+                Ok(StartDecision::Beginning) => Offset::Beginning,
+                Ok(StartDecision::At(o)) => Offset::Offset(o),
+                Ok(StartDecision::End) => Offset::End,
+                Err(e) => {
+                    tracing::error!(error = %e, topic, partition,
+                        "start offset lookup failed; starting at the committed offset");
+                    continue;
+                }
             };
+            tracing::info!(topic, partition, ?offset, "replay starts here");
             if let Some(mut e) = tpl.find_partition(&topic, partition) {
                 let _ = e.set_offset(offset);
-            } else {
-                let _ = tpl.set_partition_offset(&topic, partition, offset);
             }
         }
+    }
+
+    fn update_progress(&self, consumer: &GroupConsumer) {
+        let Some(progress) = &self.progress else {
+            return;
+        };
+        let mut to_go = 0i64;
+        for (topic, partition) in self.names.values() {
+            let end = match self.until {
+                Until::StartOffsets => self
+                    .start_ends
+                    .get(&(topic.to_string(), *partition))
+                    .copied(),
+                _ => cached_high_watermark(consumer, topic, *partition),
+            };
+            let next = self.tracker.next_offset(topic, *partition);
+            if let (Some(end), Some(next)) = (end, next) {
+                to_go += (end - next).max(0);
+            }
+        }
+        progress
+            .done
+            .store(self.metrics.events_consumed.get(), Ordering::Relaxed);
+        progress.to_go.store(to_go as u64, Ordering::Relaxed);
     }
 
     /// Whether every assigned partition has been read to its end (by `until`'s measure) and
@@ -877,6 +953,10 @@ pub fn run(
         started_partitions: Default::default(),
         start_ends: HashMap::new(),
         last_caught_up_check: Instant::now(),
+        until: opts.until,
+        progress: opts.progress.clone(),
+        finished: Default::default(),
+        pause_requests: Vec::new(),
     };
     let core = Arc::new(Mutex::new(core));
     let consumer: GroupConsumer = consumer_config(cfg, &group_id)
@@ -952,4 +1032,29 @@ pub fn run(
     drop(core);
     let _ = refetch_thread.join();
     Ok(summary)
+}
+
+/// The timestamp lookup of `start::decide`, answered by the broker (ListOffsets).
+struct ConsumerLookup<'c>(&'c BaseConsumer<RebalanceContext>);
+
+impl OffsetLookup for ConsumerLookup<'_> {
+    type Error = KafkaError;
+
+    fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: i32,
+        timestamp_ms: i64,
+    ) -> Result<Option<i64>, KafkaError> {
+        let mut q = TopicPartitionList::new();
+        q.add_partition_offset(topic, partition, Offset::Offset(timestamp_ms))?;
+        let found = self.0.offsets_for_times(q, Duration::from_secs(10))?;
+        // librdkafka answers the end (-1) when no record is at or after the time.
+        Ok(
+            match found.find_partition(topic, partition).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            },
+        )
+    }
 }

@@ -159,10 +159,14 @@ struct PendingChange<P> {
     positions: SmallVec<[P; 1]>,
 }
 
-struct PendingAttr {
+struct PendingAttr<P> {
     name: Box<str>,
     value: AttrValue<'static>,
     order: Order,
+    /// Records whose segment change was stale but whose attribute is still the newest:
+    /// they settle with the object that writes it. Empty (no allocation) otherwise, since a
+    /// record with a live change settles with that change.
+    positions: Vec<P>,
 }
 
 struct Slot<P> {
@@ -173,7 +177,13 @@ struct Slot<P> {
     in_flight: bool,
     first_pending_ms: u64,
     changes: SmallVec<[PendingChange<P>; 1]>,
-    attrs: Vec<PendingAttr>,
+    attrs: Vec<PendingAttr<P>>,
+}
+
+impl<P> Slot<P> {
+    fn is_pending(&self) -> bool {
+        !self.changes.is_empty() || !self.attrs.is_empty()
+    }
 }
 
 /// One user as flushed: ranges index into the `Flush`'s shared vectors, so a batch of 75 users
@@ -398,63 +408,70 @@ impl<P: Copy> Window<P> {
             Identity::Email(v) => (IdKind::Email, v),
         };
         let order = Order::of(event, partition, offset);
-        if let Some((sent, _)) = self.delivered.get(&delivered_key(
-            kind,
-            id,
-            Remembered::Segment,
-            &event.segment_id,
-        )) {
-            if order <= *sent {
-                return Admit::Stale;
-            }
+        let stale = self
+            .delivered
+            .get(&delivered_key(
+                kind,
+                id,
+                Remembered::Segment,
+                &event.segment_id,
+            ))
+            .is_some_and(|(sent, _)| order <= *sent);
+        if stale && !self.has_newer_attribute(kind, id, event, order) {
+            return Admit::Stale;
         }
-        let segment = self.segments.intern(&event.segment_id);
         let hash = user_hash(kind, id);
         let idx = match self.find(kind, id, hash) {
             Some(i) => i,
             None => self.create(kind, id, hash),
         };
+        let segment = self.segments.intern(&event.segment_id);
         let slot = &mut self.slots[idx as usize];
-        let was_pending = !slot.changes.is_empty();
+        let was_pending = slot.is_pending();
         let mut result = Admit::Pending;
-        match slot.changes.iter_mut().find(|c| c.segment == segment) {
-            Some(c) if order > c.order => {
-                c.order = order;
-                c.change = event.change;
-                c.positions.push(pos);
-            }
-            Some(c) => {
-                c.positions.push(pos);
-                result = Admit::Superseded;
-            }
-            None => {
-                slot.changes.push(PendingChange {
-                    segment,
-                    change: event.change,
-                    order,
-                    positions: SmallVec::from_buf([pos]),
-                });
-                self.pending_changes += 1;
+        // A stale change is not applied; only its newer attributes are, and the record
+        // settles with them.
+        let mut carried = Some(pos).filter(|_| stale);
+        if !stale {
+            match slot.changes.iter_mut().find(|c| c.segment == segment) {
+                Some(c) if order > c.order => {
+                    c.order = order;
+                    c.change = event.change;
+                    c.positions.push(pos);
+                }
+                Some(c) => {
+                    c.positions.push(pos);
+                    result = Admit::Superseded;
+                }
+                None => {
+                    slot.changes.push(PendingChange {
+                        segment,
+                        change: event.change,
+                        order,
+                        positions: SmallVec::from_buf([pos]),
+                    });
+                    self.pending_changes += 1;
+                }
             }
         }
         for (name, value) in &event.attributes {
             // An attribute older than the one already sent would overwrite a newer value.
-            let sent = self
-                .delivered
-                .get(&delivered_key(kind, id, Remembered::Attribute, name));
-            if sent.is_some_and(|(o, _)| order <= *o) {
+            let dk = delivered_key(kind, id, Remembered::Attribute, name);
+            if self.delivered.get(&dk).is_some_and(|(o, _)| order <= *o) {
                 continue;
             }
             match slot.attrs.iter_mut().find(|a| *a.name == **name) {
                 Some(a) if order > a.order => {
                     a.value = value.clone().into_owned();
                     a.order = order;
+                    a.positions.extend(carried.take());
                 }
-                Some(_) => {}
+                Some(a) => a.positions.extend(carried.take()),
                 None => slot.attrs.push(PendingAttr {
                     name: (**name).into(),
                     value: value.clone().into_owned(),
                     order,
+                    positions: carried.take().into_iter().collect(),
                 }),
             }
         }
@@ -467,6 +484,14 @@ impl<P: Copy> Window<P> {
             self.queue.push_back(idx);
         }
         result
+    }
+
+    /// Whether the event sets an attribute more recently than what was sent of it.
+    fn has_newer_attribute(&self, kind: IdKind, id: &str, event: &Event<'_>, order: Order) -> bool {
+        event.attributes.iter().any(|(name, _)| {
+            let dk = delivered_key(kind, id, Remembered::Attribute, name);
+            self.delivered.get(&dk).is_none_or(|(o, _)| order > *o)
+        })
     }
 
     /// Whether a flush is due: a full batch is waiting, the oldest has lingered long enough,
@@ -494,7 +519,7 @@ impl<P: Copy> Window<P> {
             };
             let slot = &mut self.slots[idx as usize];
             slot.queued = false;
-            if slot.changes.is_empty() {
+            if !slot.is_pending() {
                 // Emptied by a revoke while queued.
                 if !slot.in_flight {
                     self.release(idx);
@@ -539,6 +564,7 @@ impl<P: Copy> Window<P> {
                 for a in attrs {
                     let dk = delivered_key(kind, &key, Remembered::Attribute, &a.name);
                     self.delivered.put(dk, (a.order, Change::Entered));
+                    flush.positions.extend(a.positions);
                     flush.attributes.push((a.name, a.value));
                 }
                 flush.users.push(FlushedUser {
@@ -579,7 +605,7 @@ impl<P: Copy> Window<P> {
             return;
         }
         slot.in_flight = false;
-        if slot.changes.is_empty() {
+        if !slot.is_pending() {
             self.release(user.slot);
         } else if !slot.queued {
             slot.queued = true;
@@ -588,13 +614,14 @@ impl<P: Copy> Window<P> {
     }
 
     /// After a revoke: positions for which `gone` holds are dropped (the partition's new owner
-    /// reads those records again); a change left with none is dropped. Returns how many
-    /// changes were dropped.
+    /// reads those records again); a change left with none is dropped, and so are extra
+    /// attributes once no change of the user is left to carry them. Returns how many changes
+    /// were dropped.
     pub fn drop_positions(&mut self, gone: impl Fn(&P) -> bool) -> usize {
         let mut dropped = 0;
         for idx in 0..self.slots.len() {
             let slot = &mut self.slots[idx];
-            if !slot.live || slot.changes.is_empty() {
+            if !slot.live || !slot.is_pending() {
                 continue;
             }
             let before = slot.changes.len();
@@ -602,11 +629,16 @@ impl<P: Copy> Window<P> {
                 c.positions.retain(|p| !gone(p));
             }
             slot.changes.retain(|c| !c.positions.is_empty());
+            for a in slot.attrs.iter_mut() {
+                a.positions.retain(|p| !gone(p));
+            }
+            if slot.changes.is_empty() {
+                slot.attrs.retain(|a| !a.positions.is_empty());
+            }
             let removed = before - slot.changes.len();
             dropped += removed;
             self.pending_changes -= removed;
-            if slot.changes.is_empty() {
-                slot.attrs.clear();
+            if !slot.is_pending() {
                 self.pending_users -= 1;
                 // A queued slot is released when the queue reaches it.
                 if !slot.queued && !slot.in_flight {

@@ -7,4 +7,17 @@
 
 pub mod expected;
 pub mod kafka;
+pub mod procs;
+pub mod registry;
 pub mod worker;
+
+/// Logs of the code under test, shown for failing tests (RUST_LOG picks the level).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}

@@ -108,6 +108,7 @@ pub fn run_until_caught_up(
         until: Until::CaughtUp,
         stop: Arc::new(AtomicBool::new(false)),
         dry_run: None,
+        progress: None,
     };
     let summary = pipeline::run(
         cfg,

@@ -1,0 +1,168 @@
+//! Shared by the benchmark binaries: pre-generated payloads, CPU time, and the verdicts
+//! that make `make bench` fail when a DESIGN.md target is missed.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use segment_sync::config::Format;
+use segment_sync::decode::{MemoryRegistry, SCHEMA};
+use segment_sync::generate::{Generator, GeneratorConfig, Record};
+use segment_sync::produce::encode_record;
+
+/// The stream every benchmark uses unless it says otherwise: many users, each touched a
+/// handful of times, with the generator's default repeats and misordered changes.
+pub fn stream(users: usize, seed: u64) -> GeneratorConfig {
+    GeneratorConfig {
+        users,
+        segments: 20,
+        seed,
+        ..GeneratorConfig::default()
+    }
+}
+
+/// Encoded records in one buffer, so that the measured loop reads memory the way a consumer
+/// reads fetched batches and the allocator does not weigh on the setup.
+pub struct Payloads {
+    pub bytes: Vec<u8>,
+    pub spans: Vec<(usize, usize)>,
+    /// The partition the record's key lands on (6 partitions).
+    pub partitions: Vec<i32>,
+    pub keys: Vec<Vec<u8>>,
+}
+
+impl Payloads {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn get(&self, i: usize) -> &[u8] {
+        let (a, b) = self.spans[i];
+        &self.bytes[a..b]
+    }
+
+    pub fn mean_size(&self) -> usize {
+        self.bytes.len() / self.spans.len().max(1)
+    }
+}
+
+pub const PARTITIONS: i32 = 6;
+
+/// A stable stand-in for the producer's key partitioner: a user's records share a partition.
+pub fn partition_of(key: &[u8]) -> i32 {
+    let h = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (h % PARTITIONS as u64) as i32
+}
+
+/// A registry holding the project's schema, and its id, for `avro-confluent`.
+pub fn registry() -> (Arc<MemoryRegistry>, u32) {
+    let registry = Arc::new(MemoryRegistry::new());
+    let id = registry.register(SCHEMA);
+    (registry, id)
+}
+
+pub fn payloads(format: Format, schema_id: u32, cfg: GeneratorConfig, n: usize) -> Payloads {
+    let mut out = Payloads {
+        bytes: Vec::new(),
+        spans: Vec::with_capacity(n),
+        partitions: Vec::with_capacity(n),
+        keys: Vec::with_capacity(n),
+    };
+    for g in Generator::new(cfg).take(n) {
+        if !matches!(g.record, Record::Valid(_)) {
+            continue;
+        }
+        let p = encode_record(format, Some(schema_id), &g.record);
+        let start = out.bytes.len();
+        out.bytes.extend_from_slice(&p);
+        out.spans.push((start, out.bytes.len()));
+        out.partitions.push(partition_of(&g.key));
+        out.keys.push(g.key);
+    }
+    out
+}
+
+/// CPU time (user + system) this process has used so far.
+pub fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    assert_eq!(rc, 0, "getrusage failed");
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Collects the pass/fail lines and turns them into the exit status.
+#[derive(Default)]
+pub struct Verdicts {
+    failed: Vec<String>,
+}
+
+impl Verdicts {
+    /// `value` must be at least `target`.
+    pub fn at_least(&mut self, what: &str, value: f64, target: f64, unit: &str) {
+        self.check(
+            what,
+            value,
+            value >= target,
+            &format!(">= {target} {unit}"),
+            unit,
+        );
+    }
+
+    /// `value` must be at most `target`.
+    pub fn at_most(&mut self, what: &str, value: f64, target: f64, unit: &str) {
+        self.check(
+            what,
+            value,
+            value <= target,
+            &format!("<= {target} {unit}"),
+            unit,
+        );
+    }
+
+    /// `value` must stay below `target`.
+    pub fn below(&mut self, what: &str, value: f64, target: f64, unit: &str) {
+        self.check(
+            what,
+            value,
+            value < target,
+            &format!("< {target} {unit}"),
+            unit,
+        );
+    }
+
+    fn check(&mut self, what: &str, value: f64, ok: bool, target: &str, unit: &str) {
+        let mark = if ok { "PASS" } else { "FAIL" };
+        println!(
+            "{mark}  {what}: {} {unit} (target {target})",
+            fmt_num(value)
+        );
+        if !ok {
+            self.failed.push(what.to_string());
+        }
+    }
+
+    /// Exits non-zero when a target was missed.
+    pub fn finish(self) {
+        if self.failed.is_empty() {
+            println!("all targets met");
+        } else {
+            println!("targets missed: {}", self.failed.join(", "));
+            std::process::exit(1);
+        }
+    }
+}
+
+pub fn fmt_num(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}

@@ -1,0 +1,382 @@
+//! DESIGN.md: end to end, one worker consumes at ≥ 0.8 × the rate at which a plain rdkafka
+//! consumer merely reads the same topic from the same broker, and spends at most 3 × the CPU
+//! time per event that the plain consumer spends, measured in the same run.
+//!
+//! A real Apache Kafka broker (the test harness's, on free loopback ports) gets 1,000,000
+//! JSON records over 100,000 users on 6 partitions. Then, one after the other on the warm
+//! log: a plain `BaseConsumer` reads it all, the worker (`pipeline::run` until caught up)
+//! delivers it all to the Braze simulator, and the plain consumer reads it all again. The
+//! simulator runs as a child process (the built binary) so that its CPU, which stands for
+//! Braze's, is not billed to the worker; it is reported apart. A dry run of the worker (no
+//! HTTP) is measured last, to tell the worker's own cost from the cost of talking to Braze.
+//! `cargo bench --bench end_to_end`
+
+mod common;
+#[allow(dead_code)]
+#[path = "../tests/support/kafka.rs"]
+mod kafka;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+
+use segment_sync::config::{Config, Format};
+use segment_sync::health::Health;
+use segment_sync::metrics::Metrics;
+use segment_sync::pipeline::{self, RunOptions, RunSummary, StartAt, Until};
+use segment_sync::produce::{self, ProduceArgs};
+
+use common::{cpu_time, Verdicts};
+
+const TOPIC: &str = "bench.e2e";
+const PARTITIONS: i32 = 6;
+const RECORDS: usize = 1_000_000;
+const USERS: usize = 100_000;
+const API_KEY: &str = "bench-key";
+
+/// The simulator as a child process; killed when dropped, and by the kernel if we die.
+struct SimProcess {
+    child: Child,
+    url: String,
+}
+
+impl SimProcess {
+    fn start() -> SimProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_segment-sync"));
+        cmd.args(["braze-sim", "--listen", "127.0.0.1:0", "--rate-limit", "0"])
+            .env("BRAZE_API_KEY", API_KEY)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: prctl between fork and exec touches no memory of the parent. The main
+        // thread spawns it and lives until the process ends.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let mut child = cmd.spawn().expect("the segment-sync binary starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("braze-sim prints its address");
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http://"))
+            .unwrap_or_else(|| panic!("unexpected braze-sim output: {line:?}"))
+            .to_string();
+        SimProcess { child, url }
+    }
+
+    /// CPU time the simulator has used so far, from /proc/<pid>/stat.
+    fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the simulator is alive");
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let fields: Vec<&str> = stat[stat.rfind(')').expect("stat format") + 2..]
+            .split(' ')
+            .collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_secs_f64(ticks as f64 / hz as f64)
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Measured {
+    events: u64,
+    /// From the first record consumed to the last.
+    consume: Duration,
+    /// The whole run, start-up and shutdown included.
+    total: Duration,
+    /// From the start to the first record, and from the last record to the end.
+    startup: Duration,
+    tail: Duration,
+    cpu: Duration,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.consume.as_secs_f64()
+    }
+    fn cpu_per_event_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.events as f64
+    }
+    fn print(&self, what: &str) {
+        println!(
+            "{what}: {} events in {:.2?} ({:.2?} overall: {:.2?} to the first record, {:.2?} after the last): {:.0} events/s, {:.3} µs CPU an event ({:.2?} CPU)",
+            self.events,
+            self.consume,
+            self.total,
+            self.startup,
+            self.tail,
+            self.rate(),
+            self.cpu_per_event_us(),
+            self.cpu
+        );
+    }
+}
+
+/// Reads the whole topic with a plain consumer of a fresh group, configured as the worker's
+/// consumer is, touching every payload.
+fn plain_consumer(bootstrap: &str, group: &str, expected: u64) -> Measured {
+    let cpu0 = cpu_time();
+    let started = Instant::now();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.partition.eof", "false")
+        .create()
+        .expect("plain consumer");
+    consumer.subscribe(&[TOPIC]).expect("subscribe");
+    let mut n = 0u64;
+    let mut bytes = 0usize;
+    let mut first = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while n < expected {
+        assert!(
+            Instant::now() < deadline,
+            "plain consumer: only {n} of {expected} records"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                first.get_or_insert_with(Instant::now);
+                bytes += m.payload().map_or(0, <[u8]>::len);
+                n += 1;
+            }
+            Some(Err(e)) => eprintln!("plain consumer: {e}"),
+            None => {}
+        }
+    }
+    let last = Instant::now();
+    let cpu = cpu_time() - cpu0;
+    std::hint::black_box(bytes);
+    drop(consumer);
+    let first = first.expect("records were read");
+    Measured {
+        events: n,
+        consume: last - first,
+        total: last - started,
+        startup: first - started,
+        tail: Duration::ZERO,
+        cpu,
+    }
+}
+
+fn worker_config(bootstrap: &str, braze_url: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = bootstrap.to_string();
+    cfg.kafka.topics = vec![TOPIC.to_string()];
+    cfg.kafka.dlq_topic = format!("{TOPIC}.dlq");
+    cfg.kafka.format = Format::Json;
+    cfg.braze.endpoint = braze_url.to_string();
+    cfg.braze.api_key = Some(API_KEY.to_string());
+    // The simulator runs unlimited: this measures the worker, not Braze's rate limit.
+    cfg.braze.requests_per_second = 0;
+    cfg.server.listen = "127.0.0.1:0".into();
+    // For diagnosis only: `E2E_WORKER_PROPS="k=v,k=v"` adds librdkafka properties to the
+    // worker's consumer, to try a setting without touching the worker's code.
+    if let Ok(props) = std::env::var("E2E_WORKER_PROPS") {
+        for kv in props.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .expect("E2E_WORKER_PROPS holds k=v pairs");
+            cfg.kafka.properties.insert(k.to_string(), v.to_string());
+            println!("worker property {k}={v} (E2E_WORKER_PROPS)");
+        }
+    }
+    cfg
+}
+
+/// Runs the worker until it has caught up; a sampler thread notes when the first and the
+/// last record were consumed, from the worker's own metrics.
+fn worker(
+    cfg: &Config,
+    group: &str,
+    dry_run: bool,
+    expected: u64,
+    rt: &tokio::runtime::Runtime,
+) -> (Measured, RunSummary) {
+    let metrics = Arc::new(Metrics::new());
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let metrics = metrics.clone();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut first = None;
+            let mut last = None;
+            while !done.load(Ordering::Relaxed) {
+                let n = metrics.events_consumed.get();
+                if n > 0 && first.is_none() {
+                    first = Some(Instant::now());
+                }
+                if n >= expected && last.is_none() {
+                    last = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (first, last)
+        })
+    };
+    // Built from `live` so that options added later keep their defaults here.
+    let mut opts = RunOptions::live(Arc::new(AtomicBool::new(false)));
+    opts.group_id = Some(group.to_string());
+    opts.start = StartAt::Earliest;
+    opts.until = Until::CaughtUp;
+    opts.dry_run = dry_run.then(|| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>);
+    let cpu0 = cpu_time();
+    let started = Instant::now();
+    let summary = pipeline::run(
+        cfg,
+        opts,
+        metrics,
+        Arc::new(Health::new()),
+        rt.handle().clone(),
+    )
+    .expect("the worker runs");
+    let ended = Instant::now();
+    let cpu = cpu_time() - cpu0;
+    done.store(true, Ordering::Relaxed);
+    let (first, last) = sampler.join().expect("sampler");
+    let (first, last) = (
+        first.expect("the worker consumed"),
+        last.expect("the worker consumed everything"),
+    );
+    (
+        Measured {
+            events: summary.consumed,
+            consume: last - first,
+            total: ended - started,
+            startup: first.saturating_duration_since(started),
+            tail: ended - last,
+            cpu,
+        },
+        summary,
+    )
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let t = Instant::now();
+    let broker = kafka::KafkaBroker::shared();
+    broker.create_topic(TOPIC, PARTITIONS);
+    let bootstrap = broker.bootstrap();
+    let sim = SimProcess::start();
+    let cfg = worker_config(&bootstrap, &sim.url);
+    let produced = rt
+        .block_on(produce::run(
+            &cfg,
+            &ProduceArgs {
+                count: RECORDS,
+                users: USERS,
+                segments: 20,
+                repeat_rate: 0.05,
+                out_of_order_rate: 0.02,
+                bad_rate: 0.0,
+                email_only_rate: 0.1,
+                seed: 11,
+                topic: Some(TOPIC.to_string()),
+            },
+        ))
+        .expect("produce");
+    let expected: u64 = broker
+        .end_offsets(TOPIC)
+        .iter()
+        .map(|(_, o)| *o as u64)
+        .sum();
+    assert_eq!(expected, produced.records as u64);
+    println!(
+        "broker up, {expected} records produced to {PARTITIONS} partitions in {:.1?}",
+        t.elapsed()
+    );
+
+    let mut plain = Vec::new();
+    for i in 1..=2 {
+        let m = plain_consumer(&bootstrap, &format!("bench.plain.{i}"), expected);
+        m.print("plain consumer (before)");
+        plain.push(m);
+    }
+
+    let sim_cpu0 = sim.cpu_time();
+    let (work, summary) = worker(&cfg, "bench.worker", false, expected, &rt);
+    let sim_cpu = sim.cpu_time() - sim_cpu0;
+    work.print("worker");
+    println!(
+        "  {} requests, {} users updated, {} data points; simulator CPU {:.2?} ({:.3} µs an event)",
+        summary.requests,
+        summary.objects_delivered,
+        summary.data_points,
+        sim_cpu,
+        sim_cpu.as_secs_f64() * 1e6 / expected as f64
+    );
+    let committed: i64 = summary.committed.iter().map(|(_, _, o)| *o).sum();
+    assert_eq!(
+        committed as u64, expected,
+        "the worker committed the whole log"
+    );
+
+    let m = plain_consumer(&bootstrap, "bench.plain.3", expected);
+    m.print("plain consumer (after)");
+    plain.push(m);
+
+    let (dry, _) = worker(&cfg, "bench.worker.dry", true, expected, &rt);
+    dry.print("worker, dry run (no HTTP)");
+
+    // The fastest plain read is what the broker can deliver: a plain read that stalls (on
+    // librdkafka's fetch backoff, or a neighbour's burst of CPU) must not lower the bar. CPU
+    // an event varies less; the reads bracket the worker's run in time, so their mean is
+    // the baseline.
+    let plain_rate = plain.iter().map(Measured::rate).fold(0.0, f64::max);
+    let plain_cpu = plain.iter().map(Measured::cpu_per_event_us).sum::<f64>() / plain.len() as f64;
+    println!(
+        "baseline: {plain_rate:.0} events/s, {plain_cpu:.3} µs CPU an event; worker's dry run: {:.2} x the rate, {:.2} x the CPU",
+        dry.rate() / plain_rate,
+        dry.cpu_per_event_us() / plain_cpu
+    );
+    let mut verdicts = Verdicts::default();
+    verdicts.at_least(
+        "worker rate / plain consumer rate",
+        work.rate() / plain_rate,
+        0.8,
+        "x",
+    );
+    verdicts.at_most(
+        "worker CPU an event / plain consumer CPU an event",
+        work.cpu_per_event_us() / plain_cpu,
+        3.0,
+        "x",
+    );
+    drop(sim);
+    verdicts.finish();
+}

@@ -1,0 +1,36 @@
+# Benchmarks for DESIGN.md's "Performance it is built for". Included by the top-level
+# Makefile. Each benchmark is a release binary that prints its figures and exits non-zero
+# when a target is missed; `make bench` runs them all (no fail-fast) and fails if any did.
+# Figures and how to read them: docs/benchmarks.md.
+#
+#   make bench              all of the below
+#   make bench-hot-path     decode → window → batch encode, one core (JSON, avro-confluent)
+#   make bench-memory       bytes a pending user holds in the window
+#   make bench-braze-rate   share of a Braze rate limit kept busy, and 429s
+#   make bench-writes       attribute writes against the minimum
+#   make bench-e2e          the worker against a plain consumer on a real Kafka broker
+
+CARGO ?= cargo
+BENCH_FLAGS ?=
+
+.PHONY: bench bench-hot-path bench-memory bench-braze-rate bench-writes bench-e2e
+
+bench: kafka-jars
+	$(CARGO) bench --no-fail-fast $(BENCH_FLAGS) \
+		--bench hot_path --bench window_memory --bench attribute_writes \
+		--bench braze_rate --bench end_to_end
+
+bench-hot-path:
+	$(CARGO) bench $(BENCH_FLAGS) --bench hot_path
+
+bench-memory:
+	$(CARGO) bench $(BENCH_FLAGS) --bench window_memory
+
+bench-braze-rate:
+	$(CARGO) bench $(BENCH_FLAGS) --bench braze_rate
+
+bench-writes:
+	$(CARGO) bench $(BENCH_FLAGS) --bench attribute_writes
+
+bench-e2e: kafka-jars
+	$(CARGO) bench $(BENCH_FLAGS) --bench end_to_end
