@@ -155,6 +155,8 @@ pub enum Ack {
 struct InFlight {
     flush: Flush<Position>,
     data_points: Vec<u32>,
+    /// To stop a request still retrying when the run ends past its drain deadline.
+    task: Option<tokio::task::AbortHandle>,
 }
 
 enum Sink {
@@ -389,15 +391,17 @@ impl Core {
         let id = self.next_request;
         self.next_request += 1;
         tracing::debug!(request = id, users = flush.users.len(), "flush");
+        let mut task = None;
         match &mut self.sink {
             Sink::Braze(client) => {
                 let client = client.clone();
                 let tx = self.acks_tx.clone();
                 let objects = encoded.objects;
-                self.rt.spawn(async move {
+                let handle = self.rt.spawn(async move {
                     let outcomes = client.deliver(objects).await;
                     let _ = tx.send(Ack::Braze { id, outcomes });
                 });
+                task = Some(handle.abort_handle());
                 self.metrics.braze_in_flight.inc();
             }
             Sink::DryRun(out) => {
@@ -425,6 +429,7 @@ impl Core {
             InFlight {
                 flush,
                 data_points: encoded.data_points,
+                task,
             },
         );
     }
@@ -1021,6 +1026,13 @@ pub fn run(
             );
         }
         c.commit(&consumer, CommitMode::Sync);
+        // What is still in flight is not committed: the next owner sends it again.
+        for (_, abandoned) in c.in_flight.drain() {
+            if let Some(task) = abandoned.task {
+                task.abort();
+            }
+            c.metrics.braze_in_flight.dec();
+        }
         c.dlq.flush(Duration::from_secs(5));
         c.update_gauges();
         c.summary(started.elapsed())

@@ -798,6 +798,27 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_change_still_carries_a_newer_attribute_and_settles_with_it() {
+        let mut w = Window::new(cfg());
+        admit(&mut w, &ev("a", "u1", "s", Change::Entered, 5), 0, 0);
+        let f = w.pop_batch(0, true).unwrap();
+        w.complete(&f, &f.users[0], false);
+        let mut old = ev("b", "u1", "s", Change::Exited, 3);
+        old.attributes = vec![("tier".into(), AttrValue::String("gold".into()))];
+        assert_eq!(admit(&mut w, &old, 1, 0), Admit::Pending);
+        let f = w.pop_batch(0, true).unwrap();
+        assert!(f.user_changes(&f.users[0]).is_empty(), "the stale change is not written");
+        assert_eq!(f.user_attributes(&f.users[0]).len(), 1);
+        assert_eq!(f.user_positions(&f.users[0]), &[1]);
+        w.complete(&f, &f.users[0], false);
+        // Once sent, an even older value of it is stale too.
+        let mut older = ev("c", "u1", "s", Change::Exited, 2);
+        older.attributes = vec![("tier".into(), AttrValue::String("silver".into()))];
+        assert_eq!(admit(&mut w, &older, 2, 0), Admit::Stale);
+        assert!(w.is_empty());
+    }
+
+    #[test]
     fn email_and_external_id_are_different_users() {
         let mut w = Window::new(cfg());
         let mut e = ev("a", "x", "s", Change::Entered, 1);
