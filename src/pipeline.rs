@@ -1027,8 +1027,9 @@ pub fn run(
         }
         c.commit(&consumer, CommitMode::Sync);
         // What is still in flight is not committed: the next owner sends it again.
-        for (_, abandoned) in c.in_flight.drain() {
-            if let Some(task) = abandoned.task {
+        let abandoned: Vec<InFlight> = c.in_flight.drain().map(|(_, r)| r).collect();
+        for request in abandoned {
+            if let Some(task) = request.task {
                 task.abort();
             }
             c.metrics.braze_in_flight.dec();
