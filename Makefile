@@ -8,10 +8,11 @@
 #   make kafka    an Apache Kafka broker on 127.0.0.1:9092 in the foreground
 
 include mk/kafka.mk
+include mk/bench.mk
 
 CARGO ?= cargo
 
-.PHONY: all build test lint demo bench deps
+.PHONY: all build test lint demo deps
 
 all: build
 
@@ -30,6 +31,3 @@ lint:
 
 demo:
 	$(CARGO) run --release -- demo
-
-bench:
-	$(CARGO) bench --bench decode

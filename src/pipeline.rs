@@ -188,7 +188,10 @@ pub struct Core {
     drain_timeout: Duration,
     commit_interval: Duration,
     last_commit: Instant,
-    last_sent: HashMap<(Arc<str>, i32), i64>,
+    /// Offsets the group coordinator acknowledged, per partition: an asynchronous commit
+    /// counts only once its callback says it succeeded, so a failed one is sent again.
+    committed: HashMap<(Arc<str>, i32), i64>,
+    shutting_down: bool,
     start: StartAt,
     started_partitions: std::collections::HashSet<(String, i32)>,
     /// End offsets taken when each partition was first assigned, for `Until::StartOffsets`.
@@ -508,47 +511,70 @@ impl Core {
         }
     }
 
-    /// Commits every partition whose committable offset differs from what was last sent.
+    /// Commits every partition whose committable offset differs from the last acknowledged
+    /// commit. Asynchronous commits are acknowledged in `on_commit`; a failed one is simply
+    /// sent again at the next interval.
     fn commit(&mut self, consumer: &GroupConsumer, mode: CommitMode) {
         let mut tpl = TopicPartitionList::new();
-        let mut sent = Vec::new();
         for (topic, partition) in self.names.values() {
             let Some(offset) = self.tracker.committable(topic, *partition) else {
                 continue;
             };
-            let key = (topic.clone(), *partition);
-            if matches!(mode, CommitMode::Async) && self.last_sent.get(&key) == Some(&offset) {
+            if self.committed.get(&(topic.clone(), *partition)) == Some(&offset) {
                 continue;
             }
-            if tpl
-                .add_partition_offset(topic, *partition, Offset::Offset(offset))
-                .is_ok()
-            {
-                sent.push((key, offset));
-            }
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
         }
         if tpl.count() == 0 {
             return;
         }
+        let sync = matches!(mode, CommitMode::Sync);
         match consumer.commit(&tpl, mode) {
-            Ok(()) => {
-                for ((topic, partition), offset) in sent {
-                    let p = partition.to_string();
-                    self.metrics
-                        .committed_offset
-                        .with_label_values(&[&*topic, p.as_str()])
-                        .set(offset);
-                    self.last_sent.insert((topic, partition), offset);
-                }
-            }
+            Ok(()) if sync => self.on_commit(&tpl),
+            Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
+        }
+    }
+
+    /// A commit the coordinator acknowledged (librdkafka's commit callback, or a synchronous
+    /// commit that returned).
+    pub(crate) fn on_commit(&mut self, offsets: &TopicPartitionList) {
+        for e in offsets.elements() {
+            let Offset::Offset(offset) = e.offset() else {
+                continue;
+            };
+            if e.error().is_err() {
+                continue;
+            }
+            // A partition revoked meanwhile is its new owner's to report.
+            let Some(topic) = self
+                .names
+                .values()
+                .find(|(t, p)| &**t == e.topic() && *p == e.partition())
+                .map(|(t, _)| t.clone())
+            else {
+                continue;
+            };
+            let previous = self
+                .committed
+                .insert((topic.clone(), e.partition()), offset);
+            if previous.is_some_and(|p| p > offset) {
+                // An older commit acknowledged after a newer one: keep the newer.
+                self.committed
+                    .insert((topic.clone(), e.partition()), previous.unwrap_or(offset));
+                continue;
+            }
+            self.metrics
+                .committed_offset
+                .with_label_values(&[&*topic, e.partition().to_string().as_str()])
+                .set(offset);
         }
     }
 
     /// Lag per partition: the high watermark librdkafka last saw minus the committed offset,
     /// refreshed every commit interval so a stalled worker shows its lag growing.
     fn update_lag(&self, consumer: &GroupConsumer) {
-        for ((topic, partition), committed) in &self.last_sent {
+        for ((topic, partition), committed) in &self.committed {
             if let Some(high) = cached_high_watermark(consumer, topic, *partition) {
                 self.metrics
                     .consumer_lag
@@ -673,7 +699,8 @@ impl Core {
         }
         let lost = consumer.assignment_lost();
         tracing::info!(partitions = ?revoked, lost, "partitions revoked; draining");
-        if !lost {
+        // At shutdown the run has drained already, under its own deadline.
+        if !lost && !self.shutting_down {
             let deadline = Instant::now() + self.drain_timeout;
             let drained = self.drain(deadline, |core| {
                 revoked
@@ -687,7 +714,7 @@ impl Core {
             for (t, p) in &revoked {
                 if let Some(o) = self.tracker.committable(t, *p) {
                     let sent = self
-                        .last_sent
+                        .committed
                         .iter()
                         .any(|((topic, part), c)| &**topic == t && part == p && *c == o);
                     if !sent {
@@ -701,13 +728,17 @@ impl Core {
                 }
             }
         }
+        // What this worker remembers sending may be overwritten by the partitions' next owner,
+        // and events it dropped pending will be read again (by it, if they come back): neither
+        // memory can be trusted past a rebalance.
+        self.window.forget_history();
         for (t, p) in &revoked {
             if let Some(pid) = self.tracker.partition_id(t, *p) {
                 self.window.drop_positions(|pos| pos.partition() == pid);
                 self.names.remove(&pid);
             }
             self.tracker.revoke(t, *p);
-            self.last_sent
+            self.committed
                 .retain(|(topic, part), _| !(&**topic == t && part == p));
         }
         self.health
@@ -865,7 +896,7 @@ impl Core {
             .map(|c| m.dlq_records.with_label_values(&[c]).get())
             .sum();
         let mut committed: Vec<(String, i32, i64)> = self
-            .last_sent
+            .committed
             .iter()
             .map(|((t, p), o)| (t.to_string(), *p, *o))
             .collect();
@@ -953,7 +984,8 @@ pub fn run(
         drain_timeout: Duration::from_millis(cfg.window.drain_timeout_ms),
         commit_interval: Duration::from_millis(cfg.window.commit_interval_ms),
         last_commit: Instant::now(),
-        last_sent: HashMap::new(),
+        committed: HashMap::new(),
+        shutting_down: false,
         start: opts.start.clone(),
         started_partitions: Default::default(),
         start_ends: HashMap::new(),
@@ -1018,6 +1050,7 @@ pub fn run(
         if let Ok(assignment) = consumer.assignment() {
             let _ = consumer.pause(&assignment);
         }
+        c.shutting_down = true;
         let deadline = Instant::now() + c.drain_timeout;
         if !c.drain(deadline, Core::settled_everything) {
             tracing::warn!(

@@ -149,6 +149,11 @@ impl<K: Copy + Eq + Hash, V> Recent<K, V> {
     fn forget(&mut self, k: &K) {
         self.map.remove(k);
     }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.order.clear();
+    }
 }
 
 struct PendingChange<P> {
@@ -613,6 +618,12 @@ impl<P: Copy> Window<P> {
         }
     }
 
+    /// Forgets the event ids seen and the deliveries remembered, keeping what is pending.
+    pub fn forget_history(&mut self) {
+        self.seen.clear();
+        self.delivered.clear();
+    }
+
     /// After a revoke: positions for which `gone` holds are dropped (the partition's new owner
     /// reads those records again); a change left with none is dropped, and so are extra
     /// attributes once no change of the user is left to carry them. Returns how many changes
@@ -807,7 +818,10 @@ mod tests {
         old.attributes = vec![("tier".into(), AttrValue::String("gold".into()))];
         assert_eq!(admit(&mut w, &old, 1, 0), Admit::Pending);
         let f = w.pop_batch(0, true).unwrap();
-        assert!(f.user_changes(&f.users[0]).is_empty(), "the stale change is not written");
+        assert!(
+            f.user_changes(&f.users[0]).is_empty(),
+            "the stale change is not written"
+        );
         assert_eq!(f.user_attributes(&f.users[0]).len(), 1);
         assert_eq!(f.user_positions(&f.users[0]), &[1]);
         w.complete(&f, &f.users[0], false);

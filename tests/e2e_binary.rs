@@ -120,13 +120,16 @@ fn json_payload(g: &Generated) -> (Vec<u8>, Option<Event<'static>>) {
     }
 }
 
+/// A record's payload and the event the worker should read from it (`None`: not a valid event).
+type Payload<'a> = dyn Fn(&Generated) -> (Vec<u8>, Option<Event<'static>>) + 'a;
+
 /// Produces the records keyed by user, in order, and returns where each landed with the
 /// event it carries as the worker should read it (`payload` gives both).
 fn produce(
     brokers: &str,
     topic: &str,
     records: &[Generated],
-    payload: &dyn Fn(&Generated) -> (Vec<u8>, Option<Event<'static>>),
+    payload: &Payload<'_>,
 ) -> Vec<Landed> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -403,9 +406,6 @@ fn avro_confluent_worker_resumes_from_its_commits_after_sigterm() {
 // 2. Scale-out: two workers share six partitions, a third joins mid-stream, one leaves.
 
 #[test]
-#[ignore = "worker bug: the window's delivered memory outlives a partition move, so a partition \
-            that comes back is treated against stale state and a real change is dropped as \
-            redundant (lost update); see the e2e report"]
 fn a_group_of_processes_scales_out_and_in_mid_stream() {
     let topic = "e2e-scale";
     let (broker, dir) = setup(topic, 6);
@@ -697,9 +697,6 @@ fn sigterm_while_braze_is_slow_exits_within_the_drain_deadline_having_committed_
 /// DESIGN.md: on shutdown, wait for in-flight requests "bounded by a deadline". The process
 /// must be gone soon after `drain_timeout_ms`, not after a second drain of the same length.
 #[test]
-#[ignore = "worker bug: with work still unsettled at the deadline, `run` drains for \
-            drain_timeout_ms at shutdown and then again in the revoke callback of \
-            unsubscribe(), so SIGTERM takes about twice the deadline; see the e2e report"]
 fn sigterm_exits_soon_after_the_drain_deadline_even_with_work_left() {
     let topic = "e2e-deadline";
     let (broker, dir) = setup(topic, 2);

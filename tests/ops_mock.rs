@@ -287,13 +287,12 @@ fn race(until: Until) -> (Env, Config, Vec<Landed>) {
         replay.metrics.braze_objects_delivered.get() > 50
     });
     // New changes for the same users while the replay is still in wave 1.
-    let wave2 = records(1200, 22, 400);
     landed.extend(produce(
         &env.rt,
         &cfg.kafka.brokers,
         topic,
         cfg.kafka.format,
-        &wave2,
+        wave2,
     ));
     let summary = replay.thread.join().expect("replay");
     assert!(summary.consumed >= 2000);

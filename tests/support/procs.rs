@@ -194,7 +194,7 @@ impl Sim {
     pub fn start(dir: &Path, name: &str, extra: &[&str]) -> Sim {
         let mut cmd = Command::new(binary());
         cmd.args(["braze-sim", "--listen", "127.0.0.1:0", "--api-key", API_KEY]);
-        if !extra.iter().any(|a| *a == "--rate-limit") {
+        if !extra.contains(&"--rate-limit") {
             cmd.args(["--rate-limit", "0"]);
         }
         cmd.args(extra).env_remove("BRAZE_API_KEY");
