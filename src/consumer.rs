@@ -35,7 +35,10 @@ pub fn consumer_config(cfg: &Config, group_id: &str) -> ClientConfig {
         // Cooperative: a rebalance revokes only the partitions that move, so the others keep
         // flowing while the moved ones drain.
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // librdkafka waits a full second (its default) before fetching again once its local
+        // queue is full; the worker drains that queue fast, so that pause would idle it.
+        .set("fetch.queue.backoff.ms", "10");
     for (k, v) in &cfg.kafka.properties {
         c.set(k, v);
     }

@@ -499,15 +499,27 @@ impl<P: Copy> Window<P> {
         })
     }
 
-    /// Whether a flush is due: a full batch is waiting, the oldest has lingered long enough,
-    /// or `force` (revoke, shutdown, a backfill's end).
+    /// Whether a flush is due: the oldest waiting user is ready, the window is under
+    /// pressure, or `force` (revoke, shutdown, a backfill's end).
+    ///
+    /// A user is ready once its first pending change has waited `linger_ms`: every change
+    /// that arrives meanwhile is coalesced into the same object, and each one saved is a
+    /// data point Braze does not bill. A request takes up to `batch_size` ready users, oldest
+    /// first. Only when half of `max_pending_users` are waiting do users leave before their
+    /// linger, so that the window drains before back-pressure has to stop consumption.
     pub fn flush_due(&self, now_ms: u64, force: bool) -> bool {
-        if self.queue.is_empty() {
+        let Some(&front) = self.queue.front() else {
             return false;
-        }
-        force
-            || self.queue.len() >= self.cfg.batch_size
-            || self.next_deadline().is_some_and(|d| d <= now_ms)
+        };
+        force || self.under_pressure() || self.is_ready(front, now_ms)
+    }
+
+    fn under_pressure(&self) -> bool {
+        self.pending_users.saturating_mul(2) >= self.cfg.max_pending_users
+    }
+
+    fn is_ready(&self, idx: u32, now_ms: u64) -> bool {
+        self.slots[idx as usize].first_pending_ms + self.cfg.linger_ms <= now_ms
     }
 
     /// Takes up to `batch_size` users, oldest first, when a flush is due. Their slots stay
@@ -518,10 +530,16 @@ impl<P: Copy> Window<P> {
             return None;
         }
         let mut flush = Flush::default();
+        // Judged once, so that a request under pressure is a full one.
+        let early = force || self.under_pressure();
         while flush.users.len() < self.cfg.batch_size {
-            let Some(idx) = self.queue.pop_front() else {
+            let Some(&idx) = self.queue.front() else {
                 break;
             };
+            if !(early || self.is_ready(idx, now_ms)) {
+                break;
+            }
+            self.queue.pop_front();
             let slot = &mut self.slots[idx as usize];
             slot.queued = false;
             if !slot.is_pending() {
@@ -764,22 +782,28 @@ mod tests {
     }
 
     #[test]
-    fn full_batch_flushes_before_linger_and_respects_batch_size() {
+    fn users_wait_their_linger_unless_the_window_is_under_pressure() {
         let mut w = Window::new(cfg());
-        for i in 0..7 {
-            admit(
-                &mut w,
-                &ev(&format!("e{i}"), &format!("u{i}"), "s", Change::Entered, 1),
-                i,
-                0,
-            );
-        }
-        let f = w.pop_batch(0, false).unwrap();
-        assert_eq!(f.users.len(), 3);
-        let f = w.pop_batch(0, false).unwrap();
-        assert_eq!(f.users.len(), 3);
-        assert!(w.pop_batch(0, false).is_none(), "one left, lingering");
-        assert_eq!(w.pop_batch(0, true).unwrap().users.len(), 1);
+        let mut n = 0;
+        let mut add = |w: &mut Window<i64>, users: std::ops::Range<i64>, now: u64| {
+            for i in users {
+                n += 1;
+                let e = ev(&format!("e{n}"), &format!("u{i}"), "s", Change::Entered, 1);
+                admit(w, &e, n, now);
+            }
+        };
+        add(&mut w, 0..4, 0);
+        assert!(w.pop_batch(99, false).is_none(), "nobody has lingered yet");
+        assert_eq!(w.pop_batch(100, false).unwrap().users.len(), 3, "batch_size");
+        assert_eq!(w.pop_batch(100, false).unwrap().users.len(), 1);
+        // Half of max_pending_users (10) waiting: users leave before their linger, until
+        // the pressure is off.
+        add(&mut w, 10..16, 200);
+        assert_eq!(w.pop_batch(200, false).unwrap().users.len(), 3);
+        assert!(w.pop_batch(200, false).is_none(), "3 waiting: no pressure");
+        assert_eq!(w.pop_batch(300, false).unwrap().users.len(), 3);
+        add(&mut w, 20..22, 400);
+        assert_eq!(w.pop_batch(400, true).unwrap().users.len(), 2, "forced");
     }
 
     #[test]
