@@ -91,6 +91,8 @@ pub fn encode<P>(mapping: &Mapping, segments: &Segments, flush: &Flush<P>) -> En
         objects: Vec::with_capacity(flush.users.len()),
         data_points: Vec::with_capacity(flush.users.len()),
     };
+    // One allocation for the whole request: each object is a shared slice of it.
+    let mut all = bytes::BytesMut::with_capacity(flush.users.len() * 160);
     let mut buf = Vec::with_capacity(256);
     for user in &flush.users {
         buf.clear();
@@ -154,7 +156,8 @@ pub fn encode<P>(mapping: &Mapping, segments: &Segments, flush: &Flush<P>) -> En
             points += 1;
         }
         buf.push(b'}');
-        out.objects.push(Bytes::copy_from_slice(&buf));
+        all.extend_from_slice(&buf);
+        out.objects.push(all.split().freeze());
         out.data_points.push(points);
     }
     out

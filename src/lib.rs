@@ -36,6 +36,8 @@ pub mod offsets;
 pub mod pipeline;
 /// `segment-sync produce`: writes generated changes to the topic.
 pub mod produce;
+/// Pure: the window's bounded memories of event ids seen and of what was sent.
+pub mod recent;
 /// Reads rejected records back from the log for their dead-letter copies.
 pub mod refetch;
 /// `segment-sync replay`: `--from` parsing and where a backfill stops.

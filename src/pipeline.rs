@@ -210,17 +210,6 @@ impl Core {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn partition_id(&mut self, topic: &str, partition: i32) -> PartitionId {
-        if let Some(id) = self.tracker.partition_id(topic, partition) {
-            return id;
-        }
-        // A record of a partition we were not told about: track it all the same, so that
-        // its offset is never committed past an unsettled record.
-        let id = self.tracker.assign(topic, partition);
-        self.names.insert(id, (Arc::from(topic), partition));
-        id
-    }
-
     /// Whether a record lies past the end offsets taken at start, which `--until-start`
     /// and dry runs do not read.
     fn past_start_end(&self, m: &BorrowedMessage<'_>) -> bool {
@@ -238,8 +227,12 @@ impl Core {
             self.pause_partition(m.topic(), m.partition());
             return;
         }
+        // A record of a partition revoked since it was polled: its new owner reads it again.
+        // Tracking it here could commit a partition this worker no longer owns.
+        let Some(pid) = self.tracker.partition_id(m.topic(), m.partition()) else {
+            return;
+        };
         self.metrics.events_consumed.inc();
-        let pid = self.partition_id(m.topic(), m.partition());
         let pos = self.tracker.track(pid, m.offset());
         let Some(payload) = m.payload() else {
             let reason = DlqReason::Undecodable {
@@ -1008,6 +1001,8 @@ pub fn run(
 
     let lock = || core.lock().unwrap_or_else(|e| e.into_inner());
     let mut flowing = false;
+    const BURST: usize = 64;
+    let mut burst = Vec::with_capacity(BURST);
     loop {
         if opts.stop.load(Ordering::Relaxed) {
             break;
@@ -1026,20 +1021,38 @@ pub fn run(
             }
         };
         flowing = false;
-        // A burst of records between two services keeps the per-record cost to a poll and a
-        // lock; the service still runs often enough for flushes and acknowledgements.
-        for i in 0..512 {
-            let polled = consumer.poll(if i == 0 { timeout } else { Duration::ZERO });
-            match polled {
-                Some(Ok(m)) => {
-                    lock().ingest(&m, &opts.stop);
-                    flowing = true;
+        // Records are polled in bursts without the lock (a rebalance callback inside poll
+        // takes it) and then ingested under one lock, so the per-record cost is a poll and
+        // the pipeline's own work. The service still runs often enough for flushes and
+        // acknowledgements.
+        for round in 0..8 {
+            for i in 0..BURST {
+                let wait = if round == 0 && i == 0 {
+                    timeout
+                } else {
+                    Duration::ZERO
+                };
+                match consumer.poll(wait) {
+                    Some(Ok(m)) => burst.push(m),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        break;
+                    }
+                    None => break,
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "consumer error");
-                    break;
-                }
-                None => break,
+            }
+            if burst.is_empty() {
+                break;
+            }
+            let full = burst.len() == BURST;
+            flowing = true;
+            let mut c = lock();
+            for m in burst.drain(..) {
+                c.ingest(&m, &opts.stop);
+            }
+            drop(c);
+            if !full {
+                break;
             }
         }
     }

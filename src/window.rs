@@ -14,6 +14,8 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use hashbrown::HashTable;
+
+use crate::recent::{Packed, Recent};
 use rustc_hash::{FxBuildHasher, FxHasher};
 use smallvec::SmallVec;
 
@@ -106,53 +108,38 @@ impl Segments {
     }
 }
 
-/// A bounded memory that forgets the oldest insertions first.
-struct Recent<K, V> {
-    map: hashbrown::HashMap<K, V, FxBuildHasher>,
-    order: VecDeque<K>,
-    capacity: usize,
+/// What was last sent for a (user, segment) or a user's extra attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sent {
+    order: Order,
+    change: Change,
 }
 
-impl<K: Copy + Eq + Hash, V> Recent<K, V> {
-    fn new(capacity: usize) -> Self {
-        Recent {
-            map: hashbrown::HashMap::with_hasher(FxBuildHasher),
-            order: VecDeque::new(),
-            capacity,
-        }
+impl Packed for Sent {
+    const WORDS: usize = 4;
+
+    fn pack(&self, out: &mut [u64]) {
+        out[0] = self.order.sequence as u64;
+        out[1] = self.order.occurred_at as u64;
+        let entered = u64::from(self.change == Change::Entered);
+        out[2] = (self.order.partition as u32 as u64) << 1 | entered;
+        out[3] = self.order.offset as u64;
     }
 
-    fn get(&self, k: &K) -> Option<&V> {
-        self.map.get(k)
-    }
-
-    /// Returns false when the key was already there (its value is replaced).
-    fn put(&mut self, k: K, v: V) -> bool {
-        if self.capacity == 0 {
-            return true;
+    fn unpack(w: &[u64]) -> Sent {
+        Sent {
+            order: Order {
+                sequence: w[0] as i64,
+                occurred_at: w[1] as i64,
+                partition: (w[2] >> 1) as u32 as i32,
+                offset: w[3] as i64,
+            },
+            change: if w[2] & 1 == 1 {
+                Change::Entered
+            } else {
+                Change::Exited
+            },
         }
-        if let Some(old) = self.map.get_mut(&k) {
-            *old = v;
-            return false;
-        }
-        // The queue may hold keys already forgotten; it is bounded all the same.
-        while self.order.len() >= self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
-            }
-        }
-        self.map.insert(k, v);
-        self.order.push_back(k);
-        true
-    }
-
-    fn forget(&mut self, k: &K) {
-        self.map.remove(k);
-    }
-
-    fn clear(&mut self) {
-        self.map.clear();
-        self.order.clear();
     }
 }
 
@@ -247,8 +234,8 @@ pub struct Window<P> {
     table: HashTable<u32>,
     queue: VecDeque<u32>,
     segments: Segments,
-    seen: Recent<u64, ()>,
-    delivered: Recent<u128, (Order, Change)>,
+    seen: Recent<()>,
+    delivered: Recent<Sent>,
     /// Slots in use: users pending or in flight.
     users: usize,
     /// Users with pending changes (queued or waiting for their in-flight request).
@@ -274,19 +261,15 @@ enum Remembered {
     Attribute,
 }
 
-/// 128 bits so that two (user, segment) pairs sharing a key is not a practical concern: a
-/// collision would drop a real update as stale.
-/// `what` tells a segment's membership from an extra attribute of the same name.
-fn delivered_key(kind: IdKind, id: &str, what: Remembered, name: &str) -> u128 {
-    let mut a = FxHasher::with_seed(0x5eed_0001);
-    let mut b = FxHasher::with_seed(0x5eed_0002);
-    for h in [&mut a, &mut b] {
-        kind.hash(h);
-        id.hash(h);
-        what.hash(h);
-        name.hash(h);
-    }
-    ((a.finish() as u128) << 64) | b.finish() as u128
+/// The memory's key for what was sent to a user: a segment's membership, or an extra
+/// attribute of the same name (`what` tells them apart).
+fn delivered_key(kind: IdKind, id: &str, what: Remembered, name: &str) -> u64 {
+    let mut h = FxHasher::default();
+    kind.hash(&mut h);
+    id.hash(&mut h);
+    what.hash(&mut h);
+    name.hash(&mut h);
+    h.finish()
 }
 
 impl<P: Copy> Window<P> {
@@ -405,7 +388,7 @@ impl<P: Copy> Window<P> {
         pos: P,
         now_ms: u64,
     ) -> Admit {
-        if !self.seen.put(event_id_hash(&event.event_id), ()) {
+        if self.seen.put(event_id_hash(&event.event_id), ()).is_some() {
             return Admit::Duplicate;
         }
         let (kind, id) = match identity {
@@ -415,13 +398,13 @@ impl<P: Copy> Window<P> {
         let order = Order::of(event, partition, offset);
         let stale = self
             .delivered
-            .get(&delivered_key(
+            .get(delivered_key(
                 kind,
                 id,
                 Remembered::Segment,
                 &event.segment_id,
             ))
-            .is_some_and(|(sent, _)| order <= *sent);
+            .is_some_and(|sent| order <= sent.order);
         if stale && !self.has_newer_attribute(kind, id, event, order) {
             return Admit::Stale;
         }
@@ -462,7 +445,11 @@ impl<P: Copy> Window<P> {
         for (name, value) in &event.attributes {
             // An attribute older than the one already sent would overwrite a newer value.
             let dk = delivered_key(kind, id, Remembered::Attribute, name);
-            if self.delivered.get(&dk).is_some_and(|(o, _)| order <= *o) {
+            if self
+                .delivered
+                .get(dk)
+                .is_some_and(|sent| order <= sent.order)
+            {
                 continue;
             }
             match slot.attrs.iter_mut().find(|a| *a.name == **name) {
@@ -495,7 +482,7 @@ impl<P: Copy> Window<P> {
     fn has_newer_attribute(&self, kind: IdKind, id: &str, event: &Event<'_>, order: Order) -> bool {
         event.attributes.iter().any(|(name, _)| {
             let dk = delivered_key(kind, id, Remembered::Attribute, name);
-            self.delivered.get(&dk).is_none_or(|(o, _)| order > *o)
+            self.delivered.get(dk).is_none_or(|sent| order > sent.order)
         })
     }
 
@@ -505,8 +492,8 @@ impl<P: Copy> Window<P> {
     /// A user is ready once its first pending change has waited `linger_ms`: every change
     /// that arrives meanwhile is coalesced into the same object, and each one saved is a
     /// data point Braze does not bill. A request takes up to `batch_size` ready users, oldest
-    /// first. Only when half of `max_pending_users` are waiting do users leave before their
-    /// linger, so that the window drains before back-pressure has to stop consumption.
+    /// first. Only when three quarters of `max_pending_users` are waiting do users leave before
+    /// their linger, so that the window drains before back-pressure has to stop consumption.
     pub fn flush_due(&self, now_ms: u64, force: bool) -> bool {
         let Some(&front) = self.queue.front() else {
             return false;
@@ -515,7 +502,7 @@ impl<P: Copy> Window<P> {
     }
 
     fn under_pressure(&self) -> bool {
-        self.pending_users.saturating_mul(2) >= self.cfg.max_pending_users
+        self.pending_users.saturating_mul(4) >= self.cfg.max_pending_users.saturating_mul(3)
     }
 
     fn is_ready(&self, idx: u32, now_ms: u64) -> bool {
@@ -565,11 +552,14 @@ impl<P: Copy> Window<P> {
                     Remembered::Segment,
                     self.segments.name(c.segment),
                 );
+                let sent = Sent {
+                    order: c.order,
+                    change: c.change,
+                };
                 let redundant = self
                     .delivered
-                    .get(&dk)
-                    .is_some_and(|(_, last)| *last == c.change);
-                self.delivered.put(dk, (c.order, c.change));
+                    .put(dk, sent)
+                    .is_some_and(|last| last.change == c.change);
                 if redundant {
                     flush.redundant += 1;
                     flush.settled_now.extend_from_slice(&c.positions);
@@ -586,7 +576,11 @@ impl<P: Copy> Window<P> {
                 flush.positions.extend(carried);
                 for a in attrs {
                     let dk = delivered_key(kind, &key, Remembered::Attribute, &a.name);
-                    self.delivered.put(dk, (a.order, Change::Entered));
+                    let sent = Sent {
+                        order: a.order,
+                        change: Change::Entered,
+                    };
+                    self.delivered.put(dk, sent);
                     flush.positions.extend(a.positions);
                     flush.attributes.push((a.name, a.value));
                 }
@@ -616,11 +610,11 @@ impl<P: Copy> Window<P> {
             for (segment, _) in flush.user_changes(user) {
                 let name = self.segments.name(*segment);
                 let dk = delivered_key(user.kind, &user.id, Remembered::Segment, name);
-                self.delivered.forget(&dk);
+                self.delivered.forget(dk);
             }
             for (name, _) in flush.user_attributes(user) {
                 let dk = delivered_key(user.kind, &user.id, Remembered::Attribute, name);
-                self.delivered.forget(&dk);
+                self.delivered.forget(dk);
             }
         }
         let slot = &mut self.slots[user.slot as usize];
@@ -794,14 +788,19 @@ mod tests {
         };
         add(&mut w, 0..4, 0);
         assert!(w.pop_batch(99, false).is_none(), "nobody has lingered yet");
-        assert_eq!(w.pop_batch(100, false).unwrap().users.len(), 3, "batch_size");
+        assert_eq!(
+            w.pop_batch(100, false).unwrap().users.len(),
+            3,
+            "batch_size"
+        );
         assert_eq!(w.pop_batch(100, false).unwrap().users.len(), 1);
-        // Half of max_pending_users (10) waiting: users leave before their linger, until
-        // the pressure is off.
-        add(&mut w, 10..16, 200);
+        // Three quarters of max_pending_users (10) waiting: users leave before their
+        // linger, until the pressure is off.
+        add(&mut w, 10..18, 200);
         assert_eq!(w.pop_batch(200, false).unwrap().users.len(), 3);
-        assert!(w.pop_batch(200, false).is_none(), "3 waiting: no pressure");
+        assert!(w.pop_batch(200, false).is_none(), "5 waiting: no pressure");
         assert_eq!(w.pop_batch(300, false).unwrap().users.len(), 3);
+        assert_eq!(w.pop_batch(300, false).unwrap().users.len(), 2);
         add(&mut w, 20..22, 400);
         assert_eq!(w.pop_batch(400, true).unwrap().users.len(), 2, "forced");
     }
