@@ -40,8 +40,12 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name("dlq-refetch".into())
         .spawn(move || {
-            while let Ok(job) = rx.recv() {
-                refetcher.dead_letter(job, &dlq);
+            // Rejections come in bursts (a request's users): everything waiting is read back
+            // with one fetch per partition.
+            while let Ok(first) = rx.recv() {
+                let mut jobs = vec![first];
+                jobs.extend(rx.try_iter());
+                refetcher.dead_letter(jobs, &dlq);
             }
         })?;
     Ok((tx, handle))
@@ -67,38 +71,53 @@ impl Refetcher {
         })
     }
 
-    fn dead_letter(&self, job: RejectedEvents, dlq: &DlqWriter) {
-        let offsets: Vec<i64> = job.positions.iter().map(|p| p.offset()).collect();
-        let found = self.fetch(&job.topic, job.partition, &offsets, Duration::from_secs(10));
-        for pos in job.positions {
-            let reason = DlqReason::Rejected {
-                status: job.rejection.status,
-                error_type: job.rejection.error_type.clone(),
-                message: job.rejection.message.clone(),
-            };
-            let msg = found.get(&pos.offset());
-            if msg.is_none() {
-                tracing::warn!(
-                    topic = &*job.topic,
-                    partition = job.partition,
-                    offset = pos.offset(),
-                    "rejected record no longer readable; dead-lettering its context only"
-                );
+    fn dead_letter(&self, jobs: Vec<RejectedEvents>, dlq: &DlqWriter) {
+        let mut by_partition: BTreeMap<(std::sync::Arc<str>, i32), Vec<RejectedEvents>> =
+            BTreeMap::new();
+        for job in jobs {
+            by_partition
+                .entry((job.topic.clone(), job.partition))
+                .or_default()
+                .push(job);
+        }
+        for ((topic, partition), jobs) in by_partition {
+            let offsets: Vec<i64> = jobs
+                .iter()
+                .flat_map(|j| j.positions.iter().map(|p| p.offset()))
+                .collect();
+            let found = self.fetch(&topic, partition, &offsets, Duration::from_secs(10));
+            for job in jobs {
+                for pos in job.positions {
+                    let reason = DlqReason::Rejected {
+                        status: job.rejection.status,
+                        error_type: job.rejection.error_type.clone(),
+                        message: job.rejection.message.clone(),
+                    };
+                    let msg = found.get(&pos.offset());
+                    if msg.is_none() {
+                        tracing::warn!(
+                            topic = &*topic,
+                            partition,
+                            offset = pos.offset(),
+                            "rejected record no longer readable; dead-lettering its context only"
+                        );
+                    }
+                    let src = SourceRecord {
+                        topic: &topic,
+                        partition,
+                        offset: pos.offset(),
+                        timestamp: msg.and_then(|m| m.timestamp().to_millis()),
+                        key: msg.and_then(|m| m.key()),
+                        value: msg.and_then(|m| m.payload()),
+                        headers: msg.map(headers_of).unwrap_or_default(),
+                    };
+                    dlq.send(Box::new(PendingDlq {
+                        record: dead_letter(&src, &reason),
+                        positions: vec![pos],
+                        label: reason.metric_label(),
+                    }));
+                }
             }
-            let src = SourceRecord {
-                topic: &job.topic,
-                partition: job.partition,
-                offset: pos.offset(),
-                timestamp: msg.and_then(|m| m.timestamp().to_millis()),
-                key: msg.and_then(|m| m.key()),
-                value: msg.and_then(|m| m.payload()),
-                headers: msg.map(headers_of).unwrap_or_default(),
-            };
-            dlq.send(Box::new(PendingDlq {
-                record: dead_letter(&src, &reason),
-                positions: vec![pos],
-                label: reason.metric_label(),
-            }));
         }
     }
 
