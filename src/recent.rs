@@ -8,8 +8,8 @@
 //! saved); a false match would not be (a real change dropped), so entries keep the whole
 //! 64-bit hash: two keys are confused only if their hashes are equal.
 //!
-//! Entries are stored as `u64` words in one zeroed vector, so the memory is taken from the
-//! system lazily, page by page, as buckets are first written.
+//! Tags and values are `u64` words in zeroed vectors, so the memory is taken from the system
+//! lazily, page by page, as buckets are first written.
 
 const WAYS: usize = 4;
 
@@ -27,17 +27,16 @@ impl Packed for () {
 }
 
 pub struct Recent<V> {
-    /// Per bucket, `WAYS` entries of `1 + V::WORDS` words, most recent first; a tag of 0 is
-    /// an empty entry.
-    words: Vec<u64>,
+    /// Per bucket, `WAYS` tags, most recently written first; 0 marks an empty entry. A
+    /// bucket's tags share one cache line, so a miss costs one line, a hit two.
+    tags: Vec<u64>,
+    /// `V::WORDS` words per entry, in the same order as the tags.
+    values: Vec<u64>,
     mask: usize,
     _value: std::marker::PhantomData<V>,
 }
 
 impl<V: Packed> Recent<V> {
-    const ENTRY: usize = 1 + V::WORDS;
-    const BUCKET: usize = WAYS * (1 + V::WORDS);
-
     /// Room for at least `capacity` entries (0 remembers nothing).
     pub fn new(capacity: usize) -> Recent<V> {
         let buckets = if capacity == 0 {
@@ -46,7 +45,8 @@ impl<V: Packed> Recent<V> {
             capacity.div_ceil(WAYS).next_power_of_two()
         };
         Recent {
-            words: vec![0; buckets * Self::BUCKET],
+            tags: vec![0; buckets * WAYS],
+            values: vec![0; buckets * WAYS * V::WORDS],
             mask: buckets.wrapping_sub(1),
             _value: std::marker::PhantomData,
         }
@@ -54,78 +54,74 @@ impl<V: Packed> Recent<V> {
 
     /// Entries it can hold.
     pub fn capacity(&self) -> usize {
-        self.words.len() / Self::ENTRY
+        self.tags.len()
     }
 
-    fn bucket(&self, hash: u64) -> Option<std::ops::Range<usize>> {
-        if self.words.is_empty() {
-            return None;
-        }
-        // The low bits pick the bucket; the tag is the whole hash, never 0.
-        let start = (hash as usize & self.mask) * Self::BUCKET;
-        Some(start..start + Self::BUCKET)
+    /// The first entry of the hash's bucket: the low bits pick the bucket.
+    fn bucket(&self, hash: u64) -> Option<usize> {
+        (!self.tags.is_empty()).then(|| (hash as usize & self.mask) * WAYS)
     }
 
+    /// The tag is the whole hash, never 0.
     fn tag(hash: u64) -> u64 {
         hash.max(1)
     }
 
+    fn value(&self, entry: usize) -> V {
+        V::unpack(&self.values[entry * V::WORDS..(entry + 1) * V::WORDS])
+    }
+
     pub fn get(&self, hash: u64) -> Option<V> {
-        let bucket = &self.words[self.bucket(hash)?];
+        let first = self.bucket(hash)?;
         let tag = Self::tag(hash);
-        bucket
-            .chunks_exact(Self::ENTRY)
-            .find(|e| e[0] == tag)
-            .map(|e| V::unpack(&e[1..]))
+        (first..first + WAYS)
+            .find(|&e| self.tags[e] == tag)
+            .map(|e| self.value(e))
     }
 
     /// Remembers `value` under `hash` and returns what was remembered before.
     pub fn put(&mut self, hash: u64, value: V) -> Option<V> {
-        let range = self.bucket(hash)?;
+        let first = self.bucket(hash)?;
         let tag = Self::tag(hash);
-        let bucket = &mut self.words[range];
-        let found = bucket.chunks_exact(Self::ENTRY).position(|e| e[0] == tag);
-        let (old, slot) = match found {
-            Some(i) => (
-                Some(V::unpack(
-                    &bucket[i * Self::ENTRY + 1..(i + 1) * Self::ENTRY],
-                )),
-                i,
-            ),
+        let ways = first..first + WAYS;
+        let (old, slot) = match ways.clone().find(|&e| self.tags[e] == tag) {
+            Some(e) => (Some(self.value(e)), e),
             // Not there: an empty entry, else the oldest (the last) makes room.
             None => (
                 None,
-                bucket
-                    .chunks_exact(Self::ENTRY)
-                    .position(|e| e[0] == 0)
-                    .unwrap_or(WAYS - 1),
+                ways.clone()
+                    .find(|&e| self.tags[e] == 0)
+                    .unwrap_or(first + WAYS - 1),
             ),
         };
         // Move the entries before `slot` one place down and put this one first, so the
-        // bucket stays ordered from the most recently written.
-        // A word at a time: the span is a few words, too short to be worth a memmove call.
-        for i in (Self::ENTRY..(slot + 1) * Self::ENTRY).rev() {
-            bucket[i] = bucket[i - Self::ENTRY];
+        // bucket stays ordered from the most recently written. A word at a time: the spans
+        // are too short to be worth a memmove call.
+        for e in (first + 1..=slot).rev() {
+            self.tags[e] = self.tags[e - 1];
+            for w in 0..V::WORDS {
+                self.values[e * V::WORDS + w] = self.values[(e - 1) * V::WORDS + w];
+            }
         }
-        bucket[0] = tag;
-        value.pack(&mut bucket[1..Self::ENTRY]);
+        self.tags[first] = tag;
+        value.pack(&mut self.values[first * V::WORDS..(first + 1) * V::WORDS]);
         old
     }
 
     pub fn forget(&mut self, hash: u64) {
-        let Some(range) = self.bucket(hash) else {
+        let Some(first) = self.bucket(hash) else {
             return;
         };
         let tag = Self::tag(hash);
-        for e in self.words[range].chunks_exact_mut(Self::ENTRY) {
-            if e[0] == tag {
-                e[0] = 0;
+        for e in first..first + WAYS {
+            if self.tags[e] == tag {
+                self.tags[e] = 0;
             }
         }
     }
 
     pub fn clear(&mut self) {
-        self.words.fill(0);
+        self.tags.fill(0);
     }
 }
 
