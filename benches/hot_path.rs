@@ -72,7 +72,8 @@ impl Core {
         }
     }
 
-    fn ingest(&mut self, payload: &[u8], partition: i32) {
+    /// `now` is read once a burst, as `pipeline::run` does.
+    fn ingest(&mut self, payload: &[u8], partition: i32, now: u64) {
         self.metrics.events_consumed.inc();
         let offset = self.offsets[partition as usize];
         self.offsets[partition as usize] += 1;
@@ -86,7 +87,6 @@ impl Core {
         };
         self.metrics.events_decoded.inc();
         let identity = event.validate().expect("generated records are valid");
-        let now = self.started.elapsed().as_millis() as u64;
         match self
             .window
             .admit(&event, identity, partition, offset, pos, now)
@@ -152,8 +152,9 @@ fn run_full(format: Format, registry: &Arc<dyn SchemaSource>, payloads: &Payload
     let start = Instant::now();
     for base in (0..payloads.len()).step_by(BURST) {
         core.service(false);
+        let now = core.started.elapsed().as_millis() as u64;
         for i in base..(base + BURST).min(payloads.len()) {
-            core.ingest(payloads.get(i), payloads.partitions[i]);
+            core.ingest(payloads.get(i), payloads.partitions[i], now);
         }
     }
     let elapsed = start.elapsed();
