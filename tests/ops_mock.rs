@@ -9,44 +9,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use segment_sync::config::Config;
 use segment_sync::generate::{Generated, Generator, GeneratorConfig};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{self, RunOptions, RunSummary, StartAt, Until};
-use segment_sync::sim::{self, Faults, SimConfig, SimHandle};
+use segment_sync::sim::Faults;
 
 use support::expected::{boolean_profiles, diff, strip_identifiers, Landed};
-use support::worker::{committed, end_offsets, produce, test_config, API_KEY};
+use support::mock::{mock_env, MockEnv};
+use support::worker::{committed, end_offsets, produce, test_config};
 
-struct Env {
-    rt: tokio::runtime::Runtime,
-    cluster: MockCluster<'static, DefaultProducerContext>,
-    sim: SimHandle,
-}
+type Env = MockEnv;
 
 fn env(faults: Faults) -> Env {
-    support::init_logs();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let sim = rt
-        .block_on(sim::start(
-            SimConfig {
-                api_key: API_KEY.into(),
-                rate_limit: 0,
-                rate_window_secs: 1,
-                faults,
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        ))
-        .unwrap();
-    Env { rt, cluster, sim }
+    mock_env(faults, 0)
 }
 
 /// A worker on its own thread, stopped by its flag.

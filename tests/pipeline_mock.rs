@@ -7,42 +7,20 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use segment_sync::generate::{Generator, GeneratorConfig, Record};
-use segment_sync::sim::{self, Faults, SimConfig, SimHandle};
+use segment_sync::sim::Faults;
 
 use support::expected::{boolean_profiles, diff, profile_key, strip_identifiers, Landed};
+use support::mock::{mock_env, MockEnv};
 use support::worker::{
-    committed, end_offsets, header, produce, read_all, run_until_caught_up, test_config, API_KEY,
+    committed, dlq_origin, end_offsets, header, produce, read_all, run_until_caught_up, test_config,
 };
 
-struct Env {
-    rt: tokio::runtime::Runtime,
-    cluster: MockCluster<'static, DefaultProducerContext>,
-    sim: SimHandle,
-}
+type Env = MockEnv;
 
 fn env(faults: Faults, rate_limit: u32) -> Env {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let sim = rt
-        .block_on(sim::start(
-            SimConfig {
-                api_key: API_KEY.into(),
-                rate_limit,
-                rate_window_secs: 1,
-                faults,
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        ))
-        .expect("simulator");
-    Env { rt, cluster, sim }
+    mock_env(faults, rate_limit)
 }
 
 fn generate(events: usize, cfg: GeneratorConfig) -> Vec<segment_sync::generate::Generated> {
@@ -164,14 +142,7 @@ fn rejected_objects_go_to_the_dead_letter_topic_before_their_offsets_are_committ
     let dlq = read_all(&cfg.kafka.brokers, "rejects.dlq", 1);
     let mut got = BTreeSet::new();
     for m in &dlq {
-        let p: i32 = header(m, "__connect.errors.partition")
-            .unwrap()
-            .parse()
-            .unwrap();
-        let o: i64 = header(m, "__connect.errors.offset")
-            .unwrap()
-            .parse()
-            .unwrap();
+        let (p, o) = dlq_origin(m);
         assert_eq!(header(m, "__connect.errors.topic").as_deref(), Some(topic));
         assert!(header(m, "braze.error.type").is_some_and(|t| !t.is_empty()));
         assert!(header(m, "__connect.errors.exception.message").is_some());
@@ -274,14 +245,7 @@ fn undecodable_and_invalid_records_are_dead_lettered_and_the_worker_keeps_going(
         "one dead-letter record per bad record"
     );
     for m in &dlq {
-        let p: i32 = header(m, "__connect.errors.partition")
-            .unwrap()
-            .parse()
-            .unwrap();
-        let o: i64 = header(m, "__connect.errors.offset")
-            .unwrap()
-            .parse()
-            .unwrap();
+        let (p, o) = dlq_origin(m);
         let stage = header(m, "__connect.errors.stage").unwrap();
         match bad
             .get(&(p, o))

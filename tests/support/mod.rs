@@ -7,6 +7,7 @@
 
 pub mod expected;
 pub mod kafka;
+pub mod mock;
 pub mod procs;
 pub mod registry;
 pub mod worker;

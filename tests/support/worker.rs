@@ -202,3 +202,17 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
+
+/// Where a dead-letter record came from: its Connect headers' partition and offset.
+pub fn dlq_origin(m: &OwnedMessage) -> (i32, i64) {
+    let number = |name: &str| {
+        header(m, name)
+            .unwrap_or_else(|| panic!("dead-letter record without {name}"))
+            .parse::<i64>()
+            .unwrap_or_else(|e| panic!("{name} is not a number: {e}"))
+    };
+    (
+        number("__connect.errors.partition") as i32,
+        number("__connect.errors.offset"),
+    )
+}
