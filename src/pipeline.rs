@@ -606,7 +606,9 @@ impl Core {
             self.update_lag(consumer);
             self.update_progress(consumer);
         }
-        let full = self.window.is_full();
+        // Back-pressure: a full window, or a Braze that cannot take anything (a configuration
+        // fault such as a revoked key, or unreachable): reading on would only fill memory.
+        let full = self.window.is_full() || !self.health.braze_ok.load(Ordering::Relaxed);
         if full != self.paused {
             if let Ok(assignment) = consumer.assignment() {
                 let r = if full {

@@ -405,3 +405,62 @@ fn rebalance_in_the_middle_of_in_flight_batches() {
     assert!(d.is_empty(), "{}", d.join("\n"));
     assert!(caught_up(&cfg, &cfg.kafka.group_id, 4));
 }
+
+/// A key Braze refuses: nothing is dead-lettered, readiness fails with the reason, and
+/// consumption pauses instead of reading on into memory.
+#[test]
+fn a_refused_api_key_pauses_consumption_and_fails_readiness() {
+    let env = env(Faults::default());
+    let topic = "refused";
+    env.cluster.create_topic(topic, 1, 1).unwrap();
+    env.cluster.create_topic("refused.dlq", 1, 1).unwrap();
+    let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    cfg.braze.api_key = Some("not-the-key".into());
+    cfg.window.drain_timeout_ms = 500;
+    let first = records(300, 51, 300);
+    produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &first);
+    let worker = start(&env, &cfg, None, StartAt::Committed, Until::Stopped);
+    wait_until(
+        "readiness reports the refused key",
+        Duration::from_secs(30),
+        || {
+            worker
+                .health
+                .readiness()
+                .is_err_and(|why| why.contains("401"))
+        },
+    );
+    let why = worker.health.readiness().unwrap_err();
+    assert!(
+        !why.contains("not-the-key"),
+        "the key is never shown: {why}"
+    );
+    // Paused: records produced now are not read.
+    std::thread::sleep(Duration::from_millis(500));
+    let consumed = worker.metrics.events_consumed.get();
+    produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records(300, 52, 300),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        worker.metrics.events_consumed.get(),
+        consumed,
+        "consumption paused"
+    );
+    let summary = worker.stop();
+    assert_eq!(
+        summary.dlq_records, 0,
+        "a configuration fault dead-letters nothing"
+    );
+    assert_eq!(env.sim.state.stats().objects_applied, 0);
+    assert!(env.sim.state.stats().responses_401 > 0);
+    let committed = committed(&cfg.kafka.brokers, &cfg.kafka.group_id, topic, 1);
+    assert!(
+        committed[0] <= 0,
+        "nothing delivered, nothing committed past the first record: {committed:?}"
+    );
+}

@@ -54,7 +54,11 @@ jvm=($heap -XX:+UseSerialGC -XX:TieredStopAtLevel=1
      -Dlog4j2.configurationFile="$here/log4j2.properties" -Dkafka.log.level="$level")
 
 if [[ ! -f "$data/logs/meta.properties" ]]; then
-    cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+    # An id starting with "-" would be read by the tool as an option: draw again.
+    cluster_id="-"
+    while [[ "$cluster_id" == -* ]]; do
+        cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')"
+    done
     java "${jvm[@]}" -cp "$libs/*" kafka.tools.StorageTool format \
         -t "$cluster_id" -c "$props" >/dev/null
 fi

@@ -447,8 +447,18 @@ fn format_log_dir(manifest_dir: &Path, libs: &Path, props: &Path) -> Result<(), 
 }
 
 /// A Kafka cluster id: 16 random bytes in URL-safe base64 without padding, as
-/// `kafka-storage random-uuid` prints (made here to save a JVM start).
+/// `kafka-storage random-uuid` prints (made here to save a JVM start). One starting with
+/// `-` would be read by the tool as an option, so such ids are drawn again.
 fn cluster_id() -> String {
+    loop {
+        let id = random_cluster_id();
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn random_cluster_id() -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let bytes = uuid::Uuid::new_v4().into_bytes();
     let mut id = String::with_capacity(22);
