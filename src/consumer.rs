@@ -105,21 +105,6 @@ impl ConsumerContext for RebalanceContext {
         }
     }
 
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        offsets: &TopicPartitionList,
-    ) {
-        match result {
-            Ok(()) => self
-                .core
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .on_commit(offsets),
-            Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
-        }
-    }
-
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());

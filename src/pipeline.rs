@@ -188,8 +188,7 @@ pub struct Core {
     drain_timeout: Duration,
     commit_interval: Duration,
     last_commit: Instant,
-    /// Offsets the group coordinator acknowledged, per partition: an asynchronous commit
-    /// counts only once its callback says it succeeded, so a failed one is sent again.
+    /// The last offset committed per partition (sent, for asynchronous commits).
     committed: HashMap<(Arc<str>, i32), i64>,
     shutting_down: bool,
     start: StartAt,
@@ -504,34 +503,30 @@ impl Core {
         }
     }
 
-    /// Commits every partition whose committable offset differs from the last acknowledged
-    /// commit. Asynchronous commits are acknowledged in `on_commit`; a failed one is simply
-    /// sent again at the next interval.
+    /// Commits the committable offset of every assigned partition. Every interval sends all
+    /// of them, changed or not: librdkafka reports the outcome of an asynchronous commit only
+    /// to an `offset_commit_cb`, which rdkafka's event-based consumer does not install, so a
+    /// commit that failed (say during a rebalance) is healed by the next one rather than
+    /// detected. One small request a second is the price.
     fn commit(&mut self, consumer: &GroupConsumer, mode: CommitMode) {
         let mut tpl = TopicPartitionList::new();
         for (topic, partition) in self.names.values() {
-            let Some(offset) = self.tracker.committable(topic, *partition) else {
-                continue;
-            };
-            if self.committed.get(&(topic.clone(), *partition)) == Some(&offset) {
-                continue;
+            if let Some(offset) = self.tracker.committable(topic, *partition) {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
             }
-            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
         }
         if tpl.count() == 0 {
             return;
         }
-        let sync = matches!(mode, CommitMode::Sync);
         match consumer.commit(&tpl, mode) {
-            Ok(()) if sync => self.on_commit(&tpl),
-            Ok(()) => {}
+            // Synchronous: acknowledged. Asynchronous: sent; what the gauges show.
+            Ok(()) => self.on_commit(&tpl),
             Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
         }
     }
 
-    /// A commit the coordinator acknowledged (librdkafka's commit callback, or a synchronous
-    /// commit that returned).
-    pub(crate) fn on_commit(&mut self, offsets: &TopicPartitionList) {
+    /// Records a commit: the offsets reported by `/metrics`, the lag and the run's summary.
+    fn on_commit(&mut self, offsets: &TopicPartitionList) {
         for e in offsets.elements() {
             let Offset::Offset(offset) = e.offset() else {
                 continue;
@@ -548,15 +543,8 @@ impl Core {
             else {
                 continue;
             };
-            let previous = self
-                .committed
+            self.committed
                 .insert((topic.clone(), e.partition()), offset);
-            if previous.is_some_and(|p| p > offset) {
-                // An older commit acknowledged after a newer one: keep the newer.
-                self.committed
-                    .insert((topic.clone(), e.partition()), previous.unwrap_or(offset));
-                continue;
-            }
             self.metrics
                 .committed_offset
                 .with_label_values(&[&*topic, e.partition().to_string().as_str()])
@@ -708,13 +696,7 @@ impl Core {
             let mut commit = TopicPartitionList::new();
             for (t, p) in &revoked {
                 if let Some(o) = self.tracker.committable(t, *p) {
-                    let sent = self
-                        .committed
-                        .iter()
-                        .any(|((topic, part), c)| &**topic == t && part == p && *c == o);
-                    if !sent {
-                        let _ = commit.add_partition_offset(t, *p, Offset::Offset(o));
-                    }
+                    let _ = commit.add_partition_offset(t, *p, Offset::Offset(o));
                 }
             }
             if commit.count() > 0 {

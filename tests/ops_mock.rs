@@ -134,6 +134,13 @@ fn metrics_endpoint_agrees_with_what_braze_saw() {
     wait_until("everything is committed", Duration::from_secs(60), || {
         caught_up(&cfg, &cfg.kafka.group_id, 2) && worker.metrics.braze_in_flight.get() == 0
     });
+    // While running (asynchronous commits), /metrics already shows the committed offsets.
+    let running = worker.metrics.render();
+    for (p, end) in end_offsets(&cfg.kafka.brokers, topic, 2).iter().enumerate() {
+        let line =
+            format!("segment_sync_committed_offset{{partition=\"{p}\",topic=\"{topic}\"}} {end}");
+        assert!(running.contains(&line), "missing `{line}` while running");
+    }
     let (metrics, health) = (worker.metrics.clone(), worker.health.clone());
     worker.stop();
 
