@@ -198,6 +198,9 @@ pub struct Core {
     last_caught_up_check: Instant,
     until: Until,
     progress: Option<Arc<Progress>>,
+    /// Where a replay started partitions it named or timed, for caught-up checks of a
+    /// partition it has read nothing from.
+    start_positions: HashMap<(String, i32), i64>,
     /// Partitions read to their start end offsets (`Until::StartOffsets`).
     finished: std::collections::HashSet<(String, i32)>,
     /// Partitions to pause at the next service (ingest has no consumer at hand).
@@ -766,8 +769,20 @@ impl Core {
             let offset = match decide(&self.start, &topic, partition, &ConsumerLookup(consumer)) {
                 Ok(StartDecision::Committed) => continue,
                 Ok(StartDecision::Beginning) => Offset::Beginning,
-                Ok(StartDecision::At(o)) => Offset::Offset(o),
-                Ok(StartDecision::End) => Offset::End,
+                Ok(StartDecision::At(o)) => {
+                    self.start_positions.insert((topic.clone(), partition), o);
+                    Offset::Offset(o)
+                }
+                Ok(StartDecision::End) => {
+                    // Nothing will be read there; caught-up checks need to know where it is.
+                    if let Ok((_, high)) =
+                        consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                    {
+                        self.start_positions
+                            .insert((topic.clone(), partition), high);
+                    }
+                    Offset::End
+                }
                 Err(e) => {
                     tracing::error!(error = %e, topic, partition,
                         "start offset lookup failed; starting at the committed offset");
@@ -817,32 +832,42 @@ impl Core {
         self.last_caught_up_check = Instant::now();
         let position = consumer.position().ok();
         for (topic, partition) in self.names.values() {
-            let end = match until {
-                Until::StartOffsets => {
-                    match self.start_ends.get(&(topic.to_string(), *partition)) {
-                        Some(e) => *e,
-                        None => continue,
-                    }
-                }
-                _ => match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(5)) {
-                    Ok((low, high)) if low == high => continue,
-                    Ok((_, high)) => high,
-                    Err(_) => return false,
-                },
+            let key = (topic.to_string(), *partition);
+            let Ok((low, high)) =
+                consumer.fetch_watermarks(topic, *partition, Duration::from_secs(5))
+            else {
+                return false;
             };
-            let next = self.tracker.committable(topic, *partition).or_else(|| {
-                position
-                    .as_ref()
-                    .and_then(|p| p.find_partition(topic, *partition))
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    })
-            });
+            let end = match until {
+                Until::StartOffsets => match self.start_ends.get(&key) {
+                    Some(e) => *e,
+                    None => continue,
+                },
+                _ => high,
+            };
+            if low >= end {
+                // Nothing in the partition to read.
+                continue;
+            }
+            // Where reading has got to: the records tracked, else the consumer's position,
+            // else where a replay told it to start, else the group's commit, else (no commit:
+            // auto.offset.reset = earliest) the log's start.
+            let next = self
+                .tracker
+                .committable(topic, *partition)
+                .or_else(|| {
+                    position
+                        .as_ref()
+                        .and_then(|p| p.find_partition(topic, *partition))
+                        .and_then(|e| match e.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        })
+                })
+                .or_else(|| self.start_positions.get(&key).copied());
             let next = match next {
                 Some(n) => n,
                 None => {
-                    // Nothing read in this assignment: the group's commit says where it is.
                     let mut q = TopicPartitionList::new();
                     let _ = q.add_partition(topic, *partition);
                     match consumer
@@ -851,6 +876,7 @@ impl Core {
                         .and_then(|c| c.find_partition(topic, *partition).map(|e| e.offset()))
                     {
                         Some(Offset::Offset(o)) => o,
+                        Some(Offset::Invalid) => low,
                         _ => return false,
                     }
                 }
@@ -971,6 +997,7 @@ pub fn run(
         progress: opts.progress.clone(),
         finished: Default::default(),
         pause_requests: Vec::new(),
+        start_positions: HashMap::new(),
     };
     let core = Arc::new(Mutex::new(core));
     let consumer: GroupConsumer = consumer_config(cfg, &group_id)

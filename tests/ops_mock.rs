@@ -471,3 +471,37 @@ fn a_refused_api_key_pauses_consumption_and_fails_readiness() {
         "nothing delivered, nothing committed past the first record: {committed:?}"
     );
 }
+
+/// A replay told to start a partition at its end (or at a time after its last record) reads
+/// nothing there, and must still see that it has caught up and exit.
+#[test]
+fn replay_finishes_when_a_partition_has_nothing_to_read() {
+    let env = env(Faults::default());
+    let topic = "partial";
+    env.cluster.create_topic(topic, 2, 1).unwrap();
+    let cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records(600, 61, 100),
+    );
+    let ends = end_offsets(&cfg.kafka.brokers, topic, 2);
+    assert!(ends.iter().all(|e| *e > 0));
+    let start = StartAt::Offsets(BTreeMap::from([(0, ends[0]), (1, 0)]));
+    let replay = start_replay(&env, &cfg, start);
+    let summary = replay.thread.join().expect("the replay exits by itself");
+    assert_eq!(
+        summary.consumed as i64, ends[1],
+        "only partition 1 was read"
+    );
+    let only_p1: Vec<Landed> = landed.into_iter().filter(|l| l.partition == 1).collect();
+    let d = profile_diff(&env, &only_p1);
+    assert!(d.is_empty(), "{}", d.join("\n"));
+}
+
+fn start_replay(env: &Env, cfg: &Config, start_at: StartAt) -> Running {
+    let group = format!("{}.replay", cfg.kafka.group_id);
+    start(env, cfg, Some(&group), start_at, Until::CaughtUp)
+}
