@@ -257,12 +257,20 @@ fn event_id_hash(id: &str) -> u64 {
 
 #[derive(Hash, Clone, Copy)]
 enum Remembered {
-    Segment,
     Attribute,
 }
 
-/// The memory's key for what was sent to a user: a segment's membership, or an extra
-/// attribute of the same name (`what` tells them apart).
+/// The memory's key for a user's membership of a segment, from the user's hash and the
+/// segment's interned index: no string is hashed again on the hot path. The multiply and
+/// shifts spread the index over every bit, as the bucket choice takes the low ones.
+fn segment_key(user_hash: u64, segment: u32) -> u64 {
+    let mixed = (user_hash ^ u64::from(segment).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    mixed ^ (mixed >> 31)
+}
+
+/// The memory's key for what was sent to a user: an extra attribute (`what` keeps these
+/// apart from anything else hashed the same way).
 fn delivered_key(kind: IdKind, id: &str, what: Remembered, name: &str) -> u64 {
     let mut h = FxHasher::default();
     kind.hash(&mut h);
@@ -396,24 +404,19 @@ impl<P: Copy> Window<P> {
             Identity::Email(v) => (IdKind::Email, v),
         };
         let order = Order::of(event, partition, offset);
+        let hash = user_hash(kind, id);
+        let segment = self.segments.intern(&event.segment_id);
         let stale = self
             .delivered
-            .get(delivered_key(
-                kind,
-                id,
-                Remembered::Segment,
-                &event.segment_id,
-            ))
+            .get(segment_key(hash, segment))
             .is_some_and(|sent| order <= sent.order);
         if stale && !self.has_newer_attribute(kind, id, event, order) {
             return Admit::Stale;
         }
-        let hash = user_hash(kind, id);
         let idx = match self.find(kind, id, hash) {
             Some(i) => i,
             None => self.create(kind, id, hash),
         };
-        let segment = self.segments.intern(&event.segment_id);
         let slot = &mut self.slots[idx as usize];
         let was_pending = slot.is_pending();
         let mut result = Admit::Pending;
@@ -541,17 +544,13 @@ impl<P: Copy> Window<P> {
             self.pending_users -= 1;
             self.pending_changes -= changes.len();
             let (kind, key) = (slot.kind, slot.key.clone());
+            let hash = user_hash(kind, &key);
             let c0 = flush.changes.len() as u32;
             let a0 = flush.attributes.len() as u32;
             let p0 = flush.positions.len() as u32;
             let s0 = flush.settled_now.len();
             for c in changes {
-                let dk = delivered_key(
-                    kind,
-                    &key,
-                    Remembered::Segment,
-                    self.segments.name(c.segment),
-                );
+                let dk = segment_key(hash, c.segment);
                 let sent = Sent {
                     order: c.order,
                     change: c.change,
@@ -607,10 +606,9 @@ impl<P: Copy> Window<P> {
     /// was delivered, so a later change is neither stale nor redundant against it.
     pub fn complete(&mut self, flush: &Flush<P>, user: &FlushedUser, rejected: bool) {
         if rejected {
+            let hash = user_hash(user.kind, &user.id);
             for (segment, _) in flush.user_changes(user) {
-                let name = self.segments.name(*segment);
-                let dk = delivered_key(user.kind, &user.id, Remembered::Segment, name);
-                self.delivered.forget(dk);
+                self.delivered.forget(segment_key(hash, *segment));
             }
             for (name, _) in flush.user_attributes(user) {
                 let dk = delivered_key(user.kind, &user.id, Remembered::Attribute, name);
