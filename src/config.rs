@@ -571,6 +571,7 @@ impl Config {
     pub fn to_masked_toml(&self) -> String {
         let mut shown = self.clone();
         shown.braze.api_key = None;
+        shown.kafka.schema_registry_url = mask_url_password(&self.kafka.schema_registry_url);
         for (name, value) in shown.kafka.properties.iter_mut() {
             if is_secret_property(name) {
                 *value = "***".into();
@@ -1492,5 +1493,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("absent.toml"), "{e}");
+    }
+}
+
+/// `https://KEY:SECRET@host` → `https://KEY:***@host`: registry credentials may sit in the URL.
+fn mask_url_password(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod url_masking_tests {
+    use super::*;
+
+    #[test]
+    fn check_config_masks_a_password_in_the_registry_url() {
+        let text = "[kafka]\nschema_registry_url = \"https://KEY:hunter2@psrc.example.com\"\n";
+        let cfg =
+            Config::from_toml_str_with(text, Vec::new(), KeyRequirement::Optional).expect("valid");
+        let shown = cfg.to_masked_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("https://KEY:***@psrc.example.com"),
+            "{shown}"
+        );
+        assert_eq!(
+            mask_url_password("http://127.0.0.1:8081"),
+            "http://127.0.0.1:8081"
+        );
     }
 }

@@ -36,6 +36,9 @@ pub trait SchemaSource: Send + Sync {
 /// use, so building a `RegistryClient` inside a runtime is fine.
 pub struct RegistryClient {
     base: String,
+    /// From the URL's user info (`https://KEY:SECRET@host`, as Confluent Cloud's registry
+    /// wants): sent as HTTP basic auth, kept out of `base` so no message shows it.
+    credentials: Option<(String, String)>,
     timeout: Duration,
     http: OnceLock<Result<reqwest::blocking::Client, String>>,
 }
@@ -68,12 +71,38 @@ struct RegisterBody<'a> {
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
 impl RegistryClient {
-    /// `url` is the registry's base URL, e.g. `http://127.0.0.1:8081`.
+    /// `url` is the registry's base URL, e.g. `http://127.0.0.1:8081`, or with credentials
+    /// `https://KEY:SECRET@registry.example.com`.
     pub fn new(url: &str) -> RegistryClient {
+        let trimmed = url.trim_end_matches('/');
+        let (base, credentials) = match reqwest::Url::parse(trimmed) {
+            Ok(mut parsed) if !parsed.username().is_empty() => {
+                let user = percent_decoded(parsed.username());
+                let password = percent_decoded(parsed.password().unwrap_or(""));
+                let _ = parsed.set_username("");
+                let _ = parsed.set_password(None);
+                (
+                    parsed.as_str().trim_end_matches('/').to_string(),
+                    Some((user, password)),
+                )
+            }
+            _ => (trimmed.to_string(), None),
+        };
         RegistryClient {
-            base: url.trim_end_matches('/').to_string(),
+            base,
+            credentials,
             timeout: Duration::from_secs(10),
             http: OnceLock::new(),
+        }
+    }
+
+    fn authorised(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> reqwest::blocking::RequestBuilder {
+        match &self.credentials {
+            Some((user, password)) => request.basic_auth(user, Some(password)),
+            None => request,
         }
     }
 
@@ -93,8 +122,7 @@ impl RegistryClient {
     pub fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
         let url = format!("{}/subjects/{}/versions", self.base, subject);
         let response = self
-            .http()?
-            .post(&url)
+            .authorised(self.http()?.post(&url))
             .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
             .json(&RegisterBody { schema })
             .send()
@@ -118,12 +146,36 @@ impl RegistryClient {
     }
 }
 
+/// User info in a URL is percent-encoded (a secret may hold `/` or `@`).
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied(),
+            bytes.get(i + 2).copied(),
+        ) {
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl SchemaSource for RegistryClient {
     fn fetch(&self, id: u32) -> Result<String, RegistryError> {
         let url = format!("{}/schemas/ids/{}", self.base, id);
         let response = self
-            .http()?
-            .get(&url)
+            .authorised(self.http()?.get(&url))
             .header(reqwest::header::ACCEPT, CONTENT_TYPE)
             .send()
             .map_err(|e| RegistryError::Unavailable(format!("GET {url}: {e}")))?;
@@ -187,8 +239,11 @@ mod tests {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpListener;
 
-    /// Answers one HTTP request with `status` and `body`; returns the request line and body.
-    fn serve_once(status: &str, body: &str) -> (String, std::thread::JoinHandle<(String, String)>) {
+    /// What `serve_once` saw: the request line, the body, the Authorization header.
+    type Seen = (String, String, Option<String>);
+
+    /// Answers one HTTP request with `status` and `body`; returns what it saw.
+    fn serve_once(status: &str, body: &str) -> (String, std::thread::JoinHandle<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let response = format!(
@@ -201,6 +256,7 @@ mod tests {
             let mut request_line = String::new();
             reader.read_line(&mut request_line).expect("request line");
             let mut length = 0;
+            let mut authorization = None;
             loop {
                 let mut line = String::new();
                 reader.read_line(&mut line).expect("header");
@@ -209,6 +265,9 @@ mod tests {
                 }
                 if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                     length = v.trim().parse().expect("length");
+                }
+                if line.to_ascii_lowercase().starts_with("authorization:") {
+                    authorization = Some(line["authorization:".len()..].trim().to_string());
                 }
             }
             let mut body = vec![0; length];
@@ -220,6 +279,7 @@ mod tests {
             (
                 request_line.trim().to_string(),
                 String::from_utf8_lossy(&body).into_owned(),
+                authorization,
             )
         });
         (url, handle)
@@ -229,9 +289,29 @@ mod tests {
     fn fetch_reads_the_schema_string() {
         let (url, server) = serve_once("200 OK", r#"{"schema":"{\"type\":\"string\"}"}"#);
         let got = RegistryClient::new(&url).fetch(12);
-        let (request, _) = server.join().expect("server");
+        let (request, _, authorization) = server.join().expect("server");
         assert_eq!(request, "GET /schemas/ids/12 HTTP/1.1");
+        assert_eq!(authorization, None);
         assert_eq!(got, Ok(r#"{"type":"string"}"#.to_string()));
+    }
+
+    #[test]
+    fn credentials_in_the_url_go_as_basic_auth_and_nowhere_else() {
+        let (url, server) = serve_once("503 Service Unavailable", "{}");
+        let with_key = url.replacen("http://", "http://KEY:s%2Fcret@", 1);
+        let client = RegistryClient::new(&with_key);
+        let got = client.fetch(7);
+        let (request, _, authorization) = server.join().expect("server");
+        assert_eq!(request, "GET /schemas/ids/7 HTTP/1.1");
+        // base64("KEY:s/cret")
+        assert_eq!(authorization.as_deref(), Some("Basic S0VZOnMvY3JldA=="));
+        let Err(RegistryError::Unavailable(why)) = got else {
+            panic!("{got:?}")
+        };
+        assert!(
+            !why.contains("cret") && !format!("{client:?}").contains("cret"),
+            "{why}"
+        );
     }
 
     #[test]
@@ -253,7 +333,7 @@ mod tests {
         let (url, server) = serve_once("200 OK", r#"{"id":31}"#);
         let got =
             RegistryClient::new(&format!("{url}/")).register("t-value", r#"{"type":"string"}"#);
-        let (request, body) = server.join().expect("server");
+        let (request, body, _) = server.join().expect("server");
         assert_eq!(got, Ok(31));
         assert_eq!(request, "POST /subjects/t-value/versions HTTP/1.1");
         let body: serde_json::Value = serde_json::from_str(&body).expect("json body");
