@@ -3,7 +3,6 @@
 //! CDP changes (with repeats, out-of-order changes and bad records) goes through the real
 //! worker, and the summary says what happened.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -12,7 +11,7 @@ use rdkafka::mocking::MockCluster;
 use crate::config::{Config, Format};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::pipeline::{self, RunOptions, StartAt, Until};
+use crate::pipeline::{self, RunOptions};
 use crate::produce::{self, ProduceArgs};
 use crate::sim::{self, Faults, SimConfig};
 
@@ -93,14 +92,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
-    let options = RunOptions {
-        group_id: None,
-        start: StartAt::Committed,
-        until: Until::CaughtUp,
-        stop: Arc::new(AtomicBool::new(false)),
-        dry_run: None,
-        progress: None,
-    };
+    let options = RunOptions::until_caught_up();
     let rt = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let worker_cfg = cfg.clone();

@@ -74,6 +74,7 @@ pub struct Progress {
 }
 
 impl RunOptions {
+    /// The group's worker: from the committed offsets, until told to stop.
     pub fn live(stop: Arc<AtomicBool>) -> RunOptions {
         RunOptions {
             group_id: None,
@@ -82,6 +83,14 @@ impl RunOptions {
             stop,
             dry_run: None,
             progress: None,
+        }
+    }
+
+    /// From the committed offsets until caught up with the log (the demo, tests).
+    pub fn until_caught_up() -> RunOptions {
+        RunOptions {
+            until: Until::CaughtUp,
+            ..RunOptions::live(Arc::new(AtomicBool::new(false)))
         }
     }
 }

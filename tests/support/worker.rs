@@ -1,7 +1,6 @@
 //! Running the real pipeline in the test process: producing generated records, running the
 //! worker until it has caught up, reading topics back.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use segment_sync::config::{Config, Format};
 use segment_sync::generate::{Generated, Record};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
-use segment_sync::pipeline::{self, RunOptions, RunSummary, StartAt, Until};
+use segment_sync::pipeline::{self, RunOptions, RunSummary};
 
 use super::expected::Landed;
 
@@ -102,14 +101,7 @@ pub fn run_until_caught_up(
 ) -> (RunSummary, Arc<Metrics>, Arc<Health>) {
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new());
-    let opts = RunOptions {
-        group_id: None,
-        start: StartAt::Committed,
-        until: Until::CaughtUp,
-        stop: Arc::new(AtomicBool::new(false)),
-        dry_run: None,
-        progress: None,
-    };
+    let opts = RunOptions::until_caught_up();
     let summary = pipeline::run(
         cfg,
         opts,
