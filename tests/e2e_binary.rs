@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use segment_sync::decode::{RegistryClient, SCHEMA};
@@ -27,6 +25,7 @@ use support::expected::{boolean_profiles, diff, profile_key, strip_identifiers, 
 use support::kafka::KafkaBroker;
 use support::procs::{Proc, Sim, Worker, WorkerConfig};
 use support::registry::Registry;
+use support::worker::{produce_with, Payload};
 
 /// How long a group may take to settle everything it was given.
 const CONVERGE: Duration = Duration::from_secs(90);
@@ -120,9 +119,6 @@ fn json_payload(g: &Generated) -> (Vec<u8>, Option<Event<'static>>) {
     }
 }
 
-/// A record's payload and the event the worker should read from it (`None`: not a valid event).
-type Payload<'a> = dyn Fn(&Generated) -> (Vec<u8>, Option<Event<'static>>) + 'a;
-
 /// Produces the records keyed by user, in order, and returns where each landed with the
 /// event it carries as the worker should read it (`payload` gives both).
 fn produce(
@@ -135,39 +131,7 @@ fn produce(
         .enable_all()
         .build()
         .expect("producer runtime");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        // Keeps one user's records in the order they were made, retries included.
-        .set("enable.idempotence", "true")
-        .create()
-        .expect("test producer");
-    let encoded: Vec<_> = records.iter().map(payload).collect();
-    rt.block_on(async {
-        let sends = records.iter().zip(&encoded).map(|(g, (bytes, _))| {
-            let producer = &producer;
-            async move {
-                producer
-                    .send(
-                        FutureRecord::to(topic).key(&g.key).payload(bytes),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                    .map_err(|(e, _)| e)
-                    .expect("produce")
-            }
-        });
-        let delivered = futures::future::join_all(sends).await;
-        encoded
-            .into_iter()
-            .zip(delivered)
-            .map(|((_, event), d)| Landed {
-                event,
-                partition: d.partition,
-                offset: d.offset,
-            })
-            .collect()
-    })
+    produce_with(&rt, brokers, topic, records, payload)
 }
 
 /// Produces `waves` waves of `per_wave` records from `gen` on a thread, `gap` apart;

@@ -11,6 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use segment_sync::config::{Config, Format};
+use segment_sync::event::Event;
 use segment_sync::generate::{Generated, Record};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
@@ -48,13 +49,34 @@ pub fn payload(format: Format, record: &Record) -> Vec<u8> {
     }
 }
 
-/// Produces the records in order (keyed by user) and returns where each one landed.
+/// A record's payload and the event the worker should read from it (`None`: not a valid event).
+pub type Payload<'a> = dyn Fn(&Generated) -> (Vec<u8>, Option<Event<'static>>) + 'a;
+
+/// Produces the records in order (keyed by user) in `format` and returns where each landed.
 pub fn produce(
     rt: &tokio::runtime::Runtime,
     brokers: &str,
     topic: &str,
     format: Format,
     records: &[Generated],
+) -> Vec<Landed> {
+    produce_with(rt, brokers, topic, records, &|g: &Generated| {
+        let event = match &g.record {
+            Record::Valid(e) => Some(e.clone()),
+            _ => None,
+        };
+        (payload(format, &g.record), event)
+    })
+}
+
+/// Produces the records keyed by user, in order, and returns where each landed with the
+/// event it carries as the worker should read it (`payload` gives both).
+pub fn produce_with(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    topic: &str,
+    records: &[Generated],
+    payload: &Payload<'_>,
 ) -> Vec<Landed> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -63,14 +85,14 @@ pub fn produce(
         .set("enable.idempotence", "true")
         .create()
         .expect("test producer");
+    let encoded: Vec<_> = records.iter().map(payload).collect();
     rt.block_on(async {
-        let sends = records.iter().map(|g| {
-            let bytes = payload(format, &g.record);
+        let sends = records.iter().zip(&encoded).map(|(g, (bytes, _))| {
             let producer = &producer;
             async move {
                 producer
                     .send(
-                        FutureRecord::to(topic).key(&g.key).payload(&bytes),
+                        FutureRecord::to(topic).key(&g.key).payload(bytes),
                         Duration::from_secs(30),
                     )
                     .await
@@ -79,14 +101,11 @@ pub fn produce(
             }
         });
         let delivered = futures::future::join_all(sends).await;
-        records
-            .iter()
+        encoded
+            .into_iter()
             .zip(delivered)
-            .map(|(g, d)| Landed {
-                event: match &g.record {
-                    Record::Valid(e) => Some(e.clone()),
-                    _ => None,
-                },
+            .map(|((_, event), d)| Landed {
+                event,
                 partition: d.partition,
                 offset: d.offset,
             })
