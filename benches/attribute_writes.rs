@@ -204,7 +204,9 @@ fn main() {
         if i % BURST == 0 {
             service(&mut window, &mut tracker, &mut in_flight, now, false);
         }
-        let pos = tracker.track(pids[*partition as usize], *offset);
+        let pos = tracker
+            .track(pids[*partition as usize], *offset)
+            .expect("offsets increase");
         let identity = event.validate().expect("valid");
         match window.admit(event, identity, *partition, *offset, pos, now) {
             Admit::Pending | Admit::Superseded => {}

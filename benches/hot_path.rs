@@ -81,7 +81,9 @@ impl Core {
             .tracker
             .partition_id(TOPIC, partition)
             .expect("assigned");
-        let pos = self.tracker.track(pid, offset);
+        let Some(pos) = self.tracker.track(pid, offset) else {
+            return;
+        };
         let Ok(event) = self.decoder.decode(payload) else {
             panic!("a generated valid record did not decode");
         };

@@ -86,7 +86,7 @@ fn fill(cfg: WindowConfig, segments: usize) -> (Window<Position>, isize) {
     let mut tracker = OffsetTracker::new();
     let pid = tracker.assign("t", 0);
     let positions: Vec<Position> = (0..(USERS * segments) as i64)
-        .map(|o| tracker.track(pid, o))
+        .filter_map(|o| tracker.track(pid, o))
         .collect();
 
     let before = live();

@@ -1,5 +1,6 @@
 //! Liveness and readiness facts, set by the pipeline and the Braze client, read by `/readyz`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, Default)]
@@ -13,6 +14,26 @@ pub struct Health {
     pub braze_ok: AtomicBool,
     /// Human-readable reason when braze_ok is false; for /readyz's body and logs.
     pub braze_problem: std::sync::Mutex<Option<String>>,
+    /// Faults that hold consumption other than Braze's, by what is at fault.
+    faults: std::sync::Mutex<BTreeMap<Fault, String>>,
+}
+
+/// What, besides Braze, can hold the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// The schema registry does not answer (or not as a registry): records wait.
+    SchemaRegistry,
+    /// Dead-letter writes keep failing: the watermark holds.
+    DeadLetters,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::SchemaRegistry => "schema registry",
+            Fault::DeadLetters => "dead-letter topic",
+        }
+    }
 }
 
 impl Health {
@@ -33,6 +54,15 @@ impl Health {
         *self.braze_problem.lock().expect("health lock") = Some(why.into());
     }
 
+    /// Sets (`Some`) or clears (`None`) a fault.
+    pub fn set_fault(&self, fault: Fault, why: Option<String>) {
+        let mut faults = self.faults.lock().expect("health lock");
+        match why {
+            Some(why) => faults.insert(fault, why),
+            None => faults.remove(&fault),
+        };
+    }
+
     /// Ready when assigned, consuming and Braze is reachable and authorised; else the reason.
     pub fn readiness(&self) -> Result<(), String> {
         if !self.assigned.load(Ordering::Relaxed) {
@@ -40,6 +70,9 @@ impl Health {
         }
         if !self.consuming.load(Ordering::Relaxed) {
             return Err("not consuming".into());
+        }
+        if let Some((fault, why)) = self.faults.lock().expect("health lock").iter().next() {
+            return Err(format!("{}: {why}", fault.name()));
         }
         if !self.braze_ok.load(Ordering::Relaxed) {
             let why = self.braze_problem.lock().expect("health lock").clone();

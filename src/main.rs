@@ -113,13 +113,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let progress = Arc::new(Progress::default());
             let options = RunOptions {
                 progress: Some(progress.clone()),
-                group_id: Some(
-                    args.group
-                        .clone()
-                        .unwrap_or_else(|| format!("{}.replay", cfg.kafka.group_id)),
-                ),
+                group_id: Some(replay::group(&args, &cfg.kafka.group_id)),
                 start,
                 until: replay::until(&args),
+                run_id: args.run_id.clone(),
                 stop: stop_on_signal(),
                 dry_run: args
                     .dry_run
@@ -134,6 +131,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             let summary = summary?;
             eprintln!("{summary}");
+            if !summary.caught_up {
+                // Non-zero, so that a job controller runs the backfill again.
+                eprintln!(
+                    "replay stopped before it caught up with the log: {}",
+                    summary.where_stopped()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => {

@@ -26,7 +26,8 @@ pub struct Metrics {
     pub braze_retries: IntCounter,
     pub braze_rate_limited: IntCounter,
     pub braze_in_flight: IntGauge,
-    /// label `reason`: "undecodable" | "invalid" | "rejected"
+    /// label `reason`: "undecodable" | "invalid" | "rejected", and for records written
+    /// without their value: "gone" (no longer in the log) | "too_large" (over Kafka's limit)
     pub dlq_records: IntCounterVec,
     /// labels `topic`, `partition`
     pub committed_offset: IntGaugeVec,

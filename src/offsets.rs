@@ -15,6 +15,28 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+/// A partition by name: the one key the pipeline uses for partitions off the hot path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    pub topic: Arc<str>,
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: &str, partition: i32) -> TopicPartition {
+        TopicPartition {
+            topic: Arc::from(topic),
+            partition,
+        }
+    }
+}
+
+impl std::fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
+
 /// A cheap handle on one assignment (epoch) of one partition, returned by
 /// [`OffsetTracker::assign`]. The hot path uses it instead of `(topic, partition)` so that
 /// tracking a record costs an index and a compare, not a string hash.
@@ -85,9 +107,6 @@ struct PartitionState {
     /// The highest tracked offset + 1; `None` until the first record of this epoch.
     next: Option<i64>,
     unsettled: usize,
-    /// The committable offset last returned by `take_commits`, or the position the
-    /// consumer started this epoch at, which is already committed or about to be read.
-    reported: Option<i64>,
 }
 
 impl PartitionState {
@@ -99,7 +118,6 @@ impl PartitionState {
             slots: VecDeque::new(),
             next: None,
             unsettled: 0,
-            reported: None,
         }
     }
 
@@ -110,35 +128,24 @@ impl PartitionState {
         }
     }
 
-    fn track(&mut self, offset: i64) {
+    /// False when the offset was tracked in this epoch already: a second copy of the same
+    /// record (the consumer was seeked back, or librdkafka fetched it again). The first copy
+    /// settles the slot, and only it may: the second must not move the watermark past a
+    /// change the first still holds in the window, in flight or on its way to the
+    /// dead-letter topic. Offsets below the epoch's first are older than where it started,
+    /// which was committed.
+    fn track(&mut self, offset: i64) -> bool {
         if offset < 0 {
             // librdkafka's logical offsets (-1001 and friends) are not records.
-            return;
+            return false;
         }
-        match self.next {
-            None => self.reported = Some(offset),
-            Some(next) if offset < next => self.rewind(offset),
-            Some(_) => {}
+        if self.next.is_some_and(|next| offset < next) {
+            return false;
         }
         self.slots.push_back(Slot::pending(offset));
         self.next = Some(offset + 1);
         self.unsettled += 1;
-    }
-
-    /// A record at or below the highest tracked offset means the consumer was seeked back.
-    /// The records from `offset` on will be delivered again, so their earlier tracking is
-    /// forgotten and they are tracked afresh; records below `offset` keep their state. A
-    /// settlement that arrives later for a forgotten copy still settles the re-read copy
-    /// once it is tracked: it is the same Kafka record, and its earlier delivery counts.
-    fn rewind(&mut self, offset: i64) {
-        let keep = self.slots.partition_point(|slot| slot.offset() < offset);
-        let forgotten = self
-            .slots
-            .range(keep..)
-            .filter(|slot| !slot.is_settled())
-            .count();
-        self.slots.truncate(keep);
-        self.unsettled -= forgotten;
+        true
     }
 
     /// Returns how many unsettled records the call settled (1, or 0 when already settled
@@ -218,7 +225,7 @@ impl OffsetTracker {
     }
 
     /// The partition is gone: its state is forgotten and its positions settle nothing.
-    /// Take its last commit with [`take_commits`](Self::take_commits) before revoking.
+    /// Commit its [`committable`](Self::committable) offset before revoking.
     /// Returns whether it was assigned.
     pub fn revoke(&mut self, topic: &str, partition: i32) -> bool {
         let Some(slot) = self.find(topic, partition) else {
@@ -231,13 +238,6 @@ impl OffsetTracker {
         true
     }
 
-    /// Forgets every partition, as on a full revoke or at shutdown.
-    pub fn revoke_all(&mut self) {
-        self.partitions.clear();
-        self.free.clear();
-        self.unsettled = 0;
-    }
-
     /// The current handle of an assigned partition.
     pub fn partition_id(&self, topic: &str, partition: i32) -> Option<PartitionId> {
         let slot = self.find(topic, partition)?;
@@ -248,23 +248,19 @@ impl OffsetTracker {
         })
     }
 
-    /// A record was consumed at `offset`; returns the position to settle it with.
+    /// A record was consumed at `offset`; returns the position to settle it with, or `None`
+    /// when there is nothing to settle: a copy of a record already tracked in this epoch
+    /// (skip it, the first copy settles it), a handle from an earlier epoch, or a negative
+    /// (logical) offset.
     ///
-    /// Offsets normally increase by one; a jump leaves a gap that counts as settled. An
-    /// offset at or below the highest tracked one is a rewind (the consumer was seeked
-    /// back): the records from it on are tracked afresh and their earlier tracking is
-    /// forgotten, so the committable offset may move back to it. A handle from an earlier
-    /// epoch, or a negative (logical) offset, tracks nothing, and the returned position
-    /// settles nothing.
-    pub fn track(&mut self, partition: PartitionId, offset: i64) -> Position {
-        if let Some(state) = self.state_mut(partition) {
-            // Rewinds can forget records, so recount from the partition's own tally.
-            let before = state.unsettled;
-            state.track(offset);
-            let after = state.unsettled;
-            self.unsettled = self.unsettled + after - before;
+    /// Offsets normally increase by one; a jump leaves a gap that counts as settled.
+    pub fn track(&mut self, partition: PartitionId, offset: i64) -> Option<Position> {
+        let state = self.state_mut(partition)?;
+        if !state.track(offset) {
+            return None;
         }
-        Position { partition, offset }
+        self.unsettled += 1;
+        Some(Position { partition, offset })
     }
 
     /// The record at `pos` is settled. Idempotent; positions of a revoked partition or an
@@ -275,22 +271,21 @@ impl OffsetTracker {
         }
     }
 
-    /// For each assigned partition whose committable offset moved since the last call (or
-    /// since the epoch started): `(topic, partition, next offset to commit)`. The offset is
-    /// the first unsettled one, or the highest tracked + 1 when all are settled: the
-    /// record to read next, as Kafka expects a commit to name.
-    pub fn take_commits(&mut self) -> Vec<(Arc<str>, i32, i64)> {
-        let mut commits = Vec::new();
-        for state in self.partitions.iter_mut().flatten() {
-            let Some(offset) = state.committable() else {
-                continue;
-            };
-            if state.reported != Some(offset) {
-                state.reported = Some(offset);
-                commits.push((Arc::clone(&state.topic), state.partition, offset));
-            }
-        }
-        commits
+    /// The partition of a handle, while that assignment lasts.
+    pub fn name(&self, id: PartitionId) -> Option<TopicPartition> {
+        let state = self.partitions.get(id.slot as usize)?.as_ref()?;
+        (state.epoch == id.epoch).then(|| TopicPartition {
+            topic: Arc::clone(&state.topic),
+            partition: state.partition,
+        })
+    }
+
+    /// Every assigned partition.
+    pub fn assigned(&self) -> impl Iterator<Item = TopicPartition> + '_ {
+        self.partitions.iter().flatten().map(|s| TopicPartition {
+            topic: Arc::clone(&s.topic),
+            partition: s.partition,
+        })
     }
 
     /// The offset that could be committed for the partition now; `None` when it is not
@@ -343,18 +338,15 @@ impl OffsetTracker {
 mod tests {
     use super::*;
 
-    fn commits(t: &mut OffsetTracker) -> Vec<(String, i32, i64)> {
-        t.take_commits()
-            .into_iter()
-            .map(|(topic, p, o)| (topic.to_string(), p, o))
-            .collect()
+    fn track(t: &mut OffsetTracker, p: PartitionId, offset: i64) -> Position {
+        t.track(p, offset).expect("a new record is tracked")
     }
 
     #[test]
     fn watermark_waits_for_the_first_unsettled_offset() {
         let mut t = OffsetTracker::new();
         let p = t.assign("t", 0);
-        let pos: Vec<Position> = (100..105).map(|o| t.track(p, o)).collect();
+        let pos: Vec<Position> = (100..105).map(|o| track(&mut t, p, o)).collect();
         assert_eq!(t.committable("t", 0), Some(100));
         t.settle(pos[2]);
         assert_eq!(t.committable("t", 0), Some(100));
@@ -372,9 +364,9 @@ mod tests {
     fn skipped_offsets_count_as_settled() {
         let mut t = OffsetTracker::new();
         let p = t.assign("t", 0);
-        let a = t.track(p, 10);
-        let b = t.track(p, 13);
-        let c = t.track(p, 20);
+        let a = track(&mut t, p, 10);
+        let b = track(&mut t, p, 13);
+        let c = track(&mut t, p, 20);
         t.settle(a);
         assert_eq!(t.committable("t", 0), Some(13));
         t.settle(c);
@@ -382,7 +374,7 @@ mod tests {
         t.settle(b);
         assert_eq!(t.committable("t", 0), Some(21));
         // A jump while nothing is pending moves the watermark to the new record.
-        let d = t.track(p, 1_000_000);
+        let d = track(&mut t, p, 1_000_000);
         assert_eq!(t.committable("t", 0), Some(1_000_000));
         t.settle(d);
         assert_eq!(t.committable("t", 0), Some(1_000_001));
@@ -392,14 +384,14 @@ mod tests {
     fn settle_is_idempotent_and_ignores_untracked_offsets() {
         let mut t = OffsetTracker::new();
         let p = t.assign("t", 0);
-        let a = t.track(p, 0);
-        let b = t.track(p, 1);
+        let a = track(&mut t, p, 0);
+        let b = track(&mut t, p, 1);
         t.settle(b);
         t.settle(b);
         assert_eq!(t.unsettled(), 1);
         assert_eq!(t.committable("t", 0), Some(0));
         // Never tracked: inside a gap, past the end, before the start.
-        let _ = t.track(p, 5);
+        let _ = track(&mut t, p, 5);
         for offset in [3, 9, -1] {
             t.settle(Position {
                 partition: p,
@@ -417,14 +409,14 @@ mod tests {
     fn late_settle_from_an_earlier_epoch_is_ignored() {
         let mut t = OffsetTracker::new();
         let first = t.assign("t", 3);
-        let old = t.track(first, 7);
+        let old = track(&mut t, first, 7);
         assert!(t.revoke("t", 3));
         t.settle(old);
         assert_eq!(t.committable("t", 3), None);
 
         let second = t.assign("t", 3);
         assert_ne!(first, second);
-        let new = t.track(second, 7);
+        let new = track(&mut t, second, 7);
         t.settle(old);
         assert_eq!(t.unsettled_in("t", 3), 1);
         assert_eq!(t.committable("t", 3), Some(7));
@@ -436,14 +428,14 @@ mod tests {
     fn reassign_without_revoke_starts_a_new_epoch() {
         let mut t = OffsetTracker::new();
         let first = t.assign("t", 0);
-        let old = t.track(first, 1);
+        let old = track(&mut t, first, 1);
         let second = t.assign("t", 0);
         assert_eq!(t.unsettled(), 0);
         assert_eq!(t.partition_id("t", 0), Some(second));
         // A stale handle tracks nothing.
         let _ = t.track(first, 2);
         assert_eq!(t.unsettled(), 0);
-        let new = t.track(second, 1);
+        let new = track(&mut t, second, 1);
         t.settle(old);
         assert_eq!(t.unsettled(), 1);
         t.settle(new);
@@ -454,38 +446,14 @@ mod tests {
     fn a_reused_slot_does_not_take_settlements_of_its_previous_partition() {
         let mut t = OffsetTracker::new();
         let a = t.assign("a", 0);
-        let old = t.track(a, 0);
+        let old = track(&mut t, a, 0);
         t.revoke("a", 0);
         let b = t.assign("b", 0);
         assert_eq!(a.slot, b.slot, "the test is about a reused slot");
-        let _ = t.track(b, 0);
+        let _ = track(&mut t, b, 0);
         t.settle(old);
         assert_eq!(t.unsettled_in("b", 0), 1);
         assert_eq!(t.committable("b", 0), Some(0));
-    }
-
-    #[test]
-    fn take_commits_reports_only_moves() {
-        let mut t = OffsetTracker::new();
-        let p = t.assign("t", 0);
-        let q = t.assign("u", 1);
-        assert!(commits(&mut t).is_empty());
-        let pos: Vec<Position> = (0..3).map(|o| t.track(p, o)).collect();
-        let other = t.track(q, 50);
-        // Nothing settled yet: the start position is not a move.
-        assert!(commits(&mut t).is_empty());
-        t.settle(pos[0]);
-        assert_eq!(commits(&mut t), vec![("t".to_string(), 0, 1)]);
-        assert!(commits(&mut t).is_empty());
-        t.settle(pos[2]);
-        assert!(commits(&mut t).is_empty());
-        t.settle(pos[1]);
-        t.settle(other);
-        assert_eq!(
-            commits(&mut t),
-            vec![("t".to_string(), 0, 3), ("u".to_string(), 1, 51)]
-        );
-        assert!(commits(&mut t).is_empty());
     }
 
     #[test]
@@ -493,9 +461,9 @@ mod tests {
         let mut t = OffsetTracker::new();
         let p = t.assign("t", 0);
         let q = t.assign("t", 1);
-        let _ = t.track(p, 0);
-        let _ = t.track(q, 0);
-        let _ = t.track(q, 1);
+        let _ = track(&mut t, p, 0);
+        let _ = track(&mut t, q, 0);
+        let _ = track(&mut t, q, 1);
         assert_eq!(t.unsettled(), 3);
         assert_eq!(t.unsettled_in("t", 1), 2);
         assert!(t.revoke("t", 1));
@@ -503,50 +471,50 @@ mod tests {
         assert_eq!(t.unsettled(), 1);
         assert_eq!(t.unsettled_in("t", 1), 0);
         assert_eq!(t.partition_id("t", 1), None);
-        t.revoke_all();
+        assert!(t.revoke("t", 0));
         assert_eq!(t.unsettled(), 0);
         assert_eq!(t.committable("t", 0), None);
     }
 
     #[test]
-    fn a_rewind_retracks_from_the_seek_position() {
+    fn a_second_copy_of_a_record_settles_nothing_and_the_first_copy_still_does() {
         let mut t = OffsetTracker::new();
         let p = t.assign("t", 0);
-        let pos: Vec<Position> = (0..10).map(|o| t.track(p, o)).collect();
+        let pos: Vec<Position> = (0..10).map(|o| track(&mut t, p, o)).collect();
         for &x in &pos[..3] {
             t.settle(x);
         }
         t.settle(pos[7]);
         assert_eq!(t.committable("t", 0), Some(3));
-        assert_eq!(t.unsettled(), 6);
-
-        // Seek back to 5: 5..=9 are forgotten and read again.
-        let again = t.track(p, 5);
-        assert_eq!(t.unsettled(), 3, "3 and 4 kept, 5 tracked afresh");
-        t.settle(pos[3]);
-        t.settle(pos[4]);
-        assert_eq!(t.committable("t", 0), Some(5));
-        assert_eq!(again, pos[5], "the re-read record has the same position");
-        t.settle(again);
-        assert_eq!(t.committable("t", 0), Some(6));
+        // Seeked back to 2: 2 was settled, 3..=9 are held by their first copies.
+        for o in 2..10 {
+            assert_eq!(t.track(p, o), None, "offset {o} is a second copy");
+        }
+        assert_eq!(
+            t.committable("t", 0),
+            Some(3),
+            "the watermark does not move back"
+        );
+        assert_eq!(t.unsettled(), 6, "nothing counted twice");
+        for &x in &pos[3..] {
+            t.settle(x);
+        }
+        assert_eq!(t.committable("t", 0), Some(10));
         assert_eq!(t.unsettled(), 0);
-        let _ = commits(&mut t);
-
-        // Seek back below the watermark: the commit moves back with it.
-        let _ = t.track(p, 2);
-        assert_eq!(t.committable("t", 0), Some(2));
-        assert_eq!(commits(&mut t), vec![("t".to_string(), 0, 2)]);
+        // Reading on after the copies tracks as usual.
+        let next = track(&mut t, p, 10);
+        assert_eq!(t.committable("t", 0), Some(10));
+        t.settle(next);
+        assert_eq!(t.committable("t", 0), Some(11));
     }
 
     #[test]
     fn logical_offsets_are_not_tracked() {
         let mut t = OffsetTracker::new();
         let p = t.assign("t", 0);
-        let pos = t.track(p, -1001);
+        assert_eq!(t.track(p, -1001), None);
         assert_eq!(t.unsettled(), 0);
         assert_eq!(t.committable("t", 0), None);
-        t.settle(pos);
-        assert_eq!(t.unsettled(), 0);
     }
 
     #[test]
@@ -554,7 +522,7 @@ mod tests {
         let mut t = OffsetTracker::new();
         let p = t.assign("t", 0);
         for o in 0..100_000 {
-            let pos = t.track(p, o * 3);
+            let pos = track(&mut t, p, o * 3);
             t.settle(pos);
         }
         let state = t.partitions[0].as_ref().map(|s| s.slots.len());
@@ -652,13 +620,12 @@ mod tests {
                     (0..partitions).map(|p| t.assign("topic", p as i32)).collect();
                 let mut positions = Vec::new();
                 let mut settled = HashSet::new();
-                let mut reported: Vec<Option<i64>> = vec![None; partitions];
                 for (step, &k) in order.iter().enumerate() {
                     // Track everything up to the record about to be settled, so tracking
                     // and settling interleave.
                     while positions.len() <= k {
                         let (p, offset) = records[positions.len()];
-                        positions.push(t.track(ids[p], offset));
+                        positions.push(t.track(ids[p], offset).expect("offsets increase"));
                         check_watermarks(&t, &records[..positions.len()], &settled, partitions)?;
                     }
                     t.settle(positions[k]);
@@ -669,15 +636,6 @@ mod tests {
                     }
                     check_watermarks(&t, &records[..positions.len()], &settled, partitions)?;
                     prop_assert_eq!(t.unsettled(), positions.len() - settled.len());
-                    if step % repeat_every == 1 {
-                        for (topic, p, offset) in t.take_commits() {
-                            prop_assert_eq!(&*topic, "topic");
-                            let p = p as usize;
-                            prop_assert_ne!(reported[p], Some(offset), "a commit that did not move");
-                            prop_assert_eq!(Some(offset), t.committable("topic", p as i32));
-                            reported[p] = Some(offset);
-                        }
-                    }
                 }
                 prop_assert_eq!(t.unsettled(), 0);
                 for p in 0..partitions {

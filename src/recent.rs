@@ -120,6 +120,16 @@ impl<V: Packed> Recent<V> {
         }
     }
 
+    /// Forgets every entry whose value `gone` picks. A scan of the whole table: for rare
+    /// events such as a rebalance, not the hot path.
+    pub fn forget_where(&mut self, gone: impl Fn(&V) -> bool) {
+        for e in 0..self.tags.len() {
+            if self.tags[e] != 0 && gone(&self.value(e)) {
+                self.tags[e] = 0;
+            }
+        }
+    }
+
     pub fn clear(&mut self) {
         self.tags.fill(0);
     }

@@ -18,10 +18,28 @@ pub struct ReplayArgs {
     /// Stop at the end offsets taken at start instead of catching up with the live log.
     #[arg(long)]
     pub until_start: bool,
-    /// The consumer group; default `<kafka.group_id>.replay`, so the live group keeps its
-    /// offsets.
+    /// The consumer group; default `<kafka.group_id>.replay` (a group of its own for a dry
+    /// run), so the live group keeps its offsets.
     #[arg(long)]
     pub group: Option<String>,
+    /// Names this run in the offsets it commits. Members started together for one backfill
+    /// (a Job's pods) pass the same id to share its partitions and continue each other's
+    /// progress; a run with another id, or none (a fresh one), starts over at `--from`.
+    #[arg(long, env = "SEGMENT_SYNC_REPLAY_RUN_ID")]
+    pub run_id: Option<String>,
+}
+
+/// The consumer group of a replay. A dry run commits nothing, so it could not tell other
+/// members how far it read: it reads every partition itself, in a group of its own.
+pub fn group(args: &ReplayArgs, live_group: &str) -> String {
+    match (&args.group, args.dry_run) {
+        (Some(g), _) => g.clone(),
+        (None, false) => format!("{live_group}.replay"),
+        (None, true) => format!(
+            "{live_group}.replay.dry-run.{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

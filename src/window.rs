@@ -195,6 +195,10 @@ pub struct FlushedUser {
 pub struct Flush<P> {
     pub users: Vec<FlushedUser>,
     pub changes: Vec<(u32, Change)>,
+    /// The order of each of `changes`, then of each of `attributes`: what a request that is
+    /// given up needs to take its place in the window again.
+    orders: Vec<Order>,
+    attribute_orders: Vec<Order>,
     pub attributes: Vec<(Box<str>, AttrValue<'static>)>,
     pub positions: Vec<P>,
     /// Records whose change proved redundant (equal to what was last delivered): settle now.
@@ -207,6 +211,8 @@ impl<P> Default for Flush<P> {
         Flush {
             users: Vec::new(),
             changes: Vec::new(),
+            orders: Vec::new(),
+            attribute_orders: Vec::new(),
             attributes: Vec::new(),
             positions: Vec::new(),
             settled_now: Vec::new(),
@@ -255,11 +261,6 @@ fn event_id_hash(id: &str) -> u64 {
     FxBuildHasher.hash_one(id)
 }
 
-#[derive(Hash, Clone, Copy)]
-enum Remembered {
-    Attribute,
-}
-
 /// The memory's key for a user's membership of a segment, from the user's hash and the
 /// segment's interned index: no string is hashed again on the hot path. The multiply and
 /// shifts spread the index over every bit, as the bucket choice takes the low ones.
@@ -269,13 +270,13 @@ fn segment_key(user_hash: u64, segment: u32) -> u64 {
     mixed ^ (mixed >> 31)
 }
 
-/// The memory's key for what was sent to a user: an extra attribute (`what` keeps these
-/// apart from anything else hashed the same way).
-fn delivered_key(kind: IdKind, id: &str, what: Remembered, name: &str) -> u64 {
+/// The memory's key for an extra attribute sent to a user. The leading word keeps these
+/// keys apart from a user's own hash, which hashes the same fields without it.
+fn delivered_key(kind: IdKind, id: &str, name: &str) -> u64 {
     let mut h = FxHasher::default();
+    h.write_u8(0xA7);
     kind.hash(&mut h);
     id.hash(&mut h);
-    what.hash(&mut h);
     name.hash(&mut h);
     h.finish()
 }
@@ -447,7 +448,7 @@ impl<P: Copy> Window<P> {
         }
         for (name, value) in &event.attributes {
             // An attribute older than the one already sent would overwrite a newer value.
-            let dk = delivered_key(kind, id, Remembered::Attribute, name);
+            let dk = delivered_key(kind, id, name);
             if self
                 .delivered
                 .get(dk)
@@ -484,7 +485,7 @@ impl<P: Copy> Window<P> {
     /// Whether the event sets an attribute more recently than what was sent of it.
     fn has_newer_attribute(&self, kind: IdKind, id: &str, event: &Event<'_>, order: Order) -> bool {
         event.attributes.iter().any(|(name, _)| {
-            let dk = delivered_key(kind, id, Remembered::Attribute, name);
+            let dk = delivered_key(kind, id, name);
             self.delivered.get(dk).is_none_or(|sent| order > sent.order)
         })
     }
@@ -564,6 +565,7 @@ impl<P: Copy> Window<P> {
                     flush.settled_now.extend_from_slice(&c.positions);
                 } else {
                     flush.changes.push((c.segment, c.change));
+                    flush.orders.push(c.order);
                     flush.positions.extend_from_slice(&c.positions);
                 }
             }
@@ -574,7 +576,7 @@ impl<P: Copy> Window<P> {
                 let carried: Vec<P> = flush.settled_now.drain(s0..).collect();
                 flush.positions.extend(carried);
                 for a in attrs {
-                    let dk = delivered_key(kind, &key, Remembered::Attribute, &a.name);
+                    let dk = delivered_key(kind, &key, &a.name);
                     let sent = Sent {
                         order: a.order,
                         change: Change::Entered,
@@ -582,6 +584,7 @@ impl<P: Copy> Window<P> {
                     self.delivered.put(dk, sent);
                     flush.positions.extend(a.positions);
                     flush.attributes.push((a.name, a.value));
+                    flush.attribute_orders.push(a.order);
                 }
                 flush.users.push(FlushedUser {
                     slot: idx,
@@ -606,14 +609,7 @@ impl<P: Copy> Window<P> {
     /// was delivered, so a later change is neither stale nor redundant against it.
     pub fn complete(&mut self, flush: &Flush<P>, user: &FlushedUser, rejected: bool) {
         if rejected {
-            let hash = user_hash(user.kind, &user.id);
-            for (segment, _) in flush.user_changes(user) {
-                self.delivered.forget(segment_key(hash, *segment));
-            }
-            for (name, _) in flush.user_attributes(user) {
-                let dk = delivered_key(user.kind, &user.id, Remembered::Attribute, name);
-                self.delivered.forget(dk);
-            }
+            self.forget_sent(flush, user);
         }
         let slot = &mut self.slots[user.slot as usize];
         if !slot.live || !slot.in_flight || !Arc::ptr_eq(&slot.key, &user.id) {
@@ -628,10 +624,119 @@ impl<P: Copy> Window<P> {
         }
     }
 
-    /// Forgets the event ids seen and the deliveries remembered, keeping what is pending.
-    pub fn forget_history(&mut self) {
+    fn forget_sent(&mut self, flush: &Flush<P>, user: &FlushedUser) {
+        let hash = user_hash(user.kind, &user.id);
+        for (segment, _) in flush.user_changes(user) {
+            self.delivered.forget(segment_key(hash, *segment));
+        }
+        for (name, _) in flush.user_attributes(user) {
+            self.delivered
+                .forget(delivered_key(user.kind, &user.id, name));
+        }
+    }
+
+    /// A request holding this user was given up before Braze answered (aborted when its
+    /// partitions were revoked). The user's changes and attributes are pending again, with
+    /// the records `keep` accepts, unless a newer one arrived meanwhile; what the window
+    /// believed was sent is forgotten, since nobody knows whether it was. A user with no
+    /// record left to keep is simply completed: its records are its partitions' next
+    /// owner's.
+    pub fn requeue(
+        &mut self,
+        flush: &Flush<P>,
+        user: &FlushedUser,
+        keep: impl Fn(&P) -> bool,
+        now_ms: u64,
+    ) {
+        self.forget_sent(flush, user);
+        let kept: SmallVec<[P; 1]> = flush
+            .user_positions(user)
+            .iter()
+            .filter(|p| keep(p))
+            .copied()
+            .collect();
+        let live = {
+            let slot = &self.slots[user.slot as usize];
+            slot.live && slot.in_flight && Arc::ptr_eq(&slot.key, &user.id)
+        };
+        if !live {
+            return;
+        }
+        if kept.is_empty() {
+            self.complete(flush, user, false);
+            return;
+        }
+        let slot = &mut self.slots[user.slot as usize];
+        let was_pending = slot.is_pending();
+        let changes = user.changes.start as usize..user.changes.end as usize;
+        for ((segment, change), order) in flush.changes[changes.clone()]
+            .iter()
+            .zip(&flush.orders[changes])
+        {
+            // A change pending for the segment got past the window while this one was in
+            // flight, so it is newer.
+            if slot.changes.iter().any(|c| c.segment == *segment) {
+                continue;
+            }
+            slot.changes.push(PendingChange {
+                segment: *segment,
+                change: *change,
+                order: *order,
+                positions: SmallVec::new(),
+            });
+            self.pending_changes += 1;
+        }
+        let attributes = user.attributes.start as usize..user.attributes.end as usize;
+        for ((name, value), order) in flush.attributes[attributes.clone()]
+            .iter()
+            .zip(&flush.attribute_orders[attributes])
+        {
+            if slot.attrs.iter().any(|a| a.name == *name) {
+                continue;
+            }
+            slot.attrs.push(PendingAttr {
+                name: name.clone(),
+                value: value.clone(),
+                order: *order,
+                positions: Vec::new(),
+            });
+        }
+        // The user's object is written whole, so its records may ride on any of its
+        // entries: they settle when the object is delivered.
+        match slot.changes.first_mut() {
+            Some(c) => c.positions.extend(kept),
+            None => {
+                if let Some(a) = slot.attrs.first_mut() {
+                    a.positions.extend(kept);
+                }
+            }
+        }
+        slot.in_flight = false;
+        if !was_pending && slot.is_pending() {
+            self.pending_users += 1;
+            slot.first_pending_ms = now_ms;
+        }
+        if !slot.is_pending() {
+            self.release(user.slot);
+        } else if !slot.queued {
+            slot.queued = true;
+            self.queue.push_back(user.slot);
+        }
+    }
+
+    /// After a revoke: forgets the event ids seen and what was sent from the revoked
+    /// partitions, keeping what is remembered of the others, so an older change read late
+    /// on a kept partition is still stale. The partitions' next owner may write newer values
+    /// for their users, and their records will be read again (by this worker, if they come
+    /// back), so neither memory can be trusted for them. A partition number is forgotten
+    /// in every topic: forgetting more than needed only costs a write the window could have
+    /// saved. Event ids are forgotten whole (they do not say their partition): a repeat
+    /// then passes as a change equal to what was sent, which is stale, or rides along with
+    /// its pending first copy.
+    pub fn forget_partitions(&mut self, revoked: impl Fn(i32) -> bool) {
         self.seen.clear();
-        self.delivered.clear();
+        self.delivered
+            .forget_where(|sent| revoked(sent.order.partition));
     }
 
     /// After a revoke: positions for which `gone` holds are dropped (the partition's new owner
@@ -827,6 +932,72 @@ mod tests {
             vec![("u2".into(), "s".into(), Change::Entered)]
         );
         assert_eq!(w.pending_users(), 0);
+    }
+
+    #[test]
+    fn a_rebalance_forgets_what_was_sent_from_revoked_partitions_only() {
+        let mut w: Window<i64> = Window::new(cfg());
+        let on = |w: &mut Window<i64>, e: &Event<'_>, partition: i32, offset: i64| {
+            let identity = e.validate().unwrap();
+            w.admit(e, identity, partition, offset, offset, 0)
+        };
+        on(&mut w, &ev("a", "kept", "s", Change::Entered, 10), 0, 1);
+        on(&mut w, &ev("b", "moved", "s", Change::Entered, 10), 1, 1);
+        let f = w.pop_batch(0, true).unwrap();
+        for u in &f.users {
+            w.complete(&f, u, false);
+        }
+        w.forget_partitions(|p| p == 1);
+        // An older change read late: stale where the memory was kept, not where it moved.
+        assert_eq!(
+            on(&mut w, &ev("c", "kept", "s", Change::Exited, 5), 0, 2),
+            Admit::Stale
+        );
+        assert_eq!(
+            on(&mut w, &ev("d", "moved", "s", Change::Exited, 5), 1, 2),
+            Admit::Pending
+        );
+    }
+
+    #[test]
+    fn a_request_given_up_puts_its_kept_changes_back_unless_newer_ones_came() {
+        let mut w: Window<i64> = Window::new(cfg());
+        let mut e = ev("a", "u1", "s", Change::Entered, 5);
+        e.attributes = vec![("tier".into(), AttrValue::String("gold".into()))];
+        admit(&mut w, &e, 1, 0);
+        admit(&mut w, &ev("b", "u1", "t", Change::Entered, 5), 2, 0);
+        admit(&mut w, &ev("c", "u2", "s", Change::Entered, 5), 3, 0);
+        let f = w.pop_batch(0, true).unwrap();
+        assert_eq!(f.users.len(), 2);
+        // While in flight, a newer change of u1's segment t arrives.
+        assert_eq!(
+            admit(&mut w, &ev("d", "u1", "t", Change::Exited, 6), 4, 0),
+            Admit::Pending
+        );
+        // Records 1 and 2 stay ours; 3 (u2's) moved to another worker.
+        for u in &f.users {
+            w.requeue(&f, u, |p| *p != 3, 50);
+        }
+        assert_eq!(w.pending_users(), 1, "u2 had nothing left to keep");
+        let g = w.pop_batch(1_000, false).unwrap();
+        assert_eq!(
+            written(&w, &g),
+            vec![
+                ("u1".into(), "s".into(), Change::Entered),
+                ("u1".into(), "t".into(), Change::Exited),
+            ]
+        );
+        assert_eq!(g.user_attributes(&g.users[0]).len(), 1);
+        let mut positions = g.user_positions(&g.users[0]).to_vec();
+        positions.sort();
+        assert_eq!(positions, vec![1, 2, 4]);
+        w.complete(&g, &g.users[0], false);
+        assert!(w.is_empty());
+        // What the given-up request said was forgotten; what was delivered since is known.
+        assert_eq!(
+            admit(&mut w, &ev("e", "u2", "s", Change::Entered, 5), 5, 0),
+            Admit::Pending
+        );
     }
 
     #[test]

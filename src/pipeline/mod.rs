@@ -1,44 +1,52 @@
 //! The one place that wires consumer → decode → window → Braze → offsets → commit.
 //!
-//! One OS thread owns the consumer and polls it; the `Core` it drives holds every piece of
-//! state (window, offset tracker, requests in flight) without locks on the hot path. Braze
-//! requests run as tokio tasks and report back over a channel, as do dead-letter
-//! acknowledgements, so nothing the core owns is shared with them. The core sits behind a
-//! mutex only because librdkafka runs the rebalance callbacks inside `poll`, on this same
-//! thread: the loop never holds the lock while it polls, so the callback can take it.
+//! One OS thread owns the consumer and polls it. The parts it drives (`worker.rs` lists
+//! them) hold every piece of state without locks on the hot path; Braze requests run as
+//! tokio tasks and report back over a channel, as do dead-letter acknowledgements. The parts
+//! sit behind a mutex only because librdkafka runs the rebalance callbacks inside `poll`, on
+//! this same thread: the loop never holds the lock while it polls, so the callback can take
+//! it. Nothing on this thread sleeps or retries I/O: a fault pauses the partitions and the
+//! loop goes on polling.
 
-mod catch_up;
-mod commit;
-mod deliver;
+mod acks;
+mod assignment;
+mod bounds;
+mod commits;
+mod dead_letters;
+mod delivery;
+mod flow;
 mod ingest;
-mod rebalance;
+mod worker;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 
-use crate::batch::{self, Mapping};
-use crate::braze::{BrazeClient, ObjectOutcome, Rejection};
+use crate::batch::Mapping;
+use crate::braze::BrazeClient;
 use crate::config::{Config, Format};
-use crate::consumer::{cached_high_watermark, consumer_config, GroupConsumer, RebalanceContext};
 use crate::decode::{Decoder, RegistryClient, SchemaSource};
-use crate::dlq::{dead_letter, DlqReason, SourceRecord};
-use crate::dlq_writer::{DlqWriter, PendingDlq};
+use crate::dlq::{DlqWriter, Rereader};
 use crate::health::Health;
+use crate::kafka::{consumer_config, GroupConsumer, RebalanceHandler, Rebalancing};
 use crate::metrics::Metrics;
-use crate::offsets::{OffsetTracker, PartitionId, Position};
-use crate::refetch::{self, Refetcher, RejectedEvents};
 pub use crate::start::StartAt;
-use crate::start::{decide, OffsetLookup, StartDecision};
-use crate::window::{Admit, Flush, Window, WindowConfig};
+use crate::window::{Window, WindowConfig};
+
+use acks::Ack;
+use assignment::Assignment;
+use bounds::Bounds;
+use commits::Commits;
+use dead_letters::DeadLetters;
+use delivery::{Delivery, Sink};
+use flow::Flow;
+use ingest::Ingest;
+use worker::Worker;
 
 /// When `run` returns by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,9 +54,9 @@ pub enum Until {
     /// Only when told to stop (the live worker).
     Stopped,
     /// Caught up with the log: after a flush Braze acknowledged, the end offsets have not
-    /// moved past what was consumed.
+    /// moved past what was consumed, on every partition of the topics.
     CaughtUp,
-    /// The end offsets taken when the partitions were assigned (`--until-start`, dry runs).
+    /// The end offsets taken when the run began (`--until-start`, dry runs).
     StartOffsets,
 }
 
@@ -57,9 +65,13 @@ pub struct RunOptions {
     pub group_id: Option<String>,
     pub start: StartAt,
     pub until: Until,
+    /// Names this run in its commits, so members of one backfill continue each other's
+    /// partitions and a later run trusts none of them. A fresh id when `None`.
+    pub run_id: Option<String>,
     /// Set to stop: the worker stops taking records, flushes, drains and commits.
     pub stop: Arc<AtomicBool>,
-    /// Dry run: requests are written here as NDJSON instead of being sent to Braze.
+    /// Dry run: requests are written here as NDJSON instead of being sent to Braze, and
+    /// nothing is committed.
     pub dry_run: Option<Box<dyn Write + Send>>,
     /// Filled in as the run goes, for a progress display.
     pub progress: Option<Arc<Progress>>,
@@ -80,6 +92,7 @@ impl RunOptions {
             group_id: None,
             start: StartAt::Committed,
             until: Until::Stopped,
+            run_id: None,
             stop,
             dry_run: None,
             progress: None,
@@ -111,7 +124,29 @@ pub struct RunSummary {
     pub data_points: u64,
     pub dlq_records: u64,
     pub committed: Vec<(String, i32, i64)>,
+    /// A bounded run reached its end; false when it was stopped first (and always for the
+    /// live worker).
+    pub caught_up: bool,
+    /// A bounded run stopped before its end: (topic, partition, read up to, end).
+    pub stopped_at: Vec<(String, i32, i64, i64)>,
     pub elapsed: Duration,
+}
+
+impl RunSummary {
+    /// Where a bounded run stopped, for the line that says so.
+    pub fn where_stopped(&self) -> String {
+        let behind: Vec<String> = self
+            .stopped_at
+            .iter()
+            .filter(|(_, _, read, end)| read < end)
+            .map(|(t, p, read, end)| format!("{t}[{p}] at offset {read} of {end}"))
+            .collect();
+        if behind.is_empty() {
+            "every partition was read to its end but not everything read was settled".into()
+        } else {
+            behind.join(", ")
+        }
+    }
 }
 
 impl std::fmt::Display for RunSummary {
@@ -148,231 +183,42 @@ pub enum PipelineError {
     #[error("decoder: {0}")]
     Decode(#[from] crate::decode::DecodeError),
     #[error("dead-letter producer: {0}")]
-    Dlq(#[from] crate::dlq_writer::DlqWriterError),
-    #[error("cannot start a thread: {0}")]
-    Thread(std::io::Error),
+    Dlq(#[from] crate::dlq::DlqWriterError),
 }
 
 fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> PipelineError {
     move |source| PipelineError::Kafka { context, source }
 }
 
-/// What the tasks and producers report back to the core.
-pub enum Ack {
-    Braze {
-        id: u64,
-        outcomes: Vec<ObjectOutcome>,
-    },
-    DlqWritten(Box<PendingDlq>),
-    DlqFailed(Box<PendingDlq>, String),
-}
-
-struct InFlight {
-    flush: Flush<Position>,
-    data_points: Vec<u32>,
-    /// To stop a request still retrying when the run ends past its drain deadline.
-    task: Option<tokio::task::AbortHandle>,
-}
-
-enum Sink {
-    Braze(BrazeClient),
-    DryRun(Box<dyn Write + Send>),
-}
-
-pub struct Core {
-    window: Window<Position>,
-    tracker: OffsetTracker,
-    names: HashMap<PartitionId, (Arc<str>, i32)>,
-    decoder: Decoder,
-    mapping: Mapping,
-    sink: Sink,
-    rt: tokio::runtime::Handle,
-    acks_tx: Sender<Ack>,
-    acks_rx: Receiver<Ack>,
-    in_flight: HashMap<u64, InFlight>,
-    next_request: u64,
-    max_in_flight: usize,
-    dlq: Arc<DlqWriter>,
-    dlq_pending: usize,
-    rejected_tx: Sender<RejectedEvents>,
-    dlq_retry: Vec<(Instant, Box<PendingDlq>)>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    paused: bool,
-    started: Instant,
-    drain_timeout: Duration,
-    commit_interval: Duration,
-    last_commit: Instant,
-    /// The last offset committed per partition (sent, for asynchronous commits).
-    committed: HashMap<(Arc<str>, i32), i64>,
-    shutting_down: bool,
-    start: StartAt,
-    started_partitions: std::collections::HashSet<(String, i32)>,
-    /// End offsets taken when each partition was first assigned, for `Until::StartOffsets`.
-    start_ends: HashMap<(String, i32), i64>,
-    last_caught_up_check: Instant,
-    until: Until,
-    progress: Option<Arc<Progress>>,
-    /// Where a replay started partitions it named or timed, for caught-up checks of a
-    /// partition it has read nothing from.
-    start_positions: HashMap<(String, i32), i64>,
-    /// Partitions read to their start end offsets (`Until::StartOffsets`).
-    finished: std::collections::HashSet<(String, i32)>,
-    /// Partitions to pause at the next service (ingest has no consumer at hand).
-    pause_requests: Vec<(String, i32)>,
-}
-
-impl Core {
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    /// Between polls: acknowledgements, flushes, commits, back-pressure.
-    fn service(&mut self, consumer: &GroupConsumer) {
-        if !self.pause_requests.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for (t, p) in self.pause_requests.drain(..) {
-                tpl.add_partition(&t, p);
-            }
-            if let Err(e) = consumer.pause(&tpl) {
-                tracing::warn!(error = %e, "cannot pause finished partitions");
-            }
-        }
-        self.take_acks();
-        self.flush_ready(false);
-        if self.last_commit.elapsed() >= self.commit_interval {
-            self.last_commit = Instant::now();
-            self.commit(consumer, CommitMode::Async);
-            self.update_gauges();
-            self.update_lag(consumer);
-            self.update_progress(consumer);
-        }
-        // Back-pressure: a full window, or a Braze that cannot take anything (a configuration
-        // fault such as a revoked key, or unreachable): reading on would only fill memory.
-        let full = self.window.is_full() || !self.health.braze_ok.load(Ordering::Relaxed);
-        if full != self.paused {
-            if let Ok(assignment) = consumer.assignment() {
-                let r = if full {
-                    consumer.pause(&assignment)
-                } else {
-                    // Partitions read to their start end stay paused.
-                    let mut tpl = TopicPartitionList::new();
-                    for e in assignment.elements() {
-                        if !self
-                            .finished
-                            .contains(&(e.topic().to_string(), e.partition()))
-                        {
-                            tpl.add_partition(e.topic(), e.partition());
-                        }
-                    }
-                    consumer.resume(&tpl)
-                };
-                match r {
-                    Ok(()) => {
-                        self.paused = full;
-                        tracing::debug!(
-                            paused = full,
-                            users = self.window.users(),
-                            "back-pressure"
-                        );
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot pause/resume partitions"),
-                }
-            }
-        }
-    }
-
-    fn poll_timeout(&self) -> Duration {
-        if !self.in_flight.is_empty() || self.dlq_pending > 0 || !self.dlq_retry.is_empty() {
-            return Duration::from_millis(2);
-        }
-        let now = self.now_ms();
-        match self.window.next_deadline() {
-            Some(d) => Duration::from_millis(d.saturating_sub(now).clamp(1, 100)),
-            None => Duration::from_millis(100),
-        }
-    }
-}
+/// Records polled between two services, and rounds of them taken before servicing again.
+const BURST: usize = 64;
+const ROUNDS: usize = 8;
 
 /// Runs the worker on the calling thread until `opts.until` or `opts.stop`. Call it from a
 /// plain thread, not a tokio worker: it blocks, and the schema registry client is blocking.
 pub fn run(
     cfg: &Config,
-    opts: RunOptions,
+    mut opts: RunOptions,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     rt: tokio::runtime::Handle,
 ) -> Result<RunSummary, PipelineError> {
-    let started = Instant::now();
     let group_id = opts
         .group_id
         .clone()
         .unwrap_or_else(|| cfg.kafka.group_id.clone());
-    let registry: Option<Arc<dyn SchemaSource>> = match cfg.kafka.format {
-        Format::AvroConfluent => Some(Arc::new(RegistryClient::new(
-            &cfg.kafka.schema_registry_url,
-        ))),
-        _ => None,
-    };
-    let decoder = Decoder::new(cfg.kafka.format, registry)?;
-    let sink = match opts.dry_run {
-        Some(out) => Sink::DryRun(out),
-        None => Sink::Braze(BrazeClient::new(
-            &cfg.braze,
-            metrics.clone(),
-            health.clone(),
-        )?),
-    };
-    let (acks_tx, acks_rx) = channel();
-    let dlq = Arc::new(DlqWriter::new(cfg, acks_tx.clone())?);
-    let refetcher = Refetcher::new(cfg, &group_id).map_err(kafka("creating the re-reader"))?;
-    let (rejected_tx, refetch_thread) =
-        refetch::spawn(refetcher, dlq.clone()).map_err(PipelineError::Thread)?;
-    let core = Core {
-        window: Window::new(WindowConfig {
-            linger_ms: cfg.window.linger_ms,
-            batch_size: cfg.braze.batch_size,
-            max_pending_users: cfg.window.max_pending_users,
-            dedup_memory: cfg.window.dedup_memory,
-            delivered_memory: cfg.window.delivered_memory,
-        }),
-        tracker: OffsetTracker::new(),
-        names: HashMap::new(),
-        decoder,
-        mapping: Mapping::new(&cfg.mapping, cfg.braze.update_existing_only),
-        sink,
-        rt,
-        acks_tx,
-        acks_rx,
-        in_flight: HashMap::new(),
-        next_request: 0,
-        max_in_flight: cfg.braze.max_in_flight.max(1),
-        dlq,
-        dlq_pending: 0,
-        rejected_tx,
-        dlq_retry: Vec::new(),
-        metrics: metrics.clone(),
-        health: health.clone(),
-        paused: false,
-        started,
-        drain_timeout: Duration::from_millis(cfg.window.drain_timeout_ms),
-        commit_interval: Duration::from_millis(cfg.window.commit_interval_ms),
-        last_commit: Instant::now(),
-        committed: HashMap::new(),
-        shutting_down: false,
-        start: opts.start.clone(),
-        started_partitions: Default::default(),
-        start_ends: HashMap::new(),
-        last_caught_up_check: Instant::now(),
-        until: opts.until,
-        progress: opts.progress.clone(),
-        finished: Default::default(),
-        pause_requests: Vec::new(),
-        start_positions: HashMap::new(),
-    };
-    let core = Arc::new(Mutex::new(core));
+    let dry_run = opts.dry_run.take();
+    let worker = Arc::new(Mutex::new(assemble(
+        cfg, &opts, dry_run, &group_id, &metrics, &health, rt,
+    )?));
+    let generation = worker
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .assignment
+        .generation();
+    let handler: Arc<Mutex<dyn RebalanceHandler>> = worker.clone();
     let consumer: GroupConsumer = consumer_config(cfg, &group_id)
-        .create_with_context(RebalanceContext { core: core.clone() })
+        .create_with_context(Rebalancing::new(handler))
         .map_err(kafka("creating the consumer"))?;
     let topics: Vec<&str> = cfg.kafka.topics.iter().map(String::as_str).collect();
     consumer
@@ -381,33 +227,30 @@ pub fn run(
     health.consuming.store(true, Ordering::Relaxed);
     tracing::info!(group = %group_id, topics = ?topics, "consuming");
 
-    let lock = || core.lock().unwrap_or_else(|e| e.into_inner());
-    let mut flowing = false;
-    const BURST: usize = 64;
+    let lock = || worker.lock().unwrap_or_else(|e| e.into_inner());
+    let mut idle = false;
+    let mut caught_up = false;
     let mut burst = Vec::with_capacity(BURST);
-    loop {
-        if opts.stop.load(Ordering::Relaxed) {
-            break;
-        }
+    while !opts.stop.load(Ordering::Relaxed) {
         let timeout = {
-            let mut c = lock();
-            c.service(&consumer);
-            if c.caught_up(&consumer, opts.until) {
+            let mut w = lock();
+            w.service(&consumer);
+            if w.caught_up(&consumer, idle) {
                 tracing::info!("caught up with the log");
+                caught_up = true;
                 break;
             }
-            if flowing {
-                Duration::ZERO
+            if idle {
+                w.poll_timeout()
             } else {
-                c.poll_timeout()
+                Duration::ZERO
             }
         };
-        flowing = false;
+        idle = true;
         // Records are polled in bursts without the lock (a rebalance callback inside poll
-        // takes it) and then ingested under one lock, so the per-record cost is a poll and
-        // the pipeline's own work. The service still runs often enough for flushes and
-        // acknowledgements.
-        for round in 0..8 {
+        // takes it), each stamped with the assignment generation it was polled at, then
+        // taken in under one lock.
+        for round in 0..ROUNDS {
             for i in 0..BURST {
                 let wait = if round == 0 && i == 0 {
                     timeout
@@ -415,7 +258,7 @@ pub fn run(
                     Duration::ZERO
                 };
                 match consumer.poll(wait) {
-                    Some(Ok(m)) => burst.push(m),
+                    Some(Ok(m)) => burst.push((m, generation.load(Ordering::Acquire))),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "consumer error");
                         break;
@@ -426,52 +269,109 @@ pub fn run(
             if burst.is_empty() {
                 break;
             }
+            idle = false;
             let full = burst.len() == BURST;
-            flowing = true;
-            let mut c = lock();
-            let now = c.now_ms();
-            for m in burst.drain(..) {
-                c.ingest(&m, &opts.stop, now);
+            let mut w = lock();
+            let now = w.now_ms();
+            for (m, generation) in burst.drain(..) {
+                w.take(&m, generation, now);
             }
-            drop(c);
+            drop(w);
             if !full {
                 break;
             }
         }
     }
 
-    // Stop taking records, flush, wait for what is in flight, commit, then let go.
-    let summary = {
-        let mut c = lock();
-        if let Ok(assignment) = consumer.assignment() {
-            let _ = consumer.pause(&assignment);
-        }
-        c.shutting_down = true;
-        let deadline = Instant::now() + c.drain_timeout;
-        if !c.drain(deadline, Core::settled_everything) {
-            tracing::warn!(
-                unsettled = c.tracker.unsettled(),
-                "shutdown deadline passed; committing what settled"
-            );
-        }
-        c.commit(&consumer, CommitMode::Sync);
-        // What is still in flight is not committed: the next owner sends it again.
-        let abandoned: Vec<InFlight> = c.in_flight.drain().map(|(_, r)| r).collect();
-        for request in abandoned {
-            if let Some(task) = request.task {
-                task.abort();
-            }
-            c.metrics.braze_in_flight.dec();
-        }
-        c.dlq.flush(Duration::from_secs(5));
-        c.update_gauges();
-        c.summary(started.elapsed())
-    };
+    let summary = lock().shut_down(&consumer, caught_up);
     health.consuming.store(false, Ordering::Relaxed);
     consumer.unsubscribe();
     drop(consumer);
-    // Close every client before returning, so none outlives the run (or the brokers).
-    drop(core);
-    let _ = refetch_thread.join();
+    // Close every client (the re-reader's thread with them) before returning, so none
+    // outlives the run or the brokers.
+    drop(worker);
     Ok(summary)
+}
+
+/// Builds the parts of one worker.
+fn assemble(
+    cfg: &Config,
+    opts: &RunOptions,
+    dry_run: Option<Box<dyn Write + Send>>,
+    group_id: &str,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    rt: tokio::runtime::Handle,
+) -> Result<Worker, PipelineError> {
+    let registry: Option<Arc<dyn SchemaSource>> = match cfg.kafka.format {
+        Format::AvroConfluent => Some(Arc::new(RegistryClient::new(
+            &cfg.kafka.schema_registry_url,
+        ))),
+        _ => None,
+    };
+    let decoder = Decoder::new(cfg.kafka.format, registry)?;
+    let committing = dry_run.is_none();
+    let sink = match dry_run {
+        Some(out) => Sink::DryRun(out),
+        None => Sink::Braze(BrazeClient::new(
+            &cfg.braze,
+            metrics.clone(),
+            health.clone(),
+        )?),
+    };
+    let (acks_tx, acks_rx) = channel();
+    let dlq_acks = acks_tx.clone();
+    let writer = Arc::new(DlqWriter::new(
+        cfg,
+        Box::new(move |outcome| {
+            // The pipeline is gone only at shutdown, when nothing waits for this any more.
+            let _ = dlq_acks.send(Ack::DeadLetter(outcome));
+        }),
+    )?);
+    let rereader =
+        Rereader::start(cfg, group_id, writer.clone()).map_err(kafka("creating the re-reader"))?;
+    let bounds = (opts.until != Until::Stopped).then(|| {
+        let run = opts
+            .run_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        Bounds::new(opts.start.clone(), opts.until, &cfg.kafka.topics, &run)
+    });
+    let metadata = bounds.as_ref().and_then(Bounds::commit_metadata);
+    let window = Window::new(WindowConfig {
+        linger_ms: cfg.window.linger_ms,
+        batch_size: cfg.braze.batch_size,
+        max_pending_users: cfg.window.max_pending_users,
+        dedup_memory: cfg.window.dedup_memory,
+        delivered_memory: cfg.window.delivered_memory,
+    });
+    Ok(Worker {
+        assignment: Assignment::new(),
+        ingest: Ingest::new(decoder, metrics.clone()),
+        delivery: Delivery::new(
+            window,
+            Mapping::new(&cfg.mapping, cfg.braze.update_existing_only),
+            sink,
+            rt,
+            acks_tx,
+            cfg.braze.max_in_flight,
+            metrics.clone(),
+        ),
+        dead_letters: DeadLetters::new(writer, rereader, metrics.clone(), health.clone()),
+        commits: Commits::new(
+            Duration::from_millis(cfg.window.commit_interval_ms),
+            metadata,
+            committing,
+            metrics.clone(),
+        ),
+        flow: Flow::new(),
+        bounds,
+        acks: acks_rx,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        started: Instant::now(),
+        drain_timeout: Duration::from_millis(cfg.window.drain_timeout_ms),
+        shutting_down: false,
+        progress: opts.progress.clone(),
+    })
 }

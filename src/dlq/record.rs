@@ -24,6 +24,9 @@ pub const HEADER_EXCEPTION_CLASS: &str = "__connect.errors.exception.class.name"
 pub const HEADER_EXCEPTION_MESSAGE: &str = "__connect.errors.exception.message";
 pub const HEADER_BRAZE_ERROR_TYPE: &str = "braze.error.type";
 pub const HEADER_BRAZE_HTTP_STATUS: &str = "braze.http.status";
+/// Present when the dead-letter record lacks the original value (and perhaps key and
+/// headers): says why, so nobody mistakes it for a tombstone.
+pub const HEADER_VALUE_OMITTED: &str = "segment_sync.value.omitted";
 
 /// What `__connect.errors.connector.name` says. One name for every worker of the group,
 /// as Connect names the connector, not the worker.
@@ -82,6 +85,33 @@ pub struct DlqRecord {
 }
 
 impl DlqRecord {
+    /// Makes the record smaller for a topic that refused it as too large: first without its
+    /// value, then also without its key and original headers. The Connect headers stay, so
+    /// the original can still be found by its coordinates. Returns false when nothing is
+    /// left to drop.
+    pub fn omit_payload(&mut self, why: &str) -> bool {
+        let note = |r: &mut DlqRecord, what: &str| {
+            r.headers.retain(|(n, _)| n != HEADER_VALUE_OMITTED);
+            r.headers.push((
+                HEADER_VALUE_OMITTED.to_string(),
+                Some(format!("{what}: {why}").into_bytes()),
+            ));
+        };
+        if self.value.is_some() {
+            self.value = None;
+            note(self, "value omitted");
+            return true;
+        }
+        let originals = self.headers.iter().any(|(n, _)| !is_context_header(n));
+        if self.key.is_some() || originals {
+            self.key = None;
+            self.headers.retain(|(n, _)| is_context_header(n));
+            note(self, "key, value and original headers omitted");
+            return true;
+        }
+        false
+    }
+
     /// The value of the last header named `name`, as Kafka's `Headers::lastHeader` reads it.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
@@ -198,6 +228,14 @@ pub fn dead_letter(src: &SourceRecord, reason: &DlqReason) -> DlqRecord {
     }
 }
 
+/// The headers this module writes, as opposed to the ones copied from the original.
+fn is_context_header(name: &str) -> bool {
+    name.starts_with("__connect.errors.")
+        || name == HEADER_BRAZE_ERROR_TYPE
+        || name == HEADER_BRAZE_HTTP_STATUS
+        || name == HEADER_VALUE_OMITTED
+}
+
 /// `text` cut to at most `MAX_MESSAGE_BYTES`, on a character boundary, ending in an
 /// ellipsis when cut so that a reader knows the message goes on.
 fn truncate(text: &str) -> std::borrow::Cow<'_, str> {
@@ -214,6 +252,36 @@ fn truncate(text: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_too_large_loses_its_value_then_its_key_and_headers_never_its_coordinates() {
+        let reason = DlqReason::Invalid {
+            message: "no identifier".into(),
+        };
+        let mut r = dead_letter(&source(), &reason);
+        assert!(r.omit_payload("1200000 bytes over message.max.bytes"));
+        assert_eq!(r.value, None);
+        assert_eq!(r.key.as_deref(), Some(&b"user-1"[..]));
+        assert!(
+            r.header("trace").is_some(),
+            "original headers kept at first"
+        );
+        let why = String::from_utf8(r.header(HEADER_VALUE_OMITTED).unwrap().to_vec()).unwrap();
+        assert!(why.starts_with("value omitted: 1200000 bytes"), "{why}");
+        assert!(r.omit_payload("still too large"));
+        assert_eq!(r.key, None);
+        assert!(r.header("trace").is_none());
+        assert_eq!(r.header(HEADER_OFFSET), Some(&b"123456789012"[..]));
+        assert_eq!(r.header(HEADER_TOPIC), Some(&b"cdp.segment-membership"[..]));
+        assert_eq!(
+            r.headers
+                .iter()
+                .filter(|(n, _)| n == HEADER_VALUE_OMITTED)
+                .count(),
+            1
+        );
+        assert!(!r.omit_payload("nothing left"));
+    }
 
     fn source() -> SourceRecord<'static> {
         SourceRecord {

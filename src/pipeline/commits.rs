@@ -1,0 +1,120 @@
+//! Committing the settled watermark, and the gauges that report it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::{cached_high_watermark, GroupConsumer};
+use crate::metrics::Metrics;
+use crate::offsets::TopicPartition;
+
+/// Owns what was committed. Promises: commits only offsets it is given (the settled
+/// watermark), each marked with `metadata` when set (a replay's run), and nothing at all
+/// in a dry run.
+pub struct Commits {
+    interval: Duration,
+    last: Instant,
+    /// The last offset committed per partition (sent, for asynchronous commits).
+    committed: HashMap<TopicPartition, i64>,
+    metadata: Option<String>,
+    enabled: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Commits {
+    pub fn new(
+        interval: Duration,
+        metadata: Option<String>,
+        enabled: bool,
+        metrics: Arc<Metrics>,
+    ) -> Commits {
+        Commits {
+            interval,
+            last: Instant::now(),
+            committed: HashMap::new(),
+            metadata,
+            enabled,
+            metrics,
+        }
+    }
+
+    /// Whether the interval has passed since the last periodic commit; restarts it.
+    pub fn due(&mut self) -> bool {
+        if self.last.elapsed() < self.interval {
+            return false;
+        }
+        self.last = Instant::now();
+        true
+    }
+
+    /// Commits `offsets`. Every interval sends all of them, changed or not: librdkafka
+    /// reports the outcome of an asynchronous commit only to an `offset_commit_cb`, which
+    /// rdkafka's event-based consumer does not install, so a commit that failed (say during
+    /// a rebalance) is healed by the next one rather than detected. One small request a
+    /// second is the price. A synchronous commit's failure is returned.
+    pub fn commit(
+        &mut self,
+        consumer: &GroupConsumer,
+        offsets: &[(TopicPartition, i64)],
+        mode: CommitMode,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        if !self.enabled || offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (tp, offset) in offsets {
+            if tpl
+                .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))
+                .is_err()
+            {
+                continue;
+            }
+            if let (Some(m), Some(mut e)) =
+                (&self.metadata, tpl.find_partition(&tp.topic, tp.partition))
+            {
+                e.set_metadata(m.as_str());
+            }
+        }
+        consumer.commit(&tpl, mode)?;
+        // Synchronous: acknowledged. Asynchronous: sent; what the gauges show.
+        for (tp, offset) in offsets {
+            self.committed.insert(tp.clone(), *offset);
+            self.metrics
+                .committed_offset
+                .with_label_values(&[&*tp.topic, tp.partition.to_string().as_str()])
+                .set(*offset);
+        }
+        Ok(())
+    }
+
+    /// A revoked partition is its new owner's to report.
+    pub fn forget(&mut self, tp: &TopicPartition) {
+        self.committed.remove(tp);
+    }
+
+    /// Lag per partition: the high watermark librdkafka last saw minus the committed offset,
+    /// refreshed every commit interval so a stalled worker shows its lag growing.
+    pub fn update_lag(&self, consumer: &GroupConsumer) {
+        for (tp, committed) in &self.committed {
+            if let Some(high) = cached_high_watermark(consumer, &tp.topic, tp.partition) {
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[&*tp.topic, tp.partition.to_string().as_str()])
+                    .set((high - committed).max(0));
+            }
+        }
+    }
+
+    pub fn committed(&self) -> Vec<(String, i32, i64)> {
+        let mut all: Vec<(String, i32, i64)> = self
+            .committed
+            .iter()
+            .map(|(tp, o)| (tp.topic.to_string(), tp.partition, *o))
+            .collect();
+        all.sort();
+        all
+    }
+}

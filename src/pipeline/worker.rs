@@ -1,0 +1,450 @@
+//! The parts of one worker and what passes between them: a record goes assignment →
+//! ingest → delivery (or dead letters) → assignment's watermark → commits.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::TopicPartitionList;
+
+use crate::health::{Fault, Health};
+use crate::kafka::{cached_high_watermark, GroupConsumer, RebalanceHandler};
+use crate::metrics::Metrics;
+use crate::offsets::{PartitionId, Position, TopicPartition};
+use crate::window::Admit;
+
+use super::acks::Ack;
+use super::assignment::Assignment;
+use super::bounds::Bounds;
+use super::commits::Commits;
+use super::dead_letters::DeadLetters;
+use super::delivery::Delivery;
+use super::flow::{Flow, Held};
+use super::ingest::{Ingest, Verdict};
+use super::{Progress, RunSummary};
+
+/// What became of a record offered to the pipeline.
+enum Taken {
+    Done,
+    /// It must wait (and everything behind it) for this reason.
+    Wait(String),
+}
+
+/// One worker's parts. Each owns its state; this struct only passes results between them.
+pub struct Worker {
+    pub(super) assignment: Assignment,
+    pub(super) ingest: Ingest,
+    pub(super) delivery: Delivery,
+    pub(super) dead_letters: DeadLetters,
+    pub(super) commits: Commits,
+    pub(super) flow: Flow,
+    /// `None` for the live worker, which runs until stopped.
+    pub(super) bounds: Option<Bounds>,
+    pub(super) acks: Receiver<Ack>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) health: Arc<Health>,
+    pub(super) started: Instant,
+    pub(super) drain_timeout: Duration,
+    pub(super) shutting_down: bool,
+    pub(super) progress: Option<Arc<Progress>>,
+}
+
+impl Worker {
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// A record just polled, at assignment generation `generation`. `now_ms` is read once
+    /// per burst: a clock read per record is measurable here.
+    pub fn take(&mut self, m: &BorrowedMessage<'_>, generation: u64, now_ms: u64) {
+        if self.flow.is_holding() {
+            // Behind a record that waits: in order, after it.
+            self.flow.hold(Held {
+                message: m.detach(),
+                generation,
+            });
+            return;
+        }
+        if let Taken::Wait(why) = self.take_record(m, generation, now_ms) {
+            self.flow.hold(Held {
+                message: m.detach(),
+                generation,
+            });
+            self.wait(why);
+        }
+    }
+
+    fn wait(&mut self, why: String) {
+        self.health
+            .set_fault(Fault::SchemaRegistry, Some(why.clone()));
+        self.flow.wait(why);
+    }
+
+    fn take_record<M: Message>(&mut self, m: &M, generation: u64, now_ms: u64) -> Taken {
+        // A record of a partition revoked (or revoked and assigned again) since it was
+        // polled: its next owner, or the new assignment, reads it again.
+        let Some(id) = self
+            .assignment
+            .resolve(m.topic(), m.partition(), generation)
+        else {
+            return Taken::Done;
+        };
+        if let Some(b) = &self.bounds {
+            if b.past_end(m.topic(), m.partition(), m.offset()) {
+                // Left untracked and uncommitted; the partition is paused from now on.
+                self.flow
+                    .finish(TopicPartition::new(m.topic(), m.partition()));
+                return Taken::Done;
+            }
+        }
+        let verdict = self.ingest.examine(m.payload());
+        if let Verdict::Wait(why) = verdict {
+            return Taken::Wait(why);
+        }
+        self.metrics.events_consumed.inc();
+        let Some(pos) = self.assignment.track(id, m.offset()) else {
+            // A second copy of a record read in this assignment: its first copy settles it.
+            self.metrics.events_deduplicated.inc();
+            return Taken::Done;
+        };
+        match verdict {
+            Verdict::Admit(event) => {
+                let Some(identity) = event.identity() else {
+                    unreachable!("ingest admits only events with an identity");
+                };
+                match self
+                    .delivery
+                    .admit(&event, identity, m.partition(), m.offset(), pos, now_ms)
+                {
+                    Admit::Pending | Admit::Superseded => {}
+                    Admit::Duplicate => {
+                        self.metrics.events_deduplicated.inc();
+                        self.assignment.settle(pos);
+                    }
+                    Admit::Stale => {
+                        self.metrics.events_stale.inc();
+                        self.assignment.settle(pos);
+                    }
+                }
+            }
+            Verdict::DeadLetter(reason) => {
+                tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    reason = ?reason, "record to the dead-letter topic");
+                self.dead_letters.record(m, pos, &reason);
+            }
+            Verdict::Wait(_) => unreachable!("handled above"),
+        }
+        Taken::Done
+    }
+
+    /// Offers held records again, when their wait is due.
+    fn retake_held(&mut self) {
+        let Some(mut held) = self.flow.take_due() else {
+            return;
+        };
+        let now = self.now_ms();
+        while let Some(h) = held.pop_front() {
+            if let Taken::Wait(why) = self.take_record(&h.message, h.generation, now) {
+                held.push_front(h);
+                self.flow.hold_again(held);
+                self.wait(why);
+                return;
+            }
+        }
+        if !self.flow.is_holding() {
+            self.flow.resumed();
+            self.health.set_fault(Fault::SchemaRegistry, None);
+        }
+    }
+
+    /// Between polls: acknowledgements, held records, flushes, commits, back-pressure.
+    pub fn service(&mut self, consumer: &GroupConsumer) {
+        self.take_acks();
+        self.dead_letters.service();
+        self.retake_held();
+        let now = self.now_ms();
+        let assignment = &mut self.assignment;
+        self.delivery.flush(now, false, |p| assignment.settle(p));
+        if self.commits.due() {
+            self.commit(consumer, CommitMode::Async);
+            self.delivery.update_gauges();
+            self.commits.update_lag(consumer);
+            self.update_progress(consumer);
+        }
+        // Back-pressure: a full window, or a Braze or a dead-letter topic that cannot take
+        // anything: reading on would only fill memory.
+        let hold = self.delivery.is_full()
+            || !self.health.braze_ok.load(Ordering::Relaxed)
+            || self.dead_letters.is_failing();
+        self.flow.apply(consumer, hold);
+    }
+
+    pub fn commit(&mut self, consumer: &GroupConsumer, mode: CommitMode) {
+        let offsets: Vec<(TopicPartition, i64)> = self
+            .assignment
+            .partitions()
+            .into_iter()
+            .filter_map(|tp| self.assignment.committable(&tp).map(|o| (tp, o)))
+            .collect();
+        if let Err(e) = self.commits.commit(consumer, &offsets, mode) {
+            tracing::warn!(error = %e, "offset commit failed; will retry");
+        }
+    }
+
+    fn take_acks(&mut self) {
+        while let Ok(ack) = self.acks.try_recv() {
+            self.on_ack(ack);
+        }
+    }
+
+    fn on_ack(&mut self, ack: Ack) {
+        match ack {
+            Ack::Braze { id, outcomes } => {
+                let answer = self.delivery.on_answer(id, outcomes);
+                for p in answer.delivered {
+                    self.assignment.settle(p);
+                }
+                for (positions, rejection) in answer.rejected {
+                    let mut by_partition: HashMap<PartitionId, Vec<Position>> = HashMap::new();
+                    for p in positions {
+                        by_partition.entry(p.partition()).or_default().push(p);
+                    }
+                    for (pid, positions) in by_partition {
+                        // A partition revoked meanwhile: its next owner reads these again.
+                        if let Some(tp) = self.assignment.name(pid) {
+                            self.dead_letters.rejected(tp, positions, rejection.clone());
+                        }
+                    }
+                }
+            }
+            Ack::DeadLetter(outcome) => {
+                let assignment = &mut self.assignment;
+                self.dead_letters
+                    .on_outcome(outcome, |p| assignment.settle(p));
+            }
+        }
+    }
+
+    /// Flushes everything and serves acknowledgements until `done` holds or the deadline
+    /// passes. A bounded wait: the drain of a revoke or of the shutdown.
+    pub fn drain(&mut self, deadline: Instant, done: impl Fn(&Worker) -> bool) -> bool {
+        loop {
+            self.take_acks();
+            self.dead_letters.service();
+            let now = self.now_ms();
+            let assignment = &mut self.assignment;
+            self.delivery.flush(now, true, |p| assignment.settle(p));
+            if done(self) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            match self
+                .acks
+                .recv_timeout((deadline - now).min(Duration::from_millis(20)))
+            {
+                Ok(ack) => self.on_ack(ack),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return done(self),
+            }
+        }
+    }
+
+    pub fn settled_everything(&self) -> bool {
+        self.delivery.is_idle()
+            && self.dead_letters.is_idle()
+            && self.assignment.unsettled() == 0
+            && !self.flow.is_holding()
+    }
+
+    pub fn poll_timeout(&self) -> Duration {
+        if self.delivery.has_in_flight() || !self.dead_letters.is_idle() || self.flow.is_holding() {
+            return Duration::from_millis(2);
+        }
+        let now = self.now_ms();
+        match self.delivery.next_deadline() {
+            Some(d) => Duration::from_millis(d.saturating_sub(now).clamp(1, 100)),
+            None => Duration::from_millis(100),
+        }
+    }
+
+    /// Whether a bounded run is done. `idle`: the last poll brought nothing.
+    pub fn caught_up(&mut self, consumer: &GroupConsumer, idle: bool) -> bool {
+        if !idle || !self.settled_everything() {
+            return false;
+        }
+        let Some(bounds) = self.bounds.as_mut() else {
+            return false;
+        };
+        bounds.caught_up(consumer, &self.assignment)
+    }
+
+    fn update_progress(&self, consumer: &GroupConsumer) {
+        let Some(progress) = &self.progress else {
+            return;
+        };
+        let mut to_go = 0i64;
+        for tp in self.assignment.partitions() {
+            let end = self
+                .bounds
+                .as_ref()
+                .and_then(|b| b.start_end(&tp))
+                .or_else(|| cached_high_watermark(consumer, &tp.topic, tp.partition));
+            if let (Some(end), Some(next)) = (end, self.assignment.next_offset(&tp)) {
+                to_go += (end - next).max(0);
+            }
+        }
+        progress
+            .done
+            .store(self.metrics.events_consumed.get(), Ordering::Relaxed);
+        progress.to_go.store(to_go as u64, Ordering::Relaxed);
+    }
+
+    /// Stop taking records, flush, wait for what is in flight (bounded), commit, stop what
+    /// is left: the shutdown order of DESIGN.md.
+    pub fn shut_down(&mut self, consumer: &GroupConsumer, caught_up: bool) -> RunSummary {
+        if let Ok(assignment) = consumer.assignment() {
+            let _ = consumer.pause(&assignment);
+        }
+        self.shutting_down = true;
+        let deadline = Instant::now() + self.drain_timeout;
+        if !self.drain(deadline, Worker::settled_everything) {
+            tracing::warn!(
+                unsettled = self.assignment.unsettled(),
+                "shutdown deadline passed; committing what settled"
+            );
+        }
+        self.commit(consumer, CommitMode::Sync);
+        // What is still in flight is not committed: the next owner sends it again.
+        self.delivery.abandon();
+        self.dead_letters.flush(Duration::from_secs(5));
+        self.delivery.update_gauges();
+        self.summary(caught_up)
+    }
+
+    fn summary(&self, caught_up: bool) -> RunSummary {
+        let m = &self.metrics;
+        let requests = ["2xx", "4xx", "429", "5xx", "error"]
+            .iter()
+            .map(|c| m.braze_requests.with_label_values(&[c]).get())
+            .sum();
+        let dlq = ["undecodable", "invalid", "rejected", "gone", "too_large"]
+            .iter()
+            .map(|c| m.dlq_records.with_label_values(&[c]).get())
+            .sum();
+        let stopped_at = match (&self.bounds, caught_up) {
+            (Some(b), false) => b
+                .standing()
+                .iter()
+                .map(|(tp, read, end)| (tp.topic.to_string(), tp.partition, *read, *end))
+                .collect(),
+            _ => Vec::new(),
+        };
+        RunSummary {
+            consumed: m.events_consumed.get(),
+            decoded: m.events_decoded.get(),
+            undecodable: m.events_invalid.with_label_values(&["undecodable"]).get(),
+            invalid: m.events_invalid.with_label_values(&["invalid"]).get(),
+            duplicates: m.events_deduplicated.get(),
+            stale: m.events_stale.get(),
+            redundant: m.events_redundant.get(),
+            requests,
+            objects_delivered: m.braze_objects_delivered.get(),
+            objects_rejected: m.braze_objects_rejected.get(),
+            data_points: m.braze_attributes_written.get(),
+            dlq_records: dlq,
+            committed: self.commits.committed(),
+            caught_up,
+            stopped_at,
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+impl RebalanceHandler for Worker {
+    fn assigning(&mut self, consumer: &GroupConsumer, tpl: &mut TopicPartitionList) {
+        if let Some(b) = self.bounds.as_mut() {
+            b.assigning(consumer, tpl);
+        }
+    }
+
+    fn assigned(&mut self, consumer: &GroupConsumer, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            self.assignment
+                .assign(&TopicPartition::new(e.topic(), e.partition()));
+        }
+        tracing::info!(partitions = tpl.count(), "partitions assigned");
+        self.health
+            .assigned
+            .store(!self.assignment.is_empty(), Ordering::Relaxed);
+        self.flow.on_assigned(consumer, tpl);
+    }
+
+    /// Drain the revoked partitions (bounded), commit them, then let them go: stop any
+    /// request of theirs still retrying and forget what is remembered of them.
+    fn revoking(&mut self, consumer: &GroupConsumer, tpl: &TopicPartitionList) {
+        let revoked: Vec<TopicPartition> = tpl
+            .elements()
+            .iter()
+            .map(|e| TopicPartition::new(e.topic(), e.partition()))
+            .filter(|tp| self.assignment.holds(tp))
+            .collect();
+        if revoked.is_empty() {
+            return;
+        }
+        let lost = consumer.assignment_lost();
+        tracing::info!(partitions = ?revoked.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            lost, "partitions revoked; draining");
+        // At shutdown the run has drained already, under its own deadline; a lost
+        // assignment has other owners already, so there is nothing to commit.
+        if !lost && !self.shutting_down {
+            let deadline = Instant::now() + self.drain_timeout;
+            let drained = self.drain(deadline, |w| {
+                revoked.iter().all(|tp| w.assignment.unsettled_in(tp) == 0)
+            });
+            if !drained {
+                tracing::warn!("drain deadline passed; committing what settled");
+            }
+            let offsets: Vec<(TopicPartition, i64)> = revoked
+                .iter()
+                .filter_map(|tp| self.assignment.committable(tp).map(|o| (tp.clone(), o)))
+                .collect();
+            if let Err(e) = self.commits.commit(consumer, &offsets, CommitMode::Sync) {
+                tracing::warn!(error = %e, "commit on revoke failed");
+            }
+        }
+        let ids: Vec<PartitionId> = revoked
+            .iter()
+            .filter_map(|tp| self.assignment.id(tp))
+            .collect();
+        let gone = |p: &Position| ids.contains(&p.partition());
+        let now = self.now_ms();
+        let stopped = self.delivery.give_up(gone, now);
+        if stopped > 0 {
+            tracing::warn!(
+                requests = stopped,
+                "requests of revoked partitions stopped before Braze answered"
+            );
+        }
+        let numbers: Vec<i32> = revoked.iter().map(|tp| tp.partition).collect();
+        self.delivery.revoke(gone, &numbers);
+        self.flow.drop_held(|topic, partition| {
+            revoked
+                .iter()
+                .any(|tp| tp.partition == partition && &*tp.topic == topic)
+        });
+        for tp in &revoked {
+            self.assignment.revoke(tp);
+            self.commits.forget(tp);
+        }
+        self.health
+            .assigned
+            .store(!self.assignment.is_empty(), Ordering::Relaxed);
+    }
+}
