@@ -347,21 +347,30 @@ impl Config {
         })?;
         schema.check_document(&mut doc, origin)?;
         let mut api_key_env = None;
+        // dotted key → the variable that set it, so a bad value blames what the operator wrote.
+        let mut from_env: BTreeMap<String, String> = BTreeMap::new();
         for (var, value) in env {
             if var == API_KEY_ENV {
                 api_key_env = Some(value);
             } else if var.starts_with(ENV_PREFIX) && !COMMAND_LINE_ENV.contains(&var.as_str()) {
-                schema.apply_env(&mut doc, &var, &value)?;
+                if let Some(dotted) = schema.apply_env(&mut doc, &var, &value)? {
+                    from_env.insert(dotted, var);
+                }
             }
         }
-        let mut config: Config =
-            toml::Value::Table(doc)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::BadValue {
-                    key: "(configuration)".into(),
-                    origin: origin.to_string(),
-                    message: e.message().to_string(),
-                })?;
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc))
+            .map_err(|e| {
+                let key = section_key(e.path());
+                let message = e.inner().message().to_string();
+                match from_env.remove(&key) {
+                    Some(var) => ConfigError::BadEnv { var, key, message },
+                    None => ConfigError::BadValue {
+                        key,
+                        origin: origin.to_string(),
+                        message,
+                    },
+                }
+            })?;
         config.validate()?;
         config.braze.api_key = read_api_key(api_key_env, config.braze.api_key_file.as_deref())?;
         if key == KeyRequirement::Required && config.braze.api_key.is_none() {
@@ -717,8 +726,8 @@ impl Schema {
         FREE_TABLES.contains(&(section, key))
     }
 
-    /// Rejects unknown sections and keys, and checks each value's type on its own so the error
-    /// names the key (a whole-document error from serde would not).
+    /// Rejects unknown sections and keys with the known ones and a suggestion; value types are
+    /// left to the one deserialisation, whose error path names the key.
     fn check_document(&self, doc: &mut toml::Table, origin: &str) -> Result<(), ConfigError> {
         for (section, value) in doc.iter_mut() {
             let Some(known) = self.sections.get(section) else {
@@ -753,20 +762,19 @@ impl Schema {
                         message,
                     })?;
                 }
-                check_one(section, key, value.clone()).map_err(|message| {
-                    ConfigError::BadValue {
-                        key: format!("{section}.{key}"),
-                        origin: origin.to_string(),
-                        message,
-                    }
-                })?;
             }
         }
         Ok(())
     }
 
-    /// Applies one `SEGMENT_SYNC_*` variable to the document.
-    fn apply_env(&self, doc: &mut toml::Table, var: &str, raw: &str) -> Result<(), ConfigError> {
+    /// Applies one `SEGMENT_SYNC_*` variable to the document; returns the dotted key it set,
+    /// unless it set a free-form property (those are strings, they cannot be mistyped).
+    fn apply_env(
+        &self,
+        doc: &mut toml::Table,
+        var: &str,
+        raw: &str,
+    ) -> Result<Option<String>, ConfigError> {
         for (section, keys) in &self.sections {
             for (key, specimen) in keys {
                 let name = env_name(section, key);
@@ -774,7 +782,8 @@ impl Schema {
                     if let Some(property) =
                         var.strip_prefix(&name).and_then(|r| r.strip_prefix('_'))
                     {
-                        return self.apply_free_env(doc, var, section, key, property, raw);
+                        self.apply_free_env(doc, var, section, key, property, raw)?;
+                        return Ok(None);
                     }
                     continue;
                 }
@@ -782,15 +791,13 @@ impl Schema {
                     continue;
                 }
                 let dotted = format!("{section}.{key}");
-                let bad = |message: String| ConfigError::BadEnv {
+                let value = env_value(specimen, raw).map_err(|message| ConfigError::BadEnv {
                     var: var.to_string(),
                     key: dotted.clone(),
                     message,
-                };
-                let value = env_value(specimen, raw).map_err(&bad)?;
-                check_one(section, key, value.clone()).map_err(&bad)?;
+                })?;
                 section_table(doc, section).insert(key.clone(), value);
-                return Ok(());
+                return Ok(Some(dotted));
             }
         }
         Err(ConfigError::UnknownEnv {
@@ -868,26 +875,12 @@ fn did_you_mean<'k>(
     let typo = typo.to_ascii_lowercase();
     known
         .into_iter()
-        .map(|k| (edit_distance(&typo, &k.to_ascii_lowercase()), k))
+        .map(|k| (strsim::levenshtein(&typo, &k.to_ascii_lowercase()), k))
+        // A quarter of a long name may be mistyped; short names get two edits.
         .filter(|(d, k)| *d <= 2.max(k.len() / 4))
         .min_by_key(|(d, _)| *d)
         .map(|(_, k)| format!("did you mean {}? ", show(k)))
         .unwrap_or_default()
-}
-
-/// Levenshtein distance over bytes; names are ASCII.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let replace = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = replace.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 /// `SEGMENT_SYNC_<SECTION>_<KEY>`, upper case.
@@ -931,17 +924,22 @@ fn stringify_free_table(value: &mut toml::Value) -> Result<(), String> {
     Ok(())
 }
 
-/// Deserialises a configuration that sets only this key, so a wrong type or enum spelling is
-/// reported against the key (all other keys take their defaults).
-fn check_one(section: &str, key: &str, value: toml::Value) -> Result<(), String> {
-    let mut inner = toml::Table::new();
-    inner.insert(key.to_string(), value);
-    let mut outer = toml::Table::new();
-    outer.insert(section.to_string(), toml::Value::Table(inner));
-    toml::Value::Table(outer)
-        .try_into::<Config>()
-        .map(|_| ())
-        .map_err(|e| e.message().to_string())
+/// `section.key` of a deserialisation error: the operator sets keys, not list elements or
+/// enum internals, so deeper segments are left to the message.
+fn section_key(path: &serde_path_to_error::Path) -> String {
+    let names: Vec<&str> = path
+        .iter()
+        .filter_map(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.as_str()),
+            _ => None,
+        })
+        .take(2)
+        .collect();
+    if names.is_empty() {
+        "(configuration)".into()
+    } else {
+        names.join(".")
+    }
 }
 
 /// Parses an environment value to the TOML type of the key's specimen value.
@@ -1130,6 +1128,26 @@ mod tests {
         );
         let e = err("[kafka]\ntopics = \"a\"\n", &[]);
         assert!(e.contains("kafka.topics"), "{e}");
+        let e = err("[kafka]\ntopics = [\"a\", 3]\n", &[]);
+        assert!(e.starts_with("kafka.topics in "), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_type_blames_whichever_of_file_and_variable_set_it() {
+        let e = err(
+            "[braze]\nbatch_size = 10\n",
+            &[("SEGMENT_SYNC_BRAZE_BATCH_SIZE", "-1")],
+        );
+        assert!(
+            e.contains("SEGMENT_SYNC_BRAZE_BATCH_SIZE (for braze.batch_size)"),
+            "{e}"
+        );
+        let c = load(
+            "[mapping]\nmode = \"bool\"\n",
+            &[("SEGMENT_SYNC_MAPPING_MODE", "array")],
+        )
+        .unwrap();
+        assert_eq!(c.mapping.mode, MappingMode::Array, "the variable wins");
     }
 
     fn problem_of(text: &str) -> String {

@@ -1,23 +1,26 @@
-//! The deployment artefacts as an operator would check them before shipping: the Dockerfile,
-//! docker-compose.yml and the Kubernetes manifests in deploy/ parse, agree with each other
-//! (ports, paths, names, the API key's variable), and the worker configuration they carry
-//! loads with the worker's own configuration code and the container's environment, so an
-//! unknown key, a bad value or a mistyped `SEGMENT_SYNC_*` variable fails here instead of
-//! in a crash-looping pod. No Docker engine or cluster is needed.
+//! The shipped deployment files, checked for what their user would otherwise learn from a
+//! crash-looping pod or a `docker compose up` that never syncs: each configuration a file runs
+//! the worker with loads (the mounted file and the container's environment together), every
+//! variable the files and docs name is one the worker reads, a pod or container is given time
+//! to drain and commit before it is killed, probes reach where the worker listens, the image
+//! builds from what the build context holds, and the docs name exactly the metrics the worker
+//! exports. What a user is meant to edit (replicas, images, rates, wording) is not pinned.
+//! No Docker engine or cluster is needed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use prometheus::core::Collector;
 use serde::Deserialize;
 use serde_norway::Value;
 
-use segment_sync::config::{Config, ConfigError, KeyRequirement, API_KEY_ENV};
+use segment_sync::config::{Config, ConfigError, KeyRequirement, API_KEY_ENV, ENV_PREFIX};
+use segment_sync::metrics::Metrics;
 
-/// Braze's default limit for /users/track: 3,000 requests per 3 seconds per workspace.
-const BRAZE_WORKSPACE_RPS: u64 = 1000;
-/// The worker flushes dead letters for up to this long after the drain on shutdown
-/// (`pipeline::run`), before it leaves the group.
+/// After the drain the worker waits up to this long for dead-letter acknowledgements before it
+/// leaves the group: the `dlq.flush` at the end of `pipeline::run`, which the library does not
+/// export.
 const DLQ_FLUSH_MS: u64 = 5000;
 
 fn root() -> PathBuf {
@@ -29,13 +32,38 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Every document of a (multi-document) YAML file; empty documents are skipped.
+/// The files in `dir` (relative to the crate) whose names end with one of `exts`, sorted.
+fn files_in(dir: &str, exts: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(root().join(dir))
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|n| exts.iter().any(|x| n.ends_with(x)))
+        .map(|n| if dir == "." { n } else { format!("{dir}/{n}") })
+        .collect();
+    out.sort();
+    out
+}
+
+/// What a user reads: the READMEs and guides.
+fn docs() -> Vec<String> {
+    [".", "docs", "deploy"]
+        .iter()
+        .flat_map(|d| files_in(d, &[".md"]))
+        .collect()
+}
+
+/// Every document of a (multi-document) YAML file, `<<:` merges applied as compose and kubectl
+/// apply them; empty documents are skipped.
 fn yaml_docs(rel: &str) -> Vec<Value> {
     let text = read(rel);
     serde_norway::Deserializer::from_str(&text)
         .map(|doc| {
             let mut v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{rel}: {e}"));
-            // `<<: *anchor`, as compose and kubectl read it.
             v.apply_merge().unwrap_or_else(|e| panic!("{rel}: {e}"));
             v
         })
@@ -43,20 +71,12 @@ fn yaml_docs(rel: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The value at `path` (mapping keys, or indexes into sequences), or a panic naming the path.
 fn at<'a>(v: &'a Value, path: &[&str]) -> &'a Value {
     opt_at(v, path).unwrap_or_else(|| panic!("missing {}", path.join(".")))
 }
 
 fn opt_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    let mut cur = v;
-    for key in path {
-        cur = match cur {
-            Value::Sequence(items) => items.get(key.parse::<usize>().ok()?)?,
-            _ => cur.get(*key)?,
-        };
-    }
-    Some(cur)
+    path.iter().try_fold(v, |cur, key| cur.get(*key))
 }
 
 /// A scalar as text: YAML writes ports and counts as numbers or as strings.
@@ -69,24 +89,26 @@ fn text(v: &Value) -> String {
     }
 }
 
-fn strings(v: &Value) -> Vec<String> {
+fn list(v: &Value) -> &[Value] {
     v.as_sequence()
         .unwrap_or_else(|| panic!("not a list: {v:?}"))
-        .iter()
-        .map(text)
-        .collect()
 }
 
-/// A compose command or healthcheck test: a list, or a string split on whitespace.
+/// A command as a list, or as a string split on whitespace (compose accepts both).
 fn words(v: &Value) -> Vec<String> {
     match v {
         Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
-        _ => strings(v),
+        _ => list(v).iter().map(text).collect(),
     }
 }
 
-/// `${VAR:-default}`, `${VAR-default}`, `${VAR}` and `$$` as compose expands them in a shell
-/// where none of the variables is set: what `docker compose up` does on a fresh machine.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
+/// `${VAR:-default}`, `${VAR-default}`, `${VAR}` and `$$` as compose expands them where none
+/// of the variables is set: what `docker compose up` does on a fresh machine.
 fn compose_expand(s: &str) -> String {
     let mut out = String::new();
     let mut rest = s;
@@ -113,6 +135,33 @@ fn compose_expand(s: &str) -> String {
     out
 }
 
+/// A compose duration (`30s`, `1m30s`, `500ms`) in milliseconds.
+fn compose_duration_ms(s: &str) -> u64 {
+    let mut total = 0;
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits]
+            .parse()
+            .unwrap_or_else(|_| panic!("duration {s:?}"));
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        total += n * match &rest[..unit] {
+            "h" => 3_600_000,
+            "m" => 60_000,
+            "s" => 1000,
+            "ms" => 1,
+            other => panic!("duration {s:?}: unit {other:?}"),
+        };
+        rest = &rest[unit..];
+    }
+    total
+}
+
 fn host_port(addr: &str) -> (String, u16) {
     let (host, port) = addr
         .rsplit_once(':')
@@ -120,766 +169,532 @@ fn host_port(addr: &str) -> (String, u16) {
     let port = port
         .parse()
         .unwrap_or_else(|_| panic!("{addr:?}: bad port"));
-    (
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-        port,
-    )
+    (host.trim_matches(['[', ']']).to_string(), port)
 }
 
 /// `scheme://host:port[/...]` → (host, port).
 fn url_host_port(url: &str) -> (String, u16) {
-    let after = url
+    let (_, after) = url
         .split_once("://")
-        .map(|(_, r)| r)
         .unwrap_or_else(|| panic!("{url:?} is not a URL"));
     host_port(after.split('/').next().unwrap_or(after))
 }
 
-fn listen_port(cfg: &Config) -> u16 {
-    let addr: SocketAddr = cfg.server.listen.parse().expect("validated by Config");
-    assert!(
-        addr.ip().is_unspecified(),
-        "server.listen = {}: inside a container the probes and the scraper come from outside; listen on 0.0.0.0",
-        cfg.server.listen
-    );
-    addr.port()
-}
-
-fn load(text: &str, env: &[(String, String)], origin: &str) -> Config {
-    Config::from_toml_str_with(text, env.iter().cloned(), KeyRequirement::Required)
-        .unwrap_or_else(|e| panic!("{origin}: the worker would refuse its configuration: {e}"))
-}
-
 // ---------------------------------------------------------------------------------------
-// docker-compose.yml
+// Where the files run segment-sync with a configuration
 
-struct Compose {
-    services: BTreeMap<String, Value>,
-}
-
-impl Compose {
-    fn load() -> Compose {
-        let docs = yaml_docs("docker-compose.yml");
-        assert_eq!(docs.len(), 1, "docker-compose.yml is one document");
-        let services = at(&docs[0], &["services"])
-            .as_mapping()
-            .expect("services is a mapping")
-            .iter()
-            .map(|(k, v)| (text(k), v.clone()))
-            .collect();
-        Compose { services }
-    }
-
-    fn service(&self, name: &str) -> &Value {
-        self.services
-            .get(name)
-            .unwrap_or_else(|| panic!("docker-compose.yml has no service {name}"))
-    }
-
-    /// The service's environment, expanded, in either of compose's two forms.
-    fn env(&self, name: &str) -> BTreeMap<String, String> {
-        match opt_at(self.service(name), &["environment"]) {
-            None => BTreeMap::new(),
-            Some(Value::Sequence(items)) => items
-                .iter()
-                .map(|i| {
-                    let kv = text(i);
-                    let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-                    (k.to_string(), compose_expand(v))
-                })
-                .collect(),
-            Some(Value::Mapping(m)) => m
-                .iter()
-                .map(|(k, v)| (text(k), compose_expand(&text(v))))
-                .collect(),
-            Some(other) => panic!("{name}.environment: {other:?}"),
-        }
-    }
-
-    fn command(&self, name: &str) -> Vec<String> {
-        words(at(self.service(name), &["command"]))
-    }
-
-    /// The host file mounted at `target` in the service, relative to the repository.
-    fn mounted_file(&self, name: &str, target: &str) -> String {
-        for v in strings(at(self.service(name), &["volumes"])) {
-            let parts: Vec<&str> = v.split(':').collect();
-            if parts.len() >= 2 && parts[1] == target {
-                return parts[0].trim_start_matches("./").to_string();
-            }
-        }
-        panic!("{name} mounts nothing at {target}")
-    }
-
-    /// The configuration a segment-sync service of the stack runs with: the file its
-    /// `--config` names, mounted from the repository, and its `SEGMENT_SYNC_*` environment.
-    fn segment_sync_config(&self, name: &str) -> Config {
-        let command = self.command(name);
-        let path = flag(&command, "--config")
-            .unwrap_or_else(|| panic!("{name}: no --config in {command:?}"));
-        let host_file = self.mounted_file(name, &path);
-        let env: Vec<(String, String)> = self
-            .env(name)
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("SEGMENT_SYNC_") || k == API_KEY_ENV)
-            .collect();
-        // The producer loads its configuration without an API key; the worker must have one.
-        let text = read(&host_file);
-        if name == "worker" {
-            load(&text, &env, &format!("compose {name}: {host_file}"))
-        } else {
-            Config::from_toml_str_with(&text, env, KeyRequirement::Optional)
-                .unwrap_or_else(|e| panic!("compose {name}: {host_file}: {e}"))
-        }
-    }
-}
-
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn depends_on(service: &Value, on: &str) -> String {
-    text(at(service, &["depends_on", on, "condition"]))
-}
-
-#[test]
-fn compose_runs_the_whole_pipeline_from_one_image() {
-    let c = Compose::load();
-    for name in [
-        "kafka",
-        "topics",
-        "schema-registry",
-        "braze-sim",
-        "producer",
-        "worker",
-    ] {
-        c.service(name);
-    }
-    assert_eq!(
-        text(at(c.service("kafka"), &["image"])),
-        "apache/kafka:4.1.1"
-    );
-    assert_eq!(
-        text(at(c.service("topics"), &["image"])),
-        "apache/kafka:4.1.1"
-    );
-    assert!(text(at(c.service("schema-registry"), &["image"]))
-        .starts_with("confluentinc/cp-schema-registry:"));
-
-    // The worker is built from the repository's Dockerfile; the simulator and the producer
-    // run the same image.
-    let worker = c.service("worker");
-    let build = at(worker, &["build"]);
-    let (context, dockerfile) = match build {
-        Value::String(ctx) => (ctx.clone(), "Dockerfile".to_string()),
-        _ => (
-            text(at(build, &["context"])),
-            opt_at(build, &["dockerfile"]).map_or("Dockerfile".into(), text),
-        ),
-    };
-    assert!(
-        root().join(&context).join(&dockerfile).is_file(),
-        "worker.build: no {dockerfile} in {context}"
-    );
-    let image = text(at(worker, &["image"]));
-    for name in ["braze-sim", "producer"] {
-        assert_eq!(text(at(c.service(name), &["image"])), image, "{name}.image");
-    }
-    assert_eq!(c.command("braze-sim")[0], "braze-sim");
-
-    // The producer writes the sample events once the topic and the registry exist.
-    let producer = c.command("producer");
-    assert_eq!(producer[0], "produce", "{producer:?}");
-    assert_eq!(flag(&producer, "--count").as_deref(), Some("10000"));
-    let p = c.service("producer");
-    assert_eq!(depends_on(p, "kafka"), "service_healthy");
-    assert_eq!(depends_on(p, "schema-registry"), "service_healthy");
-    assert_eq!(depends_on(p, "topics"), "service_completed_successfully");
-
-    assert_eq!(c.command("worker")[0], "run");
-    assert_eq!(depends_on(worker, "kafka"), "service_healthy");
-    assert_eq!(
-        depends_on(worker, "topics"),
-        "service_completed_successfully"
-    );
-    assert_eq!(depends_on(worker, "braze-sim"), "service_healthy");
-    for name in ["kafka", "schema-registry", "braze-sim", "worker"] {
-        at(c.service(name), &["healthcheck", "test"]);
-    }
-}
-
-#[test]
-fn compose_worker_config_loads_and_points_at_the_stack() {
-    let c = Compose::load();
-    let cfg = c.segment_sync_config("worker");
-
-    // The key the worker sends is the one the simulator expects (both from BRAZE_API_KEY;
-    // the simulator's own default is sim-key).
-    let sim_key = c
-        .env("braze-sim")
-        .get(API_KEY_ENV)
-        .cloned()
-        .unwrap_or_else(|| "sim-key".into());
-    assert_eq!(cfg.braze.api_key.as_deref(), Some(sim_key.as_str()));
-
-    // Braze is the simulator, on the port it listens on.
-    let sim = c.command("braze-sim");
-    let sim_listen = flag(&sim, "--listen").expect("braze-sim --listen");
-    let (sim_ip, sim_port) = host_port(&sim_listen);
-    assert_eq!(
-        sim_ip, "0.0.0.0",
-        "the simulator must accept the worker's connections"
-    );
-    assert_eq!(
-        url_host_port(&cfg.braze_base_url()),
-        ("braze-sim".to_string(), sim_port)
-    );
-
-    // Kafka: every bootstrap broker is an address the broker advertises.
-    let kafka = c.env("kafka");
-    let advertised: BTreeSet<(String, u16)> = kafka["KAFKA_ADVERTISED_LISTENERS"]
-        .split(',')
-        .map(|l| url_host_port(l.trim()))
-        .collect();
-    for broker in cfg.kafka.brokers.split(',') {
-        assert!(
-            advertised.contains(&host_port(broker.trim())),
-            "kafka.brokers {broker} is not advertised: {advertised:?}"
-        );
-    }
-    // The registry, where it listens.
-    let registry = c.env("schema-registry");
-    let (_, registry_port) = url_host_port(&registry["SCHEMA_REGISTRY_LISTENERS"]);
-    assert_eq!(
-        url_host_port(&cfg.kafka.schema_registry_url),
-        ("schema-registry".to_string(), registry_port)
-    );
-    assert!(registry["SCHEMA_REGISTRY_KAFKASTORE_BOOTSTRAP_SERVERS"]
-        .split(',')
-        .all(|b| advertised.contains(&url_host_port(b.trim()))));
-
-    // The topics service creates what the worker reads and writes, the event topic with
-    // room for six workers.
-    let create = c.command("topics").join(" ");
-    for topic in cfg.kafka.topics.iter().chain([&cfg.kafka.dlq_topic]) {
-        assert!(
-            create.contains(&format!("--topic {topic} ")),
-            "topics does not create {topic}: {create}"
-        );
-    }
-    let first = format!("--topic {} --partitions 6 ", cfg.kafka.topics[0]);
-    assert!(create.contains(&first), "{create}");
-    assert_eq!(kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"], "false");
-
-    // /metrics is published where the worker listens, and the healthcheck probes it there.
-    let port = listen_port(&cfg);
-    let ports = strings(at(c.service("worker"), &["ports"]));
-    assert!(
-        ports.contains(&format!("{port}:{port}")),
-        "worker.ports {ports:?} does not publish {port}"
-    );
-    let check = words(at(c.service("worker"), &["healthcheck", "test"])).join(" ");
-    assert!(
-        check.contains("/healthz") && check.contains(&port.to_string()),
-        "{check}"
-    );
-
-    // The producer writes into the topic the worker reads, in the format it decodes.
-    let producer = c.segment_sync_config("producer");
-    assert_eq!(producer.kafka.topics, cfg.kafka.topics);
-    assert_eq!(producer.kafka.format, cfg.kafka.format);
-    assert_eq!(producer.kafka.brokers, cfg.kafka.brokers);
-}
-
-#[test]
-fn compose_kafka_is_one_kraft_node() {
-    let env = Compose::load().env("kafka");
-    let roles: BTreeSet<&str> = env["KAFKA_PROCESS_ROLES"]
-        .split(',')
-        .map(str::trim)
-        .collect();
-    assert_eq!(roles, BTreeSet::from(["broker", "controller"]));
-
-    let protocols: BTreeMap<&str, &str> = env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
-        .split(',')
-        .map(|p| p.trim().split_once(':').expect("NAME:PROTOCOL"))
-        .collect();
-    let listeners: BTreeMap<String, u16> = env["KAFKA_LISTENERS"]
-        .split(',')
-        .map(|l| {
-            let (name, addr) = l.trim().split_once("://").expect("NAME://host:port");
-            (name.to_string(), host_port(addr).1)
-        })
-        .collect();
-    for l in env["KAFKA_ADVERTISED_LISTENERS"].split(',') {
-        let (name, addr) = l.trim().split_once("://").expect("NAME://host:port");
-        assert!(
-            protocols.contains_key(name),
-            "{name} has no security protocol"
-        );
-        assert_eq!(listeners.get(name), Some(&host_port(addr).1), "{l}");
-    }
-    let controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"].as_str();
-    assert!(protocols.contains_key(controller) && listeners.contains_key(controller));
-    assert!(protocols.contains_key(env["KAFKA_INTER_BROKER_LISTENER_NAME"].as_str()));
-
-    // The single voter is this node, on its controller listener.
-    let (id, addr) = env["KAFKA_CONTROLLER_QUORUM_VOTERS"]
-        .split_once('@')
-        .expect("id@host:port");
-    assert_eq!(id, env["KAFKA_NODE_ID"]);
-    assert_eq!(host_port(addr).1, listeners[controller]);
-
-    // A cluster id is a UUID in unpadded base64url: 22 characters.
-    let cluster = &env["CLUSTER_ID"];
-    assert!(
-        cluster.len() == 22
-            && cluster
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_'),
-        "CLUSTER_ID {cluster:?}"
-    );
-    // One broker cannot hold more replicas than one.
-    assert_eq!(env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"], "1");
-    assert_eq!(env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"], "1");
-}
-
-// ---------------------------------------------------------------------------------------
-// deploy/
-
-struct Manifests {
-    /// (file, document)
-    docs: Vec<(String, Value)>,
-}
-
-impl Manifests {
-    fn load() -> Manifests {
-        let mut files: Vec<String> = std::fs::read_dir(root().join("deploy"))
-            .expect("deploy/")
-            .map(|e| {
-                e.expect("dir entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
-            .collect();
-        files.sort();
-        let docs: Vec<(String, Value)> = files
-            .iter()
-            .flat_map(|f| {
-                yaml_docs(&format!("deploy/{f}"))
-                    .into_iter()
-                    .map(move |d| (f.clone(), d))
-            })
-            .collect();
-        for (file, doc) in &docs {
-            assert!(
-                opt_at(doc, &["apiVersion"]).is_some() && opt_at(doc, &["kind"]).is_some(),
-                "deploy/{file}: a document without apiVersion and kind"
-            );
-        }
-        Manifests { docs }
-    }
-
-    fn of_kind(&self, kind: &str) -> Vec<(&str, &Value)> {
-        self.docs
-            .iter()
-            .filter(|(_, d)| text(at(d, &["kind"])) == kind)
-            .map(|(f, d)| (f.as_str(), d))
-            .collect()
-    }
-
-    fn one(&self, kind: &str) -> (&str, &Value) {
-        let all = self.of_kind(kind);
-        assert_eq!(all.len(), 1, "expected one {kind} in deploy/");
-        all[0]
-    }
-
-    fn config_map(&self, name: &str) -> &Value {
-        self.of_kind("ConfigMap")
-            .into_iter()
-            .find(|(_, d)| text(at(d, &["metadata", "name"])) == name)
-            .map(|(_, d)| d)
-            .unwrap_or_else(|| panic!("no ConfigMap {name} in deploy/"))
-    }
-}
-
-/// What a workload's container would run with, read from its pod template.
-struct Container<'a> {
+/// One container that runs segment-sync with `--config`, as a shipped file defines it.
+struct Workload {
     what: String,
-    pod: &'a Value,
-    container: &'a Value,
+    /// The command line after the binary's name.
+    args: Vec<String>,
+    /// Its environment; a value from a Secret or a field is a placeholder, since only its
+    /// presence and its variable's name matter to the configuration.
+    env: Vec<(String, String)>,
+    /// The file `--config` names, as mounted in the container.
+    toml: String,
+    /// SIGTERM to SIGKILL, as the platform would allow it.
+    grace_ms: u64,
+    /// The Kubernetes container and pod template; `None` for compose.
+    pod: Option<(Value, Value)>,
 }
 
-impl<'a> Container<'a> {
-    fn of(what: &str, workload: &'a Value) -> Container<'a> {
-        let pod = at(workload, &["spec", "template"]);
-        let containers = at(pod, &["spec", "containers"])
-            .as_sequence()
-            .expect("containers");
-        assert_eq!(containers.len(), 1, "{what}: one container");
-        Container {
-            what: what.to_string(),
-            pod,
-            container: &containers[0],
-        }
+impl Workload {
+    fn command(&self) -> &str {
+        self.args.first().map_or("", String::as_str)
     }
 
-    fn args(&self) -> Vec<String> {
-        strings(at(self.container, &["args"]))
+    /// What segment-sync itself does with the configuration on this command line.
+    fn config(&self) -> Config {
+        let sends_to_braze = match self.command() {
+            "run" => true,
+            "replay" => !self.args.iter().any(|a| a == "--dry-run"),
+            _ => false,
+        };
+        let key = if sends_to_braze {
+            KeyRequirement::Required
+        } else {
+            KeyRequirement::Optional
+        };
+        let env = self
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) || k == API_KEY_ENV)
+            .cloned();
+        Config::from_toml_str_with(&self.toml, env, key).unwrap_or_else(|e| {
+            panic!(
+                "{}: the worker would refuse its configuration: {e}",
+                self.what
+            )
+        })
     }
 
-    /// The environment; a value from a Secret or a field stands in as a placeholder, since
-    /// only its presence and its variable's name matter to the configuration.
-    fn env(&self) -> Vec<(String, String)> {
-        opt_at(self.container, &["env"])
-            .and_then(Value::as_sequence)
-            .map(|items| {
-                items
+    /// `run` and `replay`: a group member that serves /metrics and the probes, and that
+    /// SIGTERM makes drain and commit before it leaves.
+    fn runs_the_pipeline(&self) -> bool {
+        matches!(self.command(), "run" | "replay")
+    }
+}
+
+fn compose() -> Value {
+    let mut docs = yaml_docs("docker-compose.yml");
+    assert_eq!(docs.len(), 1, "docker-compose.yml is one document");
+    docs.remove(0)
+}
+
+fn compose_env(service: &Value) -> BTreeMap<String, String> {
+    match opt_at(service, &["environment"]) {
+        None => BTreeMap::new(),
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .map(|i| {
+                let kv = text(i);
+                let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+                (k.to_string(), compose_expand(v))
+            })
+            .collect(),
+        Some(Value::Mapping(m)) => m
+            .iter()
+            .map(|(k, v)| (text(k), compose_expand(&text(v))))
+            .collect(),
+        Some(other) => panic!("environment: {other:?}"),
+    }
+}
+
+fn compose_workloads() -> Vec<Workload> {
+    let c = compose();
+    let services = at(&c, &["services"]).as_mapping().expect("services");
+    let mut out = Vec::new();
+    for (name, service) in services {
+        let what = format!("docker-compose.yml service {}", text(name));
+        let Some(command) = opt_at(service, &["command"]).map(words) else {
+            continue;
+        };
+        let Some(path) = flag(&command, "--config") else {
+            continue;
+        };
+        let host_file = opt_at(service, &["volumes"])
+            .map(list)
+            .unwrap_or_default()
+            .iter()
+            .map(text)
+            .find_map(|v| {
+                let mut parts = v.split(':');
+                let (host, target) = (parts.next()?, parts.next()?);
+                (target == path).then(|| host.trim_start_matches("./").to_string())
+            })
+            .unwrap_or_else(|| panic!("{what}: nothing is mounted at {path}"));
+        out.push(Workload {
+            toml: read(&host_file),
+            env: compose_env(service).into_iter().collect(),
+            // Docker's default when the file says nothing.
+            grace_ms: opt_at(service, &["stop_grace_period"])
+                .map_or(10_000, |d| compose_duration_ms(&text(d))),
+            args: command,
+            pod: None,
+            what,
+        });
+    }
+    out
+}
+
+fn kubernetes_workloads() -> Vec<Workload> {
+    let mut out = Vec::new();
+    for file in files_in("deploy", &[".yaml", ".yml"]) {
+        for doc in yaml_docs(&file) {
+            let Some(pod) = opt_at(&doc, &["spec", "template"]) else {
+                continue;
+            };
+            for container in list(at(pod, &["spec", "containers"])) {
+                let what = format!("{file} container {}", text(at(container, &["name"])));
+                let args: Vec<String> = opt_at(container, &["args"]).map(words).unwrap_or_default();
+                let Some(path) = flag(&args, "--config") else {
+                    continue;
+                };
+                let toml = config_map_file(&file, pod, container, &path)
+                    .unwrap_or_else(|| panic!("{what}: no ConfigMap key is mounted at {path}"));
+                let env = opt_at(container, &["env"])
+                    .map(list)
+                    .unwrap_or_default()
                     .iter()
                     .map(|e| {
                         let name = text(at(e, &["name"]));
-                        let value = match opt_at(e, &["value"]) {
-                            Some(v) => text(v),
-                            None => {
-                                at(e, &["valueFrom"]);
-                                format!("placeholder-for-{name}")
-                            }
-                        };
+                        let value = opt_at(e, &["value"])
+                            .map_or_else(|| format!("placeholder-for-{name}"), text);
                         (name, value)
                     })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn env_source(&self, name: &str) -> &'a Value {
-        at(self.container, &["env"])
-            .as_sequence()
-            .expect("env")
-            .iter()
-            .find(|e| e.get("name").map(text).as_deref() == Some(name))
-            .unwrap_or_else(|| panic!("{}: no env {name}", self.what))
-    }
-
-    /// The port number of a container port given by number or by name.
-    fn port(&self, port: &Value) -> u16 {
-        if let Some(n) = port.as_u64() {
-            return n as u16;
-        }
-        let name = text(port);
-        let ports = at(self.container, &["ports"]).as_sequence().expect("ports");
-        let p = ports
-            .iter()
-            .find(|p| p.get("name").map(text).as_deref() == Some(name.as_str()))
-            .unwrap_or_else(|| panic!("{}: no container port named {name}", self.what));
-        at(p, &["containerPort"]).as_u64().expect("containerPort") as u16
-    }
-
-    /// The configuration file `--config` names: a key of the ConfigMap mounted above it.
-    fn config(&self, manifests: &Manifests) -> Config {
-        let args = self.args();
-        let path = flag(&args, "--config")
-            .unwrap_or_else(|| panic!("{}: no --config in {args:?}", self.what));
-        let mounts = at(self.container, &["volumeMounts"])
-            .as_sequence()
-            .expect("mounts");
-        let (volume, file) = mounts
-            .iter()
-            .find_map(|m| {
-                let dir = text(at(m, &["mountPath"]));
-                let file = match opt_at(m, &["subPath"]) {
-                    Some(sub) if dir == path => text(sub),
-                    Some(_) => return None,
-                    None => path
-                        .strip_prefix(&format!("{}/", dir.trim_end_matches('/')))?
-                        .to_string(),
-                };
-                Some((text(at(m, &["name"])), file))
-            })
-            .unwrap_or_else(|| panic!("{}: nothing is mounted at {path}", self.what));
-        let volumes = at(self.pod, &["spec", "volumes"])
-            .as_sequence()
-            .expect("volumes");
-        let volume = volumes
-            .iter()
-            .find(|v| v.get("name").map(text).as_deref() == Some(volume.as_str()))
-            .unwrap_or_else(|| panic!("{}: no volume {volume}", self.what));
-        let map = text(at(volume, &["configMap", "name"]));
-        let toml = text(at(manifests.config_map(&map), &["data", &file]));
-        let env: Vec<(String, String)> = self
-            .env()
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("SEGMENT_SYNC_") || k == API_KEY_ENV)
-            .collect();
-        load(&toml, &env, &format!("{} ({map}/{file})", self.what))
-    }
-}
-
-#[test]
-fn deployment_probes_scrapes_and_shuts_down_where_the_worker_expects() {
-    let m = Manifests::load();
-    let (file, deployment) = m.one("Deployment");
-    let c = Container::of(&format!("deploy/{file}"), deployment);
-    assert_eq!(c.args()[0], "run");
-    let cfg = c.config(&m);
-    let port = listen_port(&cfg);
-
-    assert_eq!(text(at(deployment, &["spec", "replicas"])), "3");
-    let liveness = at(c.container, &["livenessProbe", "httpGet"]);
-    assert_eq!(
-        text(at(liveness, &["path"])),
-        "/healthz",
-        "livenessProbe path"
-    );
-    assert_eq!(
-        c.port(at(liveness, &["port"])),
-        port,
-        "livenessProbe port vs server.listen"
-    );
-    let readiness = at(c.container, &["readinessProbe", "httpGet"]);
-    assert_eq!(
-        text(at(readiness, &["path"])),
-        "/readyz",
-        "readinessProbe path"
-    );
-    assert_eq!(
-        c.port(at(readiness, &["port"])),
-        port,
-        "readinessProbe port vs server.listen"
-    );
-
-    let annotations = at(c.pod, &["metadata", "annotations"]);
-    assert_eq!(text(at(annotations, &["prometheus.io/scrape"])), "true");
-    assert_eq!(
-        text(at(annotations, &["prometheus.io/port"])),
-        port.to_string()
-    );
-    assert_eq!(text(at(annotations, &["prometheus.io/path"])), "/metrics");
-
-    // SIGTERM → drain (window.drain_timeout_ms) → commit → dead-letter flush: the kubelet
-    // must not SIGKILL before that is over.
-    let grace = at(c.pod, &["spec", "terminationGracePeriodSeconds"])
-        .as_u64()
-        .expect("terminationGracePeriodSeconds");
-    assert!(
-        grace * 1000 > cfg.window.drain_timeout_ms + DLQ_FLUSH_MS,
-        "terminationGracePeriodSeconds = {grace} does not cover window.drain_timeout_ms = {}",
-        cfg.window.drain_timeout_ms
-    );
-
-    // The key comes from a Secret, under the name the worker reads.
-    let key = c.env_source(API_KEY_ENV);
-    at(key, &["valueFrom", "secretKeyRef", "name"]);
-    at(key, &["valueFrom", "secretKeyRef", "key"]);
-    assert!(cfg.braze.api_key.is_some());
-
-    for r in ["requests", "limits"] {
-        at(c.container, &["resources", r, "memory"]);
-    }
-    assert_eq!(
-        text(at(c.pod, &["spec", "securityContext", "runAsNonRoot"])),
-        "true"
-    );
-}
-
-#[test]
-fn replay_job_backfills_beside_the_live_group() {
-    let m = Manifests::load();
-    let (file, job) = m.one("Job");
-    let c = Container::of(&format!("deploy/{file}"), job);
-    let args = c.args();
-    assert_eq!(args[0], "replay", "{args:?}");
-    let from = flag(&args, "--from").expect("--from");
-    segment_sync::replay::parse_from(&from).unwrap_or_else(|e| panic!("{e}"));
-    let cfg = c.config(&m);
-    listen_port(&cfg);
-    let restart = text(at(c.pod, &["spec", "restartPolicy"]));
-    assert!(restart == "Never" || restart == "OnFailure", "{restart}");
-    // A Job is run once per backfill: a generated name lets `kubectl create` run it again.
-    at(job, &["metadata", "generateName"]);
-    let key = c.env_source(API_KEY_ENV);
-    at(key, &["valueFrom", "secretKeyRef", "name"]);
-
-    // It reads the live group's topics and its configuration, but not its group: the live
-    // group's committed offsets are not moved.
-    let (_, deployment) = m.one("Deployment");
-    let live = Container::of("deployment", deployment).config(&m);
-    assert_eq!(cfg.kafka.topics, live.kafka.topics);
-    let group = flag(&args, "--group").unwrap_or_else(|| format!("{}.replay", cfg.kafka.group_id));
-    assert_ne!(group, live.kafka.group_id);
-}
-
-#[test]
-fn replicas_and_replays_fit_in_the_braze_rate_limit() {
-    let m = Manifests::load();
-    let (_, deployment) = m.one("Deployment");
-    let live = Container::of("deployment", deployment).config(&m);
-    let replicas = at(deployment, &["spec", "replicas"])
-        .as_u64()
-        .expect("replicas");
-    let (_, job) = m.one("Job");
-    let replay = Container::of("replay job", job).config(&m);
-    let total = replicas * u64::from(live.braze.requests_per_second)
-        + u64::from(replay.braze.requests_per_second);
-    assert!(
-        total <= BRAZE_WORKSPACE_RPS,
-        "{replicas} x {} + {} = {total} requests/s exceeds Braze's {BRAZE_WORKSPACE_RPS}/s per workspace",
-        live.braze.requests_per_second,
-        replay.braze.requests_per_second
-    );
-}
-
-#[test]
-fn secrets_disruption_budget_and_kustomization_agree_with_the_deployment() {
-    let m = Manifests::load();
-    let (_, deployment) = m.one("Deployment");
-    let c = Container::of("deployment", deployment);
-    let pod_labels = at(c.pod, &["metadata", "labels"])
-        .as_mapping()
-        .expect("labels");
-
-    let (_, pdb) = m.one("PodDisruptionBudget");
-    let selector = at(pdb, &["spec", "selector", "matchLabels"])
-        .as_mapping()
-        .expect("matchLabels");
-    assert_eq!(
-        at(deployment, &["spec", "selector", "matchLabels"]).as_mapping(),
-        Some(selector),
-        "the budget must cover exactly the Deployment's pods"
-    );
-    for (k, v) in selector {
-        assert_eq!(pod_labels.get(k), Some(v), "pod label {k:?}");
-    }
-    // ...and not the replay Job's, whose eviction the budget has no business blocking.
-    let (_, job) = m.one("Job");
-    let job_labels = at(job, &["spec", "template", "metadata", "labels"])
-        .as_mapping()
-        .expect("labels");
-    assert!(selector.iter().any(|(k, v)| job_labels.get(k) != Some(v)));
-
-    // `kubectl apply -k deploy/` deploys the worker, not a backfill.
-    let (_, kustomization) = m.one("Kustomization");
-    let resources = strings(at(kustomization, &["resources"]));
-    for r in &resources {
-        assert!(
-            root().join("deploy").join(r).is_file(),
-            "kustomization: no deploy/{r}"
-        );
-    }
-    assert!(
-        !resources.iter().any(|r| r.contains("replay")),
-        "{resources:?}"
-    );
-    for needed in ["configmap.yaml", "deployment.yaml", "pdb.yaml"] {
-        assert!(
-            resources.iter().any(|r| r == needed),
-            "{needed} not in {resources:?}"
-        );
-    }
-
-    // The README tells how to create every Secret the pods reference, with those keys.
-    let readme = read("deploy/README.md");
-    for (name, key) in secret_refs(&m) {
-        assert!(
-            readme.contains(&format!("secret generic {name}"))
-                && readme.contains(&format!("--from-literal={key}=")),
-            "deploy/README.md does not show how to create Secret {name} with key {key}"
-        );
-    }
-}
-
-/// Every (Secret, key) a pod template's env refers to.
-fn secret_refs(m: &Manifests) -> BTreeSet<(String, String)> {
-    let mut out = BTreeSet::new();
-    for kind in ["Deployment", "Job"] {
-        for (f, w) in m.of_kind(kind) {
-            let c = Container::of(f, w);
-            for (name, _) in c.env() {
-                if let Some(r) = opt_at(c.env_source(&name), &["valueFrom", "secretKeyRef"]) {
-                    out.insert((text(at(r, &["name"])), text(at(r, &["key"]))));
-                }
+                    .collect();
+                out.push(Workload {
+                    // Kubernetes' default when the manifest says nothing.
+                    grace_ms: 1000
+                        * opt_at(pod, &["spec", "terminationGracePeriodSeconds"])
+                            .map_or(30, |s| s.as_u64().expect("whole seconds")),
+                    pod: Some((container.clone(), pod.clone())),
+                    args,
+                    env,
+                    toml,
+                    what,
+                });
             }
         }
     }
     out
 }
 
-// ---------------------------------------------------------------------------------------
-// Dockerfile
-
-struct Dockerfile {
-    /// Instructions with continuation lines joined, comments dropped.
-    lines: Vec<String>,
+/// The text `path` holds in the container: a ConfigMap key mounted by `subPath`, or by a
+/// directory mount of the whole ConfigMap.
+fn config_map_file(file: &str, pod: &Value, container: &Value, path: &str) -> Option<String> {
+    let (volume, key) = list(opt_at(container, &["volumeMounts"])?)
+        .iter()
+        .find_map(|m| {
+            let dir = text(at(m, &["mountPath"]));
+            let key = match opt_at(m, &["subPath"]) {
+                Some(sub) if dir == path => text(sub),
+                Some(_) => return None,
+                None => path
+                    .strip_prefix(&format!("{}/", dir.trim_end_matches('/')))?
+                    .to_string(),
+            };
+            Some((text(at(m, &["name"])), key))
+        })?;
+    let volume = list(at(pod, &["spec", "volumes"]))
+        .iter()
+        .find(|v| v.get("name").map(text).as_deref() == Some(volume.as_str()))?;
+    let map = text(opt_at(volume, &["configMap", "name"])?);
+    let config_map = files_in("deploy", &[".yaml", ".yml"])
+        .iter()
+        .flat_map(|f| yaml_docs(f))
+        .filter(|d| d.get("kind").map(text).as_deref() == Some("ConfigMap"))
+        .find(|d| text(at(d, &["metadata", "name"])) == map)
+        .unwrap_or_else(|| panic!("{file}: no ConfigMap {map} in deploy/"));
+    Some(text(at(&config_map, &["data", &key])))
 }
 
-impl Dockerfile {
-    fn load() -> Dockerfile {
-        let mut lines = Vec::new();
-        let mut cur = String::new();
-        for raw in read("Dockerfile").lines() {
-            let t = raw.trim();
-            if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
+fn workloads() -> Vec<Workload> {
+    let compose = compose_workloads();
+    let kubernetes = kubernetes_workloads();
+    // Guards against a parser change that silently finds nothing to check.
+    assert!(
+        compose.iter().any(|w| w.command() == "run"),
+        "no compose service runs the worker"
+    );
+    assert!(
+        kubernetes.iter().any(|w| w.command() == "run"),
+        "no deploy/ workload runs the worker"
+    );
+    compose.into_iter().chain(kubernetes).collect()
+}
+
+#[test]
+fn every_shipped_workload_runs_with_a_configuration_the_worker_accepts() {
+    let all = workloads();
+    let live_groups: BTreeSet<String> = all
+        .iter()
+        .filter(|w| w.command() == "run")
+        .map(|w| w.config().kafka.group_id)
+        .collect();
+    for w in &all {
+        w.config();
+        if w.command() == "replay" {
+            let from = flag(&w.args, "--from").unwrap_or_else(|| panic!("{}: no --from", w.what));
+            segment_sync::replay::parse_from(&from).unwrap_or_else(|e| panic!("{}: {e}", w.what));
+            // Without --group the worker picks a group of the replay's own.
+            if let Some(group) = flag(&w.args, "--group") {
+                assert!(
+                    !live_groups.contains(&group),
+                    "{}: --group {group} is the live group's: the backfill would move its offsets",
+                    w.what
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_docs_configuration_examples_load() {
+    let mut examples = 0;
+    for file in docs() {
+        let doc = read(&file);
+        for block in doc.split("```toml").skip(1) {
+            let example = &block[..block.find("```").expect("closing ```")];
+            Config::from_toml_str_with(example, Vec::new(), KeyRequirement::Optional)
+                .unwrap_or_else(|e| panic!("{file}: a TOML example the worker refuses: {e}"));
+            examples += 1;
+        }
+    }
+    assert!(examples > 0, "no ```toml example found in {:?}", docs());
+}
+
+#[test]
+fn stopping_leaves_the_worker_time_to_drain_and_commit() {
+    for w in workloads().iter().filter(|w| w.runs_the_pipeline()) {
+        // SIGTERM → drain (window.drain_timeout_ms) → commit → dead-letter flush → leave.
+        // Killed earlier, what was in flight is sent again by the next owner.
+        let needed = w.config().window.drain_timeout_ms + DLQ_FLUSH_MS;
+        assert!(
+            w.grace_ms > needed,
+            "{}: {} ms from SIGTERM to SIGKILL does not cover window.drain_timeout_ms plus the \
+             {DLQ_FLUSH_MS} ms dead-letter flush ({needed} ms)",
+            w.what,
+            w.grace_ms
+        );
+    }
+}
+
+#[test]
+fn probes_and_scrapes_reach_where_the_worker_listens() {
+    for w in workloads().iter().filter(|w| w.runs_the_pipeline()) {
+        let cfg = w.config();
+        let addr: SocketAddr = cfg.server.listen.parse().expect("validated by Config");
+        assert!(
+            addr.ip().is_unspecified(),
+            "{}: server.listen = {}: probes and scrapes come from outside the container; \
+             listen on 0.0.0.0",
+            w.what,
+            cfg.server.listen
+        );
+        let Some((container, pod)) = &w.pod else {
+            continue;
+        };
+        let named = |port: &Value| -> u16 {
+            if let Some(n) = port.as_u64() {
+                return n as u16;
+            }
+            let name = text(port);
+            let p = list(at(container, &["ports"]))
+                .iter()
+                .find(|p| p.get("name").map(text) == Some(name.clone()))
+                .unwrap_or_else(|| panic!("{}: no container port named {name}", w.what));
+            at(p, &["containerPort"]).as_u64().expect("containerPort") as u16
+        };
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            if let Some(port) = opt_at(container, &[probe, "httpGet", "port"]) {
+                assert_eq!(
+                    named(port),
+                    addr.port(),
+                    "{}: {probe} vs server.listen",
+                    w.what
+                );
+            }
+        }
+        if let Some(port) = opt_at(pod, &["metadata", "annotations", "prometheus.io/port"]) {
+            assert_eq!(
+                text(port),
+                addr.port().to_string(),
+                "{}: prometheus.io/port vs server.listen",
+                w.what
+            );
+        }
+    }
+}
+
+#[test]
+fn the_compose_worker_reaches_the_stack_it_is_shipped_with() {
+    let c = compose();
+    let service = |name: &str| at(&c, &["services", name]);
+    let worker = compose_workloads()
+        .into_iter()
+        .find(|w| w.command() == "run")
+        .expect("a compose service runs the worker")
+        .config();
+
+    let kafka = compose_env(service("kafka"));
+    let advertised: BTreeSet<(String, u16)> = kafka["KAFKA_ADVERTISED_LISTENERS"]
+        .split(',')
+        .map(|l| url_host_port(l.trim()))
+        .collect();
+    for broker in worker.kafka.brokers.split(',') {
+        assert!(
+            advertised.contains(&host_port(broker.trim())),
+            "kafka.brokers {broker} is not a listener the broker advertises: {advertised:?}"
+        );
+    }
+    // Automatic topic creation is off in the stack, so what the worker reads and writes must
+    // be created by a service.
+    let commands: String = at(&c, &["services"])
+        .as_mapping()
+        .expect("services")
+        .values()
+        .filter_map(|s| opt_at(s, &["command"]).map(|v| words(v).join(" ")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for topic in worker.kafka.topics.iter().chain([&worker.kafka.dlq_topic]) {
+        assert!(
+            commands.contains(&format!("--topic {topic} ")),
+            "no compose service creates {topic}"
+        );
+    }
+
+    let registry = compose_env(service("schema-registry"));
+    let (_, registry_port) = url_host_port(&registry["SCHEMA_REGISTRY_LISTENERS"]);
+    assert_eq!(
+        url_host_port(&worker.kafka.schema_registry_url),
+        ("schema-registry".to_string(), registry_port)
+    );
+
+    let sim = words(at(service("braze-sim"), &["command"]));
+    let (_, sim_port) = host_port(&flag(&sim, "--listen").expect("braze-sim --listen"));
+    assert_eq!(
+        url_host_port(&worker.braze_base_url()),
+        ("braze-sim".to_string(), sim_port)
+    );
+    // A key the simulator does not expect is a 401: the worker pauses and never syncs.
+    let sim_key = compose_env(service("braze-sim")).get(API_KEY_ENV).cloned();
+    assert_eq!(
+        worker.braze.api_key, sim_key,
+        "{API_KEY_ENV} of worker and braze-sim"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Names the files and docs use
+
+/// Every `prefix…` identifier in `text`.
+fn tokens<'a>(text: &'a str, prefix: &str) -> BTreeSet<&'a str> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(prefix) {
+        let start = &rest[i..];
+        let end = start
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(start.len());
+        out.insert(&start[..end]);
+        rest = &start[end..];
+    }
+    out
+}
+
+#[test]
+fn every_variable_the_files_and_docs_name_is_one_the_worker_reads() {
+    let mut files = docs();
+    files.extend(files_in("deploy", &[".yaml", ".yml"]));
+    files.extend(files_in("docker", &[".toml"]));
+    files.extend(["docker-compose.yml".into(), "Dockerfile".into()]);
+    let mut checked = 0;
+    for file in &files {
+        let body = read(file);
+        // `SEGMENT_SYNC_<SECTION>_<KEY>` and `..._PROPERTIES_<NAME>` are patterns, not names.
+        for var in tokens(&body, ENV_PREFIX)
+            .into_iter()
+            .filter(|t| !t.ends_with('_'))
+        {
+            // The value may not suit the key's type; only a name the worker ignores is wrong.
+            let r = Config::from_toml_str_with(
+                "",
+                [(var.to_string(), "1".to_string())],
+                KeyRequirement::Optional,
+            );
+            if let Err(e @ ConfigError::UnknownEnv { .. }) = r {
+                panic!("{file} names {var}: {e}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no {ENV_PREFIX}* variable found in {files:?}");
+    // A misspelt key variable is simply not read: the worker then starts without a key.
+    for w in workloads() {
+        for (name, _) in &w.env {
+            assert!(
+                !name.starts_with("BRAZE_") || name == API_KEY_ENV,
+                "{}: {name} is not read; the key comes from {API_KEY_ENV}",
+                w.what
+            );
+        }
+    }
+}
+
+/// Every metric family the worker exports. A labelled family has no sample until it has a
+/// child, so `gather` misses it: those are taken from their descriptions.
+fn metric_names() -> BTreeSet<String> {
+    let m = Metrics::new();
+    let labelled = [
+        m.events_invalid.desc(),
+        m.braze_requests.desc(),
+        m.dlq_records.desc(),
+        m.committed_offset.desc(),
+        m.consumer_lag.desc(),
+    ];
+    m.registry
+        .gather()
+        .iter()
+        .map(|f| f.name().to_string())
+        .chain(labelled.iter().flatten().map(|d| d.fq_name.clone()))
+        .collect()
+}
+
+#[test]
+fn the_docs_name_exactly_the_metrics_the_worker_exports() {
+    let names = metric_names();
+    let guide = "docs/operating.md";
+    let reference = read(guide);
+    for name in &names {
+        assert!(
+            reference.contains(&format!("`{name}`")),
+            "{guide} does not document {name}"
+        );
+    }
+    for file in docs() {
+        let body = read(&file);
+        for token in tokens(&body, "segment_sync_") {
+            // `segment_sync_` alone is the prefix in prose.
+            if token == "segment_sync_" {
                 continue;
             }
-            match t.strip_suffix('\\') {
-                Some(part) => {
-                    cur.push_str(part);
-                    cur.push(' ');
-                }
-                None => {
-                    cur.push_str(t);
-                    lines.push(std::mem::take(&mut cur));
-                }
-            }
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| token.strip_suffix(s))
+                .filter(|f| names.contains(*f))
+                .unwrap_or(token);
+            assert!(
+                names.contains(family),
+                "{file} names {token}, which the worker does not export \
+                 (a new labelled family belongs in metric_names)"
+            );
         }
-        Dockerfile { lines }
-    }
-
-    /// The instructions of each stage, by `AS` name (or index).
-    fn stages(&self) -> Vec<(String, String, Vec<String>)> {
-        let mut out: Vec<(String, String, Vec<String>)> = Vec::new();
-        for l in &self.lines {
-            let mut w = l.split_whitespace();
-            if w.next().is_some_and(|i| i.eq_ignore_ascii_case("FROM")) {
-                let image = w.next().expect("FROM image").to_string();
-                let name = match (w.next(), w.next()) {
-                    (Some(kw), Some(n)) if kw.eq_ignore_ascii_case("AS") => n.to_string(),
-                    _ => out.len().to_string(),
-                };
-                out.push((name, image, Vec::new()));
-            } else if let Some(stage) = out.last_mut() {
-                stage.2.push(l.clone());
-            }
-        }
-        out
     }
 }
 
-fn instr<'a>(lines: &'a [String], name: &str) -> Vec<&'a str> {
-    lines
-        .iter()
-        .filter_map(|l| {
-            let (i, rest) = l.split_once(char::is_whitespace)?;
-            i.eq_ignore_ascii_case(name).then_some(rest.trim())
-        })
-        .collect()
+// ---------------------------------------------------------------------------------------
+// The image builds from what the build context holds
+
+/// Dockerfile instructions, continuation lines joined and comments dropped, by stage.
+fn dockerfile_stages() -> Vec<Vec<String>> {
+    let mut stages: Vec<Vec<String>> = Vec::new();
+    let mut cur = String::new();
+    for raw in read("Dockerfile").lines() {
+        let t = raw.trim();
+        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
+            continue;
+        }
+        if let Some(part) = t.strip_suffix('\\') {
+            cur.push_str(part);
+            cur.push(' ');
+            continue;
+        }
+        cur.push_str(t);
+        let line = std::mem::take(&mut cur);
+        if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|i| i.eq_ignore_ascii_case("FROM"))
+        {
+            stages.push(Vec::new());
+        } else if let Some(stage) = stages.last_mut() {
+            stage.push(line);
+        }
+    }
+    stages
 }
 
 /// The sources of the COPY instructions among `lines` (not those copied from another stage).
 fn copy_sources(lines: &[String]) -> Vec<String> {
-    instr(lines, "COPY")
+    lines
         .iter()
-        .filter(|c| !c.contains("--from="))
-        .flat_map(|c| {
-            let w: Vec<&str> = c
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from="))
+        .flat_map(|l| {
+            let w: Vec<&str> = l
                 .split_whitespace()
+                .skip(1)
                 .filter(|w| !w.starts_with("--"))
                 .collect();
             w[..w.len() - 1]
@@ -890,15 +705,10 @@ fn copy_sources(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Whether `path` is one of `sources` or inside one of them.
 fn covered(sources: &[String], path: &str) -> bool {
     sources
         .iter()
         .any(|c| path == c || path.starts_with(&format!("{c}/")))
-}
-
-fn json_list(s: &str) -> Vec<String> {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("not an exec-form list: {s}: {e}"))
 }
 
 /// Every Cargo target's source file: cargo refuses a manifest whose declared target file is
@@ -917,11 +727,14 @@ fn cargo_targets() -> Vec<String> {
     for (kind, dir) in [
         ("bin", "src/bin"),
         ("bench", "benches"),
-        ("test", "tests"),
         ("example", "examples"),
     ] {
-        let targets = manifest.get(kind).and_then(toml::Value::as_array);
-        for t in targets.into_iter().flatten() {
+        for t in manifest
+            .get(kind)
+            .and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let name = t
                 .get("name")
                 .and_then(toml::Value::as_str)
@@ -934,6 +747,7 @@ fn cargo_targets() -> Vec<String> {
 
 /// Every file an `include_str!` or `include_bytes!` of src/ reads, from the crate's root.
 fn compile_time_includes() -> Vec<String> {
+    let crate_root = std::fs::canonicalize(root()).expect("crate root");
     let mut out = Vec::new();
     let mut stack = vec![root().join("src")];
     while let Some(dir) = stack.pop() {
@@ -947,13 +761,11 @@ fn compile_time_includes() -> Vec<String> {
             for macro_name in ["include_str!(\"", "include_bytes!(\""] {
                 for piece in src.split(macro_name).skip(1) {
                     let rel = piece.split('"').next().expect("path");
-                    let full = normalize(&p.parent().expect("parent").join(rel));
-                    out.push(
-                        full.strip_prefix(root())
-                            .expect("inside the crate")
-                            .to_string_lossy()
-                            .into_owned(),
-                    );
+                    let file = p.parent().expect("parent").join(rel);
+                    let full = std::fs::canonicalize(&file)
+                        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                    let rel = full.strip_prefix(&crate_root).expect("inside the crate");
+                    out.push(rel.to_string_lossy().into_owned());
                 }
             }
         }
@@ -961,41 +773,15 @@ fn compile_time_includes() -> Vec<String> {
     out
 }
 
-fn normalize(p: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
-}
-
 #[test]
-fn dockerfile_builds_the_binary_in_a_builder_stage_and_runs_it_unprivileged() {
-    let d = Dockerfile::load();
-    let stages = d.stages();
-    assert!(stages.len() >= 2, "multi-stage: {stages:?}");
-    let (_, builder_image, builder) = stages
+fn the_image_build_has_every_input_it_compiles() {
+    // `docker compose up --build` is the README's first step; no engine runs in CI to catch
+    // a source the builder never sees.
+    let stages = dockerfile_stages();
+    let builder = stages
         .iter()
-        .find(|(n, _, _)| n == "builder")
-        .expect("a stage FROM ... AS builder");
-    assert_eq!(builder_image, "rust:1-bookworm");
-    let (_, runtime_image, runtime) = stages.last().expect("final stage");
-    assert_eq!(runtime_image, "debian:bookworm-slim");
-
-    let runs = instr(builder, "RUN").join("\n");
-    for pkg in ["cmake", "pkg-config", "libssl-dev"] {
-        assert!(runs.contains(pkg), "the builder does not install {pkg}");
-    }
-    assert!(runs.contains("cargo build --release --locked"), "{runs}");
-
-    // Every build input is copied into the builder, and none is kept out of the build
-    // context by .dockerignore.
+        .find(|s| s.iter().any(|l| l.contains("cargo build")))
+        .expect("a stage that runs cargo build");
     let copied = copy_sources(builder);
     let ignored: Vec<String> = read(".dockerignore")
         .lines()
@@ -1004,7 +790,6 @@ fn dockerfile_builds_the_binary_in_a_builder_stage_and_runs_it_unprivileged() {
         .map(|l| l.trim_end_matches('/').to_string())
         .collect();
     let targets = cargo_targets();
-    assert!(targets.iter().any(|t| t == "src/main.rs"), "{targets:?}");
     let inputs = ["Cargo.toml".to_string(), "Cargo.lock".to_string()]
         .into_iter()
         .chain(targets.iter().cloned())
@@ -1012,15 +797,15 @@ fn dockerfile_builds_the_binary_in_a_builder_stage_and_runs_it_unprivileged() {
     for input in inputs {
         assert!(
             covered(&copied, &input),
-            "the builder does not COPY {input} (copied: {copied:?})"
+            "the builder does not COPY {input}"
         );
         assert!(
             !covered(&ignored, &input),
             ".dockerignore keeps {input} out of the build context"
         );
     }
-    // The dependency layer is built before the sources are copied: every target file must
-    // be there already, copied before it or stubbed by it.
+    // The dependency layer is built before the sources arrive: cargo still wants every
+    // declared target's file, copied before it or stubbed by it.
     let deps_build = builder
         .iter()
         .position(|l| l.starts_with("RUN") && l.contains("cargo build"))
@@ -1029,202 +814,7 @@ fn dockerfile_builds_the_binary_in_a_builder_stage_and_runs_it_unprivileged() {
     for target in &targets {
         assert!(
             covered(&before, target) || builder[deps_build].contains(target.as_str()),
-            "the dependency layer has neither a copy nor a stub of {target}: {}",
-            builder[deps_build]
+            "the dependency layer has neither a copy nor a stub of {target}"
         );
     }
-
-    // The runtime stage: the binary only, from the builder, as a non-root user.
-    let copies = instr(runtime, "COPY");
-    assert!(
-        copies
-            .iter()
-            .any(|c| c.contains("--from=builder") && c.contains("segment-sync")),
-        "{copies:?}"
-    );
-    let user = instr(runtime, "USER");
-    let user = user.last().expect("USER");
-    assert!(!["root", "0", "0:0"].contains(user), "USER {user}");
-    let runtime_runs = instr(runtime, "RUN").join("\n");
-    for pkg in ["ca-certificates", "libssl3"] {
-        assert!(runtime_runs.contains(pkg), "the runtime lacks {pkg}");
-    }
-    assert!(
-        !runtime_runs.contains("cargo"),
-        "no toolchain in the runtime image"
-    );
-
-    let entrypoint = json_list(instr(runtime, "ENTRYPOINT").last().expect("ENTRYPOINT"));
-    assert_eq!(entrypoint, ["segment-sync"]);
-    let cmd = json_list(instr(runtime, "CMD").last().expect("CMD"));
-    assert_eq!(cmd[0], "run");
-    let default_config = flag(&cmd, "--config").expect("CMD --config");
-
-    // The port it exposes, and the config path it defaults to, are those compose and the
-    // manifests use.
-    let expose = instr(runtime, "EXPOSE").join(" ");
-    let compose = Compose::load();
-    let worker = compose.segment_sync_config("worker");
-    assert!(
-        expose
-            .split_whitespace()
-            .any(|p| p == listen_port(&worker).to_string()),
-        "EXPOSE {expose}"
-    );
-    assert_eq!(
-        flag(&compose.command("worker"), "--config"),
-        Some(default_config.clone())
-    );
-    let m = Manifests::load();
-    let (_, deployment) = m.one("Deployment");
-    assert_eq!(
-        flag(&Container::of("deployment", deployment).args(), "--config"),
-        Some(default_config)
-    );
-}
-
-// ---------------------------------------------------------------------------------------
-// The operator's guide
-
-/// Every metric family the worker exports, vectors included.
-fn metric_names() -> BTreeSet<String> {
-    let m = segment_sync::metrics::Metrics::new();
-    // A vector shows in the exposition only once it has a child.
-    m.events_invalid.with_label_values(&["invalid"]).inc();
-    m.braze_requests.with_label_values(&["2xx"]).inc();
-    m.dlq_records.with_label_values(&["rejected"]).inc();
-    m.committed_offset.with_label_values(&["t", "0"]).set(1);
-    m.consumer_lag.with_label_values(&["t", "0"]).set(1);
-    m.registry
-        .gather()
-        .iter()
-        .map(|f| f.name().to_string())
-        .collect()
-}
-
-fn tokens<'a>(text: &'a str, prefix: &str) -> BTreeSet<&'a str> {
-    let mut out = BTreeSet::new();
-    let mut rest = text;
-    while let Some(i) = rest.find(prefix) {
-        let start = &rest[i..];
-        let end = start
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(start.len());
-        out.insert(&start[..end]);
-        rest = &start[end..];
-    }
-    out
-}
-
-#[test]
-fn the_guide_documents_every_metric_and_names_no_metric_that_does_not_exist() {
-    let guide = read("docs/operating.md");
-    let names = metric_names();
-    assert!(
-        names.contains("segment_sync_consumer_lag")
-            && names.contains("segment_sync_dlq_records_total"),
-        "labelled families are listed too: {names:?}"
-    );
-    for name in &names {
-        assert!(
-            guide.contains(&format!("`{name}`")),
-            "docs/operating.md does not document {name}"
-        );
-    }
-    for token in tokens(&guide, "segment_sync_") {
-        let base = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| token.strip_suffix(s))
-            .filter(|b| names.contains(*b))
-            .unwrap_or(token);
-        // `segment_sync_` alone is the prefix in prose, and segment_sync:: the library.
-        if base == "segment_sync_" {
-            continue;
-        }
-        assert!(
-            names.contains(base),
-            "docs/operating.md names {token}, which the worker does not export"
-        );
-    }
-}
-
-#[test]
-fn every_environment_variable_the_docs_and_manifests_name_is_one_the_worker_knows() {
-    let mut named = BTreeMap::new();
-    for file in [
-        "docs/operating.md",
-        "deploy/README.md",
-        "docker-compose.yml",
-        "deploy/deployment.yaml",
-        "deploy/replay-job.yaml",
-    ] {
-        let text = read(file);
-        for t in tokens(&text, "SEGMENT_SYNC_") {
-            // `SEGMENT_SYNC_<SECTION>_<KEY>` and the like are patterns, not variables.
-            if !t.ends_with('_') {
-                named.entry(t.to_string()).or_insert(file);
-            }
-        }
-    }
-    assert!(named.len() >= 4, "{named:?}");
-    for (var, file) in named {
-        // The value may not suit the key's type; only an unknown name is wrong here.
-        let r = Config::from_toml_str_with(
-            "",
-            [(var.clone(), "1".to_string())],
-            KeyRequirement::Optional,
-        );
-        assert!(
-            !matches!(r, Err(ConfigError::UnknownEnv { .. })),
-            "{file} names {var}, which matches no configuration key: {}",
-            r.err().map(|e| e.to_string()).unwrap_or_default()
-        );
-    }
-}
-
-#[test]
-fn the_guide_covers_what_an_operator_looks_up() {
-    let guide = read("docs/operating.md");
-    for needle in [
-        API_KEY_ENV,
-        "api_key_file",
-        "check-config",
-        "security.protocol",
-        "SASL_SSL",
-        "SCRAM-SHA-512",
-        "sasl.username",
-        "sasl.password",
-        "ssl.ca.location",
-        "/healthz",
-        "/readyz",
-        "RUST_LOG",
-        "segment-sync replay",
-        "--from",
-        "--dry-run",
-        "--until-start",
-        "--group",
-        "docker compose up --build",
-        "deploy/README.md",
-        "drain_timeout_ms",
-    ] {
-        assert!(
-            guide.contains(needle),
-            "docs/operating.md does not mention {needle}"
-        );
-    }
-    // The SASL example is a configuration the worker accepts.
-    let start = guide
-        .find("```toml")
-        .expect("a ```toml example in docs/operating.md");
-    let body = &guide[start + 7..];
-    let example = &body[..body.find("```").expect("closing ```")];
-    let cfg = Config::from_toml_str_with(example, Vec::new(), KeyRequirement::Optional)
-        .unwrap_or_else(|e| panic!("the guide's TOML example: {e}"));
-    assert_eq!(
-        cfg.kafka
-            .properties
-            .get("security.protocol")
-            .map(String::as_str),
-        Some("SASL_SSL")
-    );
 }
