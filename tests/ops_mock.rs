@@ -4,20 +4,20 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use segment_sync::config::Config;
 use segment_sync::generate::{Generated, Generator, GeneratorConfig};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
-use segment_sync::pipeline::{self, RunOptions, RunSummary, StartAt, Until};
+use segment_sync::pipeline::{self, RunOptions, StartAt, Until};
 use segment_sync::sim::Faults;
 
 use support::expected::{boolean_profiles, diff, strip_identifiers, Landed};
 use support::mock::{mock_env, MockEnv};
+use support::running::{wait_until, Running};
 use support::worker::{committed, end_offsets, produce, test_config};
 
 type Env = MockEnv;
@@ -26,55 +26,8 @@ fn env(faults: Faults) -> Env {
     mock_env(faults, 0)
 }
 
-/// A worker on its own thread, stopped by its flag.
-struct Running {
-    stop: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    thread: JoinHandle<RunSummary>,
-}
-
-fn start(env: &Env, cfg: &Config, group: Option<&str>, start: StartAt, until: Until) -> Running {
-    let stop = Arc::new(AtomicBool::new(false));
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::new());
-    let opts = RunOptions {
-        group_id: group.map(str::to_string),
-        start,
-        until,
-        run_id: None,
-        stop: stop.clone(),
-        dry_run: None,
-        progress: None,
-    };
-    let (cfg, m, h, rt) = (
-        cfg.clone(),
-        metrics.clone(),
-        health.clone(),
-        env.rt.handle().clone(),
-    );
-    let thread = std::thread::spawn(move || pipeline::run(&cfg, opts, m, h, rt).expect("worker"));
-    Running {
-        stop,
-        metrics,
-        health,
-        thread,
-    }
-}
-
-impl Running {
-    fn stop(self) -> RunSummary {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("worker thread")
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn start(env: &Env, cfg: &Config, group: Option<&str>, start_at: StartAt, until: Until) -> Running {
+    support::running::start(&env.rt, cfg, group, start_at, until)
 }
 
 fn caught_up(cfg: &Config, group: &str, partitions: i32) -> bool {

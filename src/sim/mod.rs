@@ -37,8 +37,12 @@ pub struct Faults {
     pub fail_next_5xx: u32,
     /// Probability of a 503 per request.
     pub fail_5xx_rate: f64,
-    /// The next N authorised requests get 429 (Remaining 0, Reset the next second).
+    /// The next N authorised requests get 429 (Remaining 0, Reset the next second, or
+    /// `reset_after_s` seconds on).
     pub fail_next_429: u32,
+    /// How far ahead an injected 429's `X-RateLimit-Reset` lies, in seconds (0: the next
+    /// second).
+    pub reset_after_s: u64,
     /// Objects whose external_id or email starts with this get a per-object error.
     pub reject_prefix: Option<String>,
     /// Probability of a per-object error per object.

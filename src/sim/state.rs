@@ -300,7 +300,7 @@ impl SimState {
         if faults.fail_next_429 > 0 {
             faults.fail_next_429 -= 1;
             inc(&c.responses_429);
-            let reset = now_ms() / 1000 + 1;
+            let reset = now_ms() / 1000 + faults.reset_after_s.max(1);
             let limit = rate.map_or(self.rate_limit, |d| d.limit);
             let rate = Decision {
                 allowed: false,

@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod mock;
 pub mod procs;
 pub mod registry;
+pub mod running;
 pub mod worker;
 
 /// Logs of the code under test, shown for failing tests (RUST_LOG picks the level).

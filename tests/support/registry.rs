@@ -6,7 +6,7 @@
 //!   schema text gets the same id again, under any subject, as the real registry does.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
@@ -22,6 +22,8 @@ struct Schemas {
     /// Index + 1 is the id: ids start at 1 as in the real registry.
     texts: Mutex<Vec<String>>,
     fetches: AtomicU64,
+    /// While set, schema lookups answer 503, as a registry in an outage does.
+    down: AtomicBool,
 }
 
 impl Schemas {
@@ -79,6 +81,11 @@ impl Registry {
         self.schemas.register(schema)
     }
 
+    /// An outage (`true`) or its end.
+    pub fn set_down(&self, down: bool) {
+        self.schemas.down.store(down, Ordering::Relaxed);
+    }
+
     /// How many `GET /schemas/ids/{id}` requests were answered (found or not).
     pub fn fetches(&self) -> u64 {
         self.schemas.fetches.load(Ordering::Relaxed)
@@ -87,6 +94,9 @@ impl Registry {
 
 async fn schema_by_id(State(schemas): State<Arc<Schemas>>, Path(id): Path<u32>) -> Response {
     schemas.fetches.fetch_add(1, Ordering::Relaxed);
+    if schemas.down.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "registry down").into_response();
+    }
     let texts = schemas.texts.lock().expect("registry lock");
     match id
         .checked_sub(1)

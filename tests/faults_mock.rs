@@ -1,0 +1,331 @@
+//! Faults at the edges of the guarantees, in process on librdkafka's mock cluster with the
+//! Braze simulator: a registry outage longer than the poll interval, a re-read of a rejected
+//! record through a broker blip, a dead-letter record Kafka will not take, a request
+//! stopped when its partition moves.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+use segment_sync::config::{Config, Format};
+use segment_sync::decode::SCHEMA;
+use segment_sync::dlq;
+use segment_sync::generate::{Generated, Generator, GeneratorConfig, Record};
+use segment_sync::pipeline::{StartAt, Until};
+use segment_sync::sim::{self, Faults, SimConfig};
+
+use support::expected::{boolean_profiles, diff, strip_identifiers, Landed};
+use support::mock::{mock_env, MockEnv};
+use support::registry::Registry;
+use support::running::{start, wait_until, Running};
+use support::worker::{committed, end_offsets, header, produce, read_all, test_config, API_KEY};
+
+fn records(n: usize, seed: u64, users: usize) -> Vec<Generated> {
+    Generator::new(GeneratorConfig {
+        users,
+        segments: 3,
+        repeat_rate: 0.0,
+        out_of_order_rate: 0.0,
+        bad_rate: 0.0,
+        email_only_rate: 0.0,
+        seed,
+    })
+    .take(n)
+    .collect()
+}
+
+fn worker(env: &MockEnv, cfg: &Config) -> Running {
+    start(&env.rt, cfg, None, StartAt::Committed, Until::Stopped)
+}
+
+fn all_committed(cfg: &Config, partitions: i32) -> bool {
+    let topic = &cfg.kafka.topics[0];
+    committed(&cfg.kafka.brokers, &cfg.kafka.group_id, topic, partitions)
+        == end_offsets(&cfg.kafka.brokers, topic, partitions)
+}
+
+type Profiles = std::collections::BTreeMap<String, serde_json::Map<String, serde_json::Value>>;
+
+fn profile_diff(profiles: Profiles, landed: &[Landed]) -> Vec<String> {
+    diff(&boolean_profiles(landed, ""), &strip_identifiers(profiles))
+}
+
+/// A registry outage longer than `max.poll.interval.ms`: the worker holds the records that
+/// wait (it never sleeps on the consuming thread), stays in its group, says why it is not
+/// ready, dead-letters nothing, and delivers everything once the registry answers.
+#[test]
+fn a_registry_outage_longer_than_the_poll_interval_holds_records_and_keeps_the_group() {
+    let env = mock_env(Faults::default(), 0);
+    let topic = "registry-outage";
+    env.cluster.create_topic(topic, 2, 1).unwrap();
+    env.cluster
+        .create_topic("registry-outage.dlq", 1, 1)
+        .unwrap();
+    let registry = Registry::start();
+    assert_eq!(
+        registry.register(SCHEMA),
+        1,
+        "payloads are written with id 1"
+    );
+    let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    cfg.kafka.format = Format::AvroConfluent;
+    cfg.kafka.schema_registry_url = registry.url.clone();
+    for (k, v) in [
+        ("session.timeout.ms", "6000"),
+        ("max.poll.interval.ms", "6000"),
+    ] {
+        cfg.kafka.properties.insert(k.into(), v.into());
+    }
+    registry.set_down(true);
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records(600, 71, 200),
+    );
+    let w = worker(&env, &cfg);
+    wait_until(
+        "readiness names the registry",
+        Duration::from_secs(30),
+        || {
+            w.health
+                .readiness()
+                .is_err_and(|why| why.contains("schema registry"))
+        },
+    );
+    // Longer than max.poll.interval.ms: a member that stopped polling would be out of the
+    // group by now, and its partitions revoked.
+    std::thread::sleep(Duration::from_secs(9));
+    let why = w.health.readiness().unwrap_err();
+    assert!(why.contains("schema registry"), "{why}");
+    assert!(
+        w.health.assigned.load(std::sync::atomic::Ordering::Relaxed),
+        "the member kept its partitions"
+    );
+    assert_eq!(env.sim.state.stats().objects_applied, 0);
+    registry.set_down(false);
+    wait_until(
+        "everything is delivered and committed",
+        Duration::from_secs(60),
+        || all_committed(&cfg, 2),
+    );
+    assert!(w.health.readiness().is_ok(), "ready again");
+    let summary = w.stop();
+    assert_eq!(summary.dlq_records, 0, "an outage dead-letters nothing");
+    assert_eq!(summary.undecodable, 0);
+    let d = profile_diff(env.sim.state.profiles(), &landed);
+    assert!(d.is_empty(), "{}", d.join("\n"));
+}
+
+/// Braze rejects some users while the broker answers fetches with errors for longer than one
+/// re-read attempt (10 s): the re-read is tried again until it has the record, so the
+/// dead-letter copy carries the original value, and only then is the offset committed.
+#[test]
+fn a_rejected_record_is_read_back_through_a_broker_blip_with_its_value() {
+    let env = mock_env(
+        Faults {
+            reject_prefix: Some("user-0001".into()),
+            latency_ms: 1500,
+            ..Faults::default()
+        },
+        0,
+    );
+    let topic = "reread-blip";
+    env.cluster.create_topic(topic, 1, 1).unwrap();
+    env.cluster.create_topic("reread-blip.dlq", 1, 1).unwrap();
+    let cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    let recs = records(400, 81, 200);
+    let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &recs);
+    let w = worker(&env, &cfg);
+    wait_until("every record is read", Duration::from_secs(30), || {
+        w.metrics.events_consumed.get() == 400
+    });
+    // Braze answers after 1.5 s; by then every fetch fails for a good while.
+    env.cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 60],
+    );
+    wait_until(
+        "everything is settled and committed",
+        Duration::from_secs(120),
+        || all_committed(&cfg, 1),
+    );
+    let summary = w.stop();
+    let rejected: BTreeSet<(i32, i64)> = landed
+        .iter()
+        .filter(|l| {
+            l.event
+                .as_ref()
+                .and_then(|e| e.external_id.as_deref())
+                .is_some_and(|id| id.starts_with("user-0001"))
+        })
+        .map(|l| (l.partition, l.offset))
+        .collect();
+    assert!(!rejected.is_empty(), "the test rejects some users");
+    let dead = read_all(&cfg.kafka.brokers, &cfg.kafka.dlq_topic, 1);
+    let values: BTreeSet<(i32, i64)> = dead
+        .iter()
+        .filter(|m| m.payload().is_some() && header(m, dlq::HEADER_VALUE_OMITTED).is_none())
+        .map(support::worker::dlq_origin)
+        .collect();
+    assert_eq!(
+        values, rejected,
+        "every rejected record dead-lettered with its value"
+    );
+    assert_eq!(summary.dlq_records as usize, rejected.len());
+}
+
+/// An undecodable record whose dead-letter copy is over the producer's `message.max.bytes`:
+/// written without its value, with its coordinates and a header saying why; the worker goes
+/// on and commits everything.
+#[test]
+fn a_dead_letter_record_kafka_cannot_take_goes_without_its_value() {
+    let env = mock_env(Faults::default(), 0);
+    let topic = "oversized";
+    env.cluster.create_topic(topic, 1, 1).unwrap();
+    env.cluster.create_topic("oversized.dlq", 1, 1).unwrap();
+    let cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    let mut recs = records(300, 91, 100);
+    recs.insert(
+        150,
+        Generated {
+            key: b"user-big".to_vec(),
+            record: Record::Undecodable(vec![b'x'; 999_800]),
+        },
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("message.max.bytes", "2000000")
+        .create()
+        .expect("producer");
+    // The big one on its own, so the helper's producer (default limits) sends the rest.
+    let landed_before = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &recs[..150],
+    );
+    let big = env
+        .rt
+        .block_on(
+            producer.send(
+                FutureRecord::to(topic)
+                    .key("user-big")
+                    .payload(&vec![b'x'; 999_800]),
+                Duration::from_secs(30),
+            ),
+        )
+        .expect("the topic takes the big record");
+    let landed_after = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &recs[151..],
+    );
+    let w = worker(&env, &cfg);
+    wait_until("everything is committed", Duration::from_secs(60), || {
+        all_committed(&cfg, 1)
+    });
+    let summary = w.stop();
+    let dead = read_all(&cfg.kafka.brokers, &cfg.kafka.dlq_topic, 1);
+    assert_eq!(dead.len(), 1, "one dead-letter record");
+    let d = &dead[0];
+    assert_eq!(support::worker::dlq_origin(d), (0, big.offset));
+    assert!(d.payload().is_none(), "written without its value");
+    let why = header(d, dlq::HEADER_VALUE_OMITTED).expect("a header says why");
+    assert!(why.contains("message.max.bytes"), "{why}");
+    assert!(header(d, dlq::HEADER_EXCEPTION_MESSAGE).is_some());
+    assert_eq!(summary.dlq_records, 1);
+    let landed: Vec<Landed> = landed_before.into_iter().chain(landed_after).collect();
+    let d = profile_diff(env.sim.state.profiles(), &landed);
+    assert!(d.is_empty(), "{}", d.join("\n"));
+}
+
+/// Requests waiting on a 429 whose reset is past the drain deadline when their partition
+/// moves to another worker are stopped: the first worker's Braze never sees the moved
+/// partition's users (their new owner writes them), and the users of the partition it kept
+/// are sent again and delivered.
+#[test]
+fn a_request_waiting_on_a_long_429_is_stopped_when_its_partition_moves() {
+    let env = mock_env(
+        Faults {
+            fail_next_429: 1_000_000,
+            reset_after_s: 6,
+            ..Faults::default()
+        },
+        0,
+    );
+    let other_braze = env
+        .rt
+        .block_on(sim::start(
+            SimConfig {
+                api_key: API_KEY.into(),
+                rate_limit: 0,
+                rate_window_secs: 1,
+                faults: Faults::default(),
+            },
+            "127.0.0.1:0".parse().expect("an address"),
+        ))
+        .expect("second simulator");
+    let topic = "moved-429";
+    env.cluster.create_topic(topic, 2, 1).unwrap();
+    env.cluster.create_topic("moved-429.dlq", 1, 1).unwrap();
+    let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    cfg.window.drain_timeout_ms = 1_500;
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records(400, 101, 100),
+    );
+    let a = worker(&env, &cfg);
+    wait_until(
+        "A has requests waiting on the 429",
+        Duration::from_secs(30),
+        || a.metrics.events_consumed.get() == 400 && a.metrics.braze_in_flight.get() > 0,
+    );
+    let mut cfg_b = cfg.clone();
+    cfg_b.braze.endpoint = other_braze.url();
+    let b = worker(&env, &cfg_b);
+    wait_until("B has read a partition", Duration::from_secs(60), || {
+        b.metrics.events_consumed.get() > 0
+    });
+    // The moved partition is B's now; A's Braze may answer again.
+    env.sim.state.set_faults(Faults::default());
+    wait_until("everything is committed", Duration::from_secs(90), || {
+        all_committed(&cfg, 2)
+            && a.metrics.braze_in_flight.get() == 0
+            && b.metrics.braze_in_flight.get() == 0
+    });
+    // Longer than the 429's reset: a request that was not stopped would have been sent.
+    std::thread::sleep(Duration::from_secs(7));
+    a.stop();
+    let sb = b.stop();
+    let moved: BTreeSet<i32> = sb.committed.iter().map(|(_, p, _)| *p).collect();
+    assert_eq!(moved.len(), 1, "B took exactly one partition: {moved:?}");
+    let moved = *moved.iter().next().expect("one");
+    let (on_moved, on_kept): (Vec<Landed>, Vec<Landed>) =
+        landed.into_iter().partition(|l| l.partition == moved);
+    let d = profile_diff(env.sim.state.profiles(), &on_kept);
+    assert!(
+        d.is_empty(),
+        "A delivered its kept partition:\n{}",
+        d.join("\n")
+    );
+    let d = profile_diff(other_braze.state.profiles(), &on_moved);
+    assert!(
+        d.is_empty(),
+        "B delivered the moved partition:\n{}",
+        d.join("\n")
+    );
+}
