@@ -120,6 +120,9 @@ pub fn encode<P>(mapping: &Mapping, segments: &Segments, flush: &Flush<P>) -> En
                     points += 1;
                 }
             }
+            // Attributes alone (every change redundant or stale): an empty `{}` carries no
+            // change, so the key is left out rather than left to Braze to interpret.
+            MappingMode::Array if changes.is_empty() => {}
             MappingMode::Array => {
                 push_key(&mut buf, "", &mapping.array_attribute);
                 buf.push(b'{');
@@ -290,6 +293,53 @@ mod tests {
             ]
         );
         assert_eq!(enc.data_points, vec![3, 1]);
+    }
+
+    #[test]
+    fn array_mode_writes_no_empty_array_attribute_for_attributes_alone() {
+        let mut w = Window::new(WindowConfig {
+            linger_ms: 0,
+            batch_size: 75,
+            max_pending_users: 100,
+            dedup_memory: 100,
+            delivered_memory: 100,
+        });
+        let event = |id: &'static str, seq: i64, attr: Option<&'static str>| Event {
+            event_id: id.into(),
+            external_id: Some("u1".into()),
+            email: None,
+            segment_id: "a".into(),
+            segment_name: None,
+            change: Change::Entered,
+            occurred_at: 0,
+            sequence: Some(seq),
+            attributes: attr
+                .map(|name| (name.into(), AttrValue::String("gold".into())))
+                .into_iter()
+                .collect(),
+        };
+        let m = mapping(MappingMode::Array, ExitedValue::False);
+        let first = event("1", 1, None);
+        w.admit(&first, first.validate().unwrap(), 0, 0, 0, 0);
+        let f = w.pop_batch(0, true).unwrap();
+        w.complete(&f, &f.users[0], false);
+        // A repeat of the delivered membership (redundant) and an older one (stale), each with
+        // a new attribute: the flushed user has attributes and no segment change.
+        for (e, offset, name) in [
+            (event("2", 2, Some("tier")), 1, "tier"),
+            (event("3", 0, Some("plan")), 2, "plan"),
+        ] {
+            w.admit(&e, e.validate().unwrap(), 0, offset, offset, 0);
+            let f = w.pop_batch(0, true).unwrap();
+            assert!(f.user_changes(&f.users[0]).is_empty());
+            let enc = encode(&m, w.segments(), &f);
+            assert_eq!(
+                objects(&enc),
+                vec![json!({"external_id": "u1", "_update_existing_only": false, name: "gold"})]
+            );
+            assert_eq!(enc.data_points, vec![1]);
+            w.complete(&f, &f.users[0], false);
+        }
     }
 
     #[test]
