@@ -20,7 +20,7 @@ pub mod dlq;
 pub mod dlq_writer;
 /// `Event` → payload, the inverse of `decode`, for the producer, the demo and the tests.
 pub mod encode;
-/// The decoded CDP event and its identity rules.
+/// The decoded CDP event and the rules it must satisfy to be applied.
 pub mod event;
 /// Sample CDP changes for `produce`, the demo and the tests.
 pub mod generate;

@@ -74,7 +74,9 @@ impl Core {
             }
         };
         self.metrics.events_decoded.inc();
-        let identity = match event.validate() {
+        let identity = match event
+            .validate_with(&self.mapping.rules, self.mapping.rules.epoch_ms(now_ms))
+        {
             Ok(id) => id,
             Err(e) => {
                 self.metrics
