@@ -88,7 +88,10 @@ impl Core {
             panic!("a generated valid record did not decode");
         };
         self.metrics.events_decoded.inc();
-        let identity = event.validate().expect("generated records are valid");
+        let rules = &self.mapping.rules;
+        let identity = event
+            .validate_with(rules, rules.epoch_ms(now))
+            .expect("generated records are valid");
         match self
             .window
             .admit(&event, identity, partition, offset, pos, now)

@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 
-use crate::config::{ExitedValue, MappingConfig, MappingMode};
-use crate::event::{AttrValue, Change};
+use crate::config::{Config, ExitedValue, MappingConfig, MappingMode, WindowConfig};
+use crate::event::{AttrValue, Change, Rules};
 use crate::window::{Flush, Segments};
 
 /// How users become attributes objects.
@@ -18,16 +18,58 @@ pub struct Mapping {
     pub array_attribute: String,
     pub exited_value: ExitedValue,
     pub update_existing_only: bool,
+    /// What an event must satisfy for this mapping to write it faithfully, derived from the
+    /// fields above when the mapping is built: rebuild it (`Mapping::rules_for`) after
+    /// changing the prefix, the mode or the array attribute.
+    pub rules: Rules,
 }
 
 impl Mapping {
+    /// With the default `window.max_future_ms`; [`Mapping::from_config`] takes the configured one.
     pub fn new(mapping: &MappingConfig, update_existing_only: bool) -> Mapping {
-        Mapping {
+        let max_future_ms = WindowConfig::default().max_future_ms;
+        Mapping::with_max_future(mapping, update_existing_only, max_future_ms)
+    }
+
+    /// The mapping of a loaded configuration, its rules bounded by `window.max_future_ms`.
+    pub fn from_config(cfg: &Config) -> Mapping {
+        Mapping::with_max_future(
+            &cfg.mapping,
+            cfg.braze.update_existing_only,
+            cfg.window.max_future_ms,
+        )
+    }
+
+    fn with_max_future(
+        mapping: &MappingConfig,
+        update_existing_only: bool,
+        max_future_ms: u64,
+    ) -> Mapping {
+        let mut m = Mapping {
             mode: mapping.mode,
             attribute_prefix: mapping.attribute_prefix.clone(),
             array_attribute: mapping.array_attribute.clone(),
             exited_value: mapping.exited_value,
             update_existing_only,
+            rules: Rules::new(0, &[], None),
+        };
+        m.rules = m.rules_for(max_future_ms);
+        m
+    }
+
+    /// The rules for events this mapping writes: no segment or extra attribute may take a
+    /// key the worker writes itself (Braze would see two values for one key, and an
+    /// identifier among them could address another user).
+    pub fn rules_for(&self, max_future_ms: u64) -> Rules {
+        match self.mode {
+            MappingMode::Boolean => {
+                Rules::new(max_future_ms, WORKER_KEYS, Some(&self.attribute_prefix))
+            }
+            MappingMode::Array => {
+                let mut reserved = WORKER_KEYS.to_vec();
+                reserved.push(&self.array_attribute);
+                Rules::new(max_future_ms, &reserved, None)
+            }
         }
     }
 }
@@ -40,15 +82,17 @@ pub struct Encoded {
     pub data_points: Vec<u32>,
 }
 
-/// Keys an extra attribute may not take: they would make a second identifier or override
-/// the worker's own flag.
-const RESERVED: &[&str] = &[
+/// Keys the worker writes itself, or that would address a user: `external_id` or `email`
+/// and `_update_existing_only` in every object, and Braze's other identifiers. Validation
+/// ([`Mapping::rules_for`]) keeps events from using them; the encoder still never writes an
+/// extra attribute by these names, for callers that did not validate.
+pub const WORKER_KEYS: &[&str] = &[
     "external_id",
     "email",
+    "_update_existing_only",
     "braze_id",
     "user_alias",
     "phone",
-    "_update_existing_only",
 ];
 
 fn push_str(buf: &mut Vec<u8>, s: &str) {
@@ -120,6 +164,9 @@ pub fn encode<P>(mapping: &Mapping, segments: &Segments, flush: &Flush<P>) -> En
                     points += 1;
                 }
             }
+            // Attributes alone (every change redundant or stale): an empty `{}` carries no
+            // change, so the key is left out rather than left to Braze to interpret.
+            MappingMode::Array if changes.is_empty() => {}
             MappingMode::Array => {
                 push_key(&mut buf, "", &mapping.array_attribute);
                 buf.push(b'{');
@@ -148,7 +195,7 @@ pub fn encode<P>(mapping: &Mapping, segments: &Segments, flush: &Flush<P>) -> En
             }
         }
         for (name, value) in flush.user_attributes(user) {
-            if RESERVED.contains(&&**name) || collides(mapping, segments, changes, name) {
+            if WORKER_KEYS.contains(&&**name) || collides(mapping, segments, changes, name) {
                 continue;
             }
             push_key(&mut buf, "", name);
@@ -177,18 +224,18 @@ fn collides(mapping: &Mapping, segments: &Segments, changes: &[(u32, Change)], n
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Event;
+    use crate::event::{Event, InvalidEvent};
     use crate::window::{Window, WindowConfig};
     use serde_json::{json, Value};
 
     fn mapping(mode: MappingMode, exited: ExitedValue) -> Mapping {
-        Mapping {
+        let cfg = MappingConfig {
             mode,
             attribute_prefix: "cdp_".into(),
             array_attribute: "cdp_segments".into(),
             exited_value: exited,
-            update_existing_only: false,
-        }
+        };
+        Mapping::new(&cfg, false)
     }
 
     /// (event_id, external_id, email, segment_id, change)
@@ -293,6 +340,53 @@ mod tests {
     }
 
     #[test]
+    fn array_mode_writes_no_empty_array_attribute_for_attributes_alone() {
+        let mut w = Window::new(WindowConfig {
+            linger_ms: 0,
+            batch_size: 75,
+            max_pending_users: 100,
+            dedup_memory: 100,
+            delivered_memory: 100,
+        });
+        let event = |id: &'static str, seq: i64, attr: Option<&'static str>| Event {
+            event_id: id.into(),
+            external_id: Some("u1".into()),
+            email: None,
+            segment_id: "a".into(),
+            segment_name: None,
+            change: Change::Entered,
+            occurred_at: 0,
+            sequence: Some(seq),
+            attributes: attr
+                .map(|name| (name.into(), AttrValue::String("gold".into())))
+                .into_iter()
+                .collect(),
+        };
+        let m = mapping(MappingMode::Array, ExitedValue::False);
+        let first = event("1", 1, None);
+        w.admit(&first, first.validate().unwrap(), 0, 0, 0, 0);
+        let f = w.pop_batch(0, true).unwrap();
+        w.complete(&f, &f.users[0], false);
+        // A repeat of the delivered membership (redundant) and an older one (stale), each with
+        // a new attribute: the flushed user has attributes and no segment change.
+        for (e, offset, name) in [
+            (event("2", 2, Some("tier")), 1, "tier"),
+            (event("3", 0, Some("plan")), 2, "plan"),
+        ] {
+            w.admit(&e, e.validate().unwrap(), 0, offset, offset, 0);
+            let f = w.pop_batch(0, true).unwrap();
+            assert!(f.user_changes(&f.users[0]).is_empty());
+            let enc = encode(&m, w.segments(), &f);
+            assert_eq!(
+                objects(&enc),
+                vec![json!({"external_id": "u1", "_update_existing_only": false, name: "gold"})]
+            );
+            assert_eq!(enc.data_points, vec![1]);
+            w.complete(&f, &f.users[0], false);
+        }
+    }
+
+    #[test]
     fn extra_attributes_merge_but_never_shadow_identifiers_or_segments() {
         let (w, f) = flush_of(&[("with-attrs", Some("u\"1"), None, "a", Change::Entered)]);
         let mut m = mapping(MappingMode::Boolean, ExitedValue::False);
@@ -306,5 +400,178 @@ mod tests {
             ]
         );
         assert_eq!(enc.data_points, vec![3]);
+    }
+
+    fn ev(segment: &str, attrs: &[&str]) -> Event<'static> {
+        Event {
+            event_id: "e".into(),
+            external_id: Some("u1".into()),
+            email: None,
+            segment_id: segment.to_string().into(),
+            segment_name: None,
+            change: Change::Entered,
+            occurred_at: 0,
+            sequence: None,
+            attributes: attrs
+                .iter()
+                .map(|a| (a.to_string().into(), AttrValue::Boolean(true)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn boolean_mode_rejects_segments_and_attributes_named_like_the_workers_keys() {
+        let mut cfg = MappingConfig::default();
+        for prefix in ["", "cdp_", "e"] {
+            cfg.attribute_prefix = prefix.into();
+            let rules = Mapping::new(&cfg, false).rules;
+            for key in WORKER_KEYS {
+                if let Some(segment) = key.strip_prefix(prefix) {
+                    let e = ev(segment, &[]);
+                    assert_eq!(
+                        e.validate_with(&rules, 0),
+                        Err(InvalidEvent::ReservedSegment {
+                            segment_id: segment.into(),
+                            attribute: (*key).into()
+                        }),
+                        "prefix {prefix:?}"
+                    );
+                }
+                let e = ev("a", &[key]);
+                assert_eq!(
+                    e.validate_with(&rules, 0),
+                    Err(InvalidEvent::ReservedAttribute {
+                        name: (*key).into()
+                    })
+                );
+            }
+            // The array attribute is nobody's key in boolean mode.
+            assert!(ev("cdp_segments", &["cdp_segments"])
+                .validate_with(&rules, 0)
+                .is_ok());
+        }
+        cfg.attribute_prefix = "cdp_".into();
+        let rules = Mapping::new(&cfg, false).rules;
+        assert!(ev("email", &["tier"]).validate_with(&rules, 0).is_ok());
+    }
+
+    #[test]
+    fn array_mode_rejects_attributes_named_like_the_array_or_the_workers_keys() {
+        let cfg = MappingConfig {
+            mode: MappingMode::Array,
+            array_attribute: "segs".into(),
+            ..MappingConfig::default()
+        };
+        let rules = Mapping::new(&cfg, false).rules;
+        for name in WORKER_KEYS.iter().chain(&["segs"]) {
+            assert_eq!(
+                ev("a", &["tier", name]).validate_with(&rules, 0),
+                Err(InvalidEvent::ReservedAttribute {
+                    name: (*name).into()
+                })
+            );
+        }
+        // Segment ids are values of the array, never keys.
+        for segment in WORKER_KEYS.iter().chain(&["segs"]) {
+            assert!(ev(segment, &[]).validate_with(&rules, 0).is_ok());
+        }
+    }
+
+    #[test]
+    fn rules_take_the_configured_max_future() {
+        let mut cfg = crate::config::Config::default();
+        assert_eq!(Mapping::from_config(&cfg).rules.max_future_ms(), 86_400_000);
+        cfg.window.max_future_ms = 0;
+        assert_eq!(Mapping::from_config(&cfg).rules.max_future_ms(), 0);
+    }
+
+    /// An attributes object's keys in order, duplicates kept (a JSON map would hide them).
+    struct Keys(Vec<String>);
+
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Keys, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some((k, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                        keys.push(k);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever names the events use, every event the rules accept is encoded into
+        /// objects that hold each key once and address the event's own user.
+        #[test]
+        fn accepted_events_never_write_a_key_twice(
+            array in proptest::bool::ANY,
+            prefix in proptest::sample::select(vec!["", "cdp_", "e"]),
+            events in proptest::collection::vec(
+                (
+                    0u8..3,
+                    proptest::sample::select(vec![
+                        "a", "b", "email", "mail", "external_id", "_update_existing_only",
+                        "cdp_segments", "phone", "user_alias",
+                    ]),
+                    proptest::collection::vec(
+                        proptest::sample::select(vec![
+                            "tier", "a", "cdp_a", "ea", "email", "braze_id",
+                            "cdp_segments", "_update_existing_only",
+                        ]),
+                        0..3,
+                    ),
+                ),
+                1..30,
+            ),
+        ) {
+            let cfg = MappingConfig {
+                mode: if array { MappingMode::Array } else { MappingMode::Boolean },
+                attribute_prefix: prefix.into(),
+                ..MappingConfig::default()
+            };
+            let m = Mapping::new(&cfg, false);
+            let mut w = Window::new(WindowConfig {
+                linger_ms: 0,
+                batch_size: 75,
+                max_pending_users: 100,
+                dedup_memory: 100,
+                delivered_memory: 100,
+            });
+            for (i, (user, segment, attrs)) in events.iter().enumerate() {
+                let mut e = ev(segment, attrs);
+                e.event_id = format!("e{i}").into();
+                e.external_id = Some(format!("u{user}").into());
+                e.sequence = Some(i as i64);
+                if let Ok(identity) = e.validate_with(&m.rules, 0) {
+                    w.admit(&e, identity, 0, i as i64, i as i64, 0);
+                }
+            }
+            while let Some(f) = w.pop_batch(0, true) {
+                let enc = encode(&m, w.segments(), &f);
+                for (user, object) in f.users.iter().zip(&enc.objects) {
+                    let Keys(keys) = serde_json::from_slice(object).unwrap();
+                    let mut unique = keys.clone();
+                    unique.sort();
+                    unique.dedup();
+                    proptest::prop_assert_eq!(unique.len(), keys.len(), "{:?}", keys);
+                    let v: Value = serde_json::from_slice(object).unwrap();
+                    proptest::prop_assert_eq!(&v["external_id"], &json!(&*user.id));
+                    proptest::prop_assert_eq!(&v["_update_existing_only"], &json!(false));
+                    w.complete(&f, user, false);
+                }
+            }
+        }
     }
 }

@@ -146,6 +146,11 @@ pub struct WindowConfig {
     pub drain_timeout_ms: u64,
     /// How often settled offsets are committed while running.
     pub commit_interval_ms: u64,
+    /// How far `occurred_at` may be ahead of the worker's clock before the event is invalid
+    /// (dead-lettered): a wrong future time would win last write wins against every later
+    /// change. 0 turns the check off; otherwise at least [`MIN_MAX_FUTURE_MS`], so that
+    /// ordinary clock skew between the CDP and the worker never rejects a good event.
+    pub max_future_ms: u64,
 }
 
 impl Default for WindowConfig {
@@ -157,6 +162,7 @@ impl Default for WindowConfig {
             delivered_memory: 262_144,
             drain_timeout_ms: 20_000,
             commit_interval_ms: 1000,
+            max_future_ms: 86_400_000,
         }
     }
 }
@@ -190,6 +196,10 @@ pub const BRAZE_MAX_BATCH: usize = 75;
 
 /// Beyond five minutes a user's change waits longer than any operator expects a sync to take.
 pub const MAX_LINGER_MS: u64 = 300_000;
+
+/// Below a minute of tolerance, clock skew between the CDP's hosts and the worker's would
+/// dead-letter good events.
+pub const MIN_MAX_FUTURE_MS: u64 = 60_000;
 
 /// librdkafka properties the worker sets itself; letting the file override them would break
 /// the group membership or the at-least-once commit.
@@ -547,6 +557,15 @@ impl Config {
                 format!(
                     "window.max_pending_users = {} is below braze.batch_size = {}: the window could never fill a request; raise it",
                     w.max_pending_users, b.batch_size
+                ),
+            );
+        }
+        if (1..MIN_MAX_FUTURE_MS).contains(&w.max_future_ms) {
+            bad(
+                "window.max_future_ms",
+                format!(
+                    "window.max_future_ms = {} is too small: ordinary clock skew between the CDP and the worker would dead-letter good events; use 0 to turn the check off, or {MIN_MAX_FUTURE_MS} (one minute) or more",
+                    w.max_future_ms
                 ),
             );
         }
@@ -1262,6 +1281,11 @@ mod tests {
                 "1 or more",
             ),
             (
+                "[window]\nmax_future_ms = 59999",
+                "window.max_future_ms",
+                "0 to turn the check off",
+            ),
+            (
                 "[server]\nlisten = \"localhost\"",
                 "server.listen",
                 "ip:port",
@@ -1280,6 +1304,21 @@ mod tests {
                     [braze]\nbatch_size = 1\n[window]\nlinger_ms = 300000\nmax_pending_users = 1\n";
         let c = load(text, &[]).unwrap();
         assert_eq!(c.braze.batch_size, 1);
+    }
+
+    #[test]
+    fn max_future_defaults_to_a_day_and_zero_turns_it_off() {
+        assert_eq!(load("", &[]).unwrap().window.max_future_ms, 86_400_000);
+        for (text, ms) in [
+            ("[window]\nmax_future_ms = 0", 0),
+            ("[window]\nmax_future_ms = 60000", 60_000),
+        ] {
+            assert_eq!(load(text, &[]).unwrap().window.max_future_ms, ms, "{text}");
+        }
+        let c = load("", &[("SEGMENT_SYNC_WINDOW_MAX_FUTURE_MS", "3600000")]).unwrap();
+        assert_eq!(c.window.max_future_ms, 3_600_000);
+        let e = err("", &[("SEGMENT_SYNC_WINDOW_MAX_FUTURE_MS", "1000")]);
+        assert!(e.contains("window.max_future_ms"), "{e}");
     }
 
     #[test]

@@ -58,8 +58,14 @@ pub struct Event<'a> {
     pub segment_id: Cow<'a, str>,
     pub segment_name: Option<Cow<'a, str>>,
     pub change: Change,
-    /// Epoch milliseconds.
+    /// Epoch milliseconds. Orders changes after `sequence`; one beyond the worker's clock by
+    /// more than `window.max_future_ms` is invalid (see [`Rules`]).
     pub occurred_at: i64,
+    /// Source order (a CDC LSN, a version), compared before `occurred_at` in last write
+    /// wins. It is opaque, so no value can be refused as too large: a wrong huge one wins
+    /// against every later correct change of its (user, segment), which are dropped as stale
+    /// for as long as the window remembers what it sent (`window.delivered_memory`, until a
+    /// rebalance or a restart); the next correct change after that is written again.
     pub sequence: Option<i64>,
     /// In the order the writer gave them; an absent map and an empty map are the same.
     pub attributes: Vec<(Cow<'a, str>, AttrValue<'a>)>,
@@ -87,6 +93,94 @@ pub enum InvalidEvent {
     NoIdentifier,
     #[error("event has an empty segment_id")]
     EmptySegmentId,
+    /// Exact repeats are dropped by event_id: a blank one would make unrelated events repeats.
+    #[error("event has an empty event_id")]
+    EmptyEventId,
+    /// It would win last write wins against every correct change until the clock caught up.
+    #[error(
+        "occurred_at {occurred_at} is {ahead_ms} ms ahead of the worker's clock, more than \
+         window.max_future_ms = {max_future_ms}: it would win last write wins against every \
+         later change"
+    )]
+    InTheFuture {
+        occurred_at: i64,
+        ahead_ms: i64,
+        max_future_ms: u64,
+    },
+    #[error(
+        "segment_id {segment_id:?} would be written as attribute {attribute:?}, which the \
+         worker writes itself in every attributes object: rename the segment or change \
+         mapping.attribute_prefix"
+    )]
+    ReservedSegment {
+        segment_id: String,
+        attribute: String,
+    },
+    #[error(
+        "extra attribute {name:?} collides with a key the worker writes itself in every \
+         attributes object: rename or drop it upstream"
+    )]
+    ReservedAttribute { name: String },
+}
+
+/// What an event must satisfy beyond its own shape, which depends on the deployment: how far
+/// ahead of the worker's clock `occurred_at` may be, and the keys the mapping writes itself,
+/// which an event must not overwrite. Built once; checking an event allocates nothing.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// 0: no bound.
+    max_future_ms: u64,
+    /// (segment_id, the attribute it would become) for every segment whose attribute would
+    /// be one of the reserved keys.
+    reserved_segments: Box<[(Box<str>, Box<str>)]>,
+    /// Keys an extra attribute may not take.
+    reserved_attributes: Box<[Box<str>]>,
+    /// The wall clock when these rules were built, for [`Rules::epoch_ms`].
+    built_epoch_ms: i64,
+}
+
+impl Rules {
+    /// `reserved`: every key the mapping writes itself in an attributes object.
+    /// `segment_prefix`: when each segment is written as an attribute (boolean mode), the
+    /// prefix its id takes; `None` when segments are values, not keys (array mode).
+    pub fn new(max_future_ms: u64, reserved: &[&str], segment_prefix: Option<&str>) -> Rules {
+        let reserved_segments = match segment_prefix {
+            None => Box::default(),
+            Some(prefix) => reserved
+                .iter()
+                .filter_map(|key| {
+                    let id = key.strip_prefix(prefix).filter(|id| !id.is_empty())?;
+                    Some((Box::from(id), Box::from(*key)))
+                })
+                .collect(),
+        };
+        Rules {
+            max_future_ms,
+            reserved_segments,
+            reserved_attributes: reserved.iter().map(|k| Box::from(*k)).collect(),
+            built_epoch_ms: epoch_ms_now(),
+        }
+    }
+
+    pub fn max_future_ms(&self) -> u64 {
+        self.max_future_ms
+    }
+
+    /// The wall clock `since_ms` after these rules were built, without reading it: the
+    /// pipeline reads a monotonic clock once per burst and must not read another per event.
+    /// A clock started before the rules were built gives a time slightly ahead, which only
+    /// widens the future bound by that gap; drift between the two clocks over a long run is
+    /// far below a bound meant in hours.
+    pub fn epoch_ms(&self, since_ms: u64) -> i64 {
+        self.built_epoch_ms
+            .saturating_add(i64::try_from(since_ms).unwrap_or(i64::MAX))
+    }
+}
+
+fn epoch_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl<'a> Event<'a> {
@@ -99,11 +193,53 @@ impl<'a> Event<'a> {
         }
     }
 
+    /// The checks that need nothing but the event: an event_id, a segment_id, an identifier.
     pub fn validate(&self) -> Result<Identity<'_>, InvalidEvent> {
         if self.segment_id.is_empty() {
             return Err(InvalidEvent::EmptySegmentId);
         }
+        if self.event_id.trim().is_empty() {
+            return Err(InvalidEvent::EmptyEventId);
+        }
         self.identity().ok_or(InvalidEvent::NoIdentifier)
+    }
+
+    /// [`Event::validate`], then the deployment's [`Rules`] against `now_epoch_ms`, the
+    /// worker's wall clock (read once per burst, not per event).
+    pub fn validate_with(
+        &self,
+        rules: &Rules,
+        now_epoch_ms: i64,
+    ) -> Result<Identity<'_>, InvalidEvent> {
+        let identity = self.validate()?;
+        if rules.max_future_ms > 0 {
+            let ahead_ms = self.occurred_at.saturating_sub(now_epoch_ms);
+            if ahead_ms > i64::try_from(rules.max_future_ms).unwrap_or(i64::MAX) {
+                return Err(InvalidEvent::InTheFuture {
+                    occurred_at: self.occurred_at,
+                    ahead_ms,
+                    max_future_ms: rules.max_future_ms,
+                });
+            }
+        }
+        if let Some((_, attribute)) = rules
+            .reserved_segments
+            .iter()
+            .find(|(id, _)| **id == *self.segment_id)
+        {
+            return Err(InvalidEvent::ReservedSegment {
+                segment_id: self.segment_id.to_string(),
+                attribute: attribute.to_string(),
+            });
+        }
+        for (name, _) in &self.attributes {
+            if rules.reserved_attributes.iter().any(|r| **r == **name) {
+                return Err(InvalidEvent::ReservedAttribute {
+                    name: name.to_string(),
+                });
+            }
+        }
+        Ok(identity)
     }
 
     pub fn into_owned(self) -> Event<'static> {
@@ -158,5 +294,167 @@ mod tests {
         assert_eq!(e.identity(), Some(Identity::ExternalId("u1")));
         e.segment_id = "".into();
         assert_eq!(e.validate(), Err(InvalidEvent::EmptySegmentId));
+    }
+
+    fn valid() -> Event<'static> {
+        Event {
+            external_id: Some("u1".into()),
+            ..event()
+        }
+    }
+
+    const NOW: i64 = 1_750_000_000_000;
+    const DAY: u64 = 86_400_000;
+
+    /// Boolean mode with prefix "cdp_": the worker writes these keys itself.
+    fn rules(max_future_ms: u64) -> Rules {
+        Rules::new(
+            max_future_ms,
+            &["external_id", "email", "_update_existing_only", "cdp_x"],
+            Some("cdp_"),
+        )
+    }
+
+    #[test]
+    fn a_blank_event_id_is_invalid() {
+        for id in ["", " ", "\t\n "] {
+            let e = Event {
+                event_id: id.into(),
+                ..valid()
+            };
+            assert_eq!(e.validate(), Err(InvalidEvent::EmptyEventId), "{id:?}");
+            assert_eq!(
+                e.validate_with(&rules(DAY), NOW),
+                Err(InvalidEvent::EmptyEventId)
+            );
+        }
+        let e = Event {
+            event_id: " e1 ".into(),
+            ..valid()
+        };
+        assert!(e.validate().is_ok());
+    }
+
+    #[test]
+    fn occurred_at_may_be_ahead_of_the_clock_by_max_future_ms_and_no_more() {
+        let at = |occurred_at: i64| Event {
+            occurred_at,
+            ..valid()
+        };
+        let r = rules(DAY);
+        let day = DAY as i64;
+        for ok in [0, NOW - day * 365, NOW, NOW + day, i64::MIN] {
+            assert!(at(ok).validate_with(&r, NOW).is_ok(), "{ok}");
+        }
+        for bad in [NOW + day + 1, NOW + day * 365 * 100, i64::MAX] {
+            match at(bad).validate_with(&r, NOW) {
+                Err(InvalidEvent::InTheFuture {
+                    occurred_at,
+                    ahead_ms,
+                    max_future_ms,
+                }) => {
+                    assert_eq!(
+                        (occurred_at, ahead_ms, max_future_ms),
+                        (bad, bad - NOW, DAY)
+                    );
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let e = at(i64::MAX).validate_with(&r, NOW).unwrap_err();
+        assert!(e.to_string().contains("window.max_future_ms"), "{e}");
+        assert!(
+            at(i64::MAX).validate_with(&rules(0), NOW).is_ok(),
+            "0 turns the bound off"
+        );
+    }
+
+    #[test]
+    fn a_segment_written_as_a_reserved_key_is_invalid() {
+        let r = rules(DAY);
+        let e = Event {
+            segment_id: "x".into(),
+            ..valid()
+        };
+        let err = e.validate_with(&r, NOW).unwrap_err();
+        assert_eq!(
+            err,
+            InvalidEvent::ReservedSegment {
+                segment_id: "x".into(),
+                attribute: "cdp_x".into()
+            }
+        );
+        assert!(err.to_string().contains("\"cdp_x\""), "{err}");
+        // Without the prefix the id is just a segment: "cdp_email" is not "email".
+        for fine in ["email", "external_id", "cdp_x", "X", "x "] {
+            let e = Event {
+                segment_id: fine.into(),
+                ..valid()
+            };
+            assert!(e.validate_with(&r, NOW).is_ok(), "{fine}");
+        }
+        let no_prefix = Rules::new(DAY, &["external_id", "email"], Some(""));
+        let e = Event {
+            segment_id: "email".into(),
+            ..valid()
+        };
+        assert!(matches!(
+            e.validate_with(&no_prefix, NOW),
+            Err(InvalidEvent::ReservedSegment { .. })
+        ));
+        let array = Rules::new(DAY, &["external_id", "email"], None);
+        assert!(
+            e.validate_with(&array, NOW).is_ok(),
+            "segments are values in array mode"
+        );
+    }
+
+    #[test]
+    fn an_extra_attribute_named_like_a_reserved_key_is_invalid() {
+        let r = rules(DAY);
+        let with = |name: &'static str| Event {
+            attributes: vec![
+                ("tier".into(), AttrValue::String("gold".into())),
+                (name.into(), AttrValue::String("x@y.z".into())),
+            ],
+            ..valid()
+        };
+        for name in ["email", "external_id", "_update_existing_only", "cdp_x"] {
+            let err = with(name).validate_with(&r, NOW).unwrap_err();
+            assert_eq!(err, InvalidEvent::ReservedAttribute { name: name.into() });
+            assert!(err.to_string().contains(&format!("{name:?}")), "{err}");
+        }
+        for fine in ["Email", "email ", "plan", "cdp_y"] {
+            assert!(with(fine).validate_with(&r, NOW).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn rules_read_the_wall_clock_once_and_add_the_monotonic_time() {
+        let before = epoch_ms_now();
+        let r = rules(DAY);
+        let after = epoch_ms_now();
+        assert!((before..=after).contains(&r.epoch_ms(0)));
+        assert_eq!(r.epoch_ms(1500), r.epoch_ms(0) + 1500);
+        assert_eq!(r.epoch_ms(u64::MAX), i64::MAX);
+    }
+
+    proptest::proptest! {
+        /// The checks never panic on extreme values, and the future bound is exactly
+        /// `occurred_at - now > max_future_ms`.
+        #[test]
+        fn the_future_bound_is_exact(
+            occurred_at in proptest::num::i64::ANY,
+            now in proptest::num::i64::ANY,
+            max_future_ms in proptest::prop_oneof![proptest::strategy::Just(0u64), 1u64..=u64::MAX],
+        ) {
+            let e = Event { occurred_at, ..valid() };
+            let got = e.validate_with(&Rules::new(max_future_ms, &[], None), now);
+            let ahead = i128::from(occurred_at) - i128::from(now);
+            let expect_bad = max_future_ms > 0 && ahead > i128::from(max_future_ms)
+                // `ahead` saturates at i64::MAX, which no bound above it can exceed.
+                && i128::from(max_future_ms) < i128::from(i64::MAX);
+            proptest::prop_assert_eq!(got.is_err(), expect_bad, "{:?}", got);
+        }
     }
 }

@@ -10,7 +10,8 @@ pub struct Health {
     /// The poll loop is running (set at subscribe, cleared at shutdown). Back-pressure pauses
     /// are normal operation and leave it set; a Braze fault shows in `braze_ok` instead.
     pub consuming: AtomicBool,
-    /// The last Braze answer was not a configuration fault (401/403/404) nor unreachable.
+    /// The last Braze answer was not a configuration fault (401/403/404, or a 2xx whose body
+    /// is not Braze's) nor unreachable.
     pub braze_ok: AtomicBool,
     /// Human-readable reason when braze_ok is false; for /readyz's body and logs.
     pub braze_problem: std::sync::Mutex<Option<String>>,

@@ -11,7 +11,7 @@ pub mod braze;
 pub mod decode;
 /// The dead-letter topic: records and their Kafka Connect headers, the writer, the re-reader.
 pub mod dlq;
-/// The decoded CDP event and its identity rules.
+/// The decoded CDP event and the rules it must satisfy to be applied.
 pub mod event;
 /// librdkafka settings every client shares, and the consumer context that hands rebalances
 /// to the pipeline.

@@ -23,6 +23,9 @@ use crate::event::{AttrValue, Change, Event, Identity};
 
 /// Last-write-wins order of DESIGN.md: (sequence, occurred_at, partition, offset).
 /// A missing sequence is `i64::MIN`, so it sorts before every present one, as `None` would.
+/// Nothing bounds a sequence (it is the source's own order), so a wrong huge one wins until
+/// `delivered` forgets it; see `Event::sequence`. A far-future `occurred_at` is refused
+/// before it gets here (`event::Rules`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Order {
     pub sequence: i64,
@@ -387,7 +390,7 @@ impl<P: Copy> Window<P> {
         self.users -= 1;
     }
 
-    /// Takes an event the caller has validated (`identity` is `event.validate()`'s answer).
+    /// Takes an event the caller has validated (`identity` is `Event::validate_with`'s answer).
     pub fn admit(
         &mut self,
         event: &Event<'_>,

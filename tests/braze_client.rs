@@ -198,6 +198,75 @@ async fn a_wrong_key_pauses_delivery_and_fails_readiness() {
     task.abort();
 }
 
+/// A captive portal, a corporate proxy or a wrong host answers 200 with its own HTML page.
+async fn not_braze_answering(
+    status: u16,
+    content_type: &'static str,
+    body: &'static str,
+) -> String {
+    use axum::http::{header, StatusCode};
+    let app = axum::Router::new().fallback(move || async move {
+        (
+            StatusCode::from_u16(status).expect("status"),
+            [(header::CONTENT_TYPE, content_type)],
+            body,
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test]
+async fn a_success_status_with_a_foreign_body_is_not_a_delivery() {
+    let endpoint = not_braze_answering(
+        200,
+        "text/html",
+        "<html><body>Sign in to the guest network</body></html>",
+    )
+    .await;
+    let cfg = BrazeConfig {
+        endpoint: endpoint.clone(),
+        api_key: Some(KEY.into()),
+        timeout_ms: 2000,
+        ..BrazeConfig::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new());
+    health.assigned.store(true, Ordering::Relaxed);
+    health.consuming.store(true, Ordering::Relaxed);
+    let client = BrazeClient::new(&cfg, metrics.clone(), health.clone()).expect("client");
+    let task = tokio::spawn(async move { client.deliver(objects(&["u1", "u2"])).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while health.readiness().is_ok() && !task.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !task.is_finished(),
+        "the objects must be neither delivered nor rejected: {:?}",
+        if task.is_finished() {
+            Some(task.await)
+        } else {
+            None
+        }
+    );
+    let why = health.readiness().expect_err("not ready");
+    assert!(why.contains("200"), "{why}");
+    assert!(why.contains(&endpoint), "names the endpoint: {why}");
+    assert!(
+        why.contains("Sign in to the guest network"),
+        "shows the answer: {why}"
+    );
+    assert!(!why.contains(KEY), "the key is never shown: {why}");
+    assert_eq!(metrics.braze_objects_delivered.get(), 0);
+    assert_eq!(metrics.braze_objects_rejected.get(), 0);
+    assert_eq!(requests(&metrics, "2xx"), 1);
+    task.abort();
+}
+
 #[tokio::test]
 async fn unreachable_braze_is_retried_and_reported() {
     // A port that was just free: connections are refused.

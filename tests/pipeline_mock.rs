@@ -272,6 +272,104 @@ fn undecodable_and_invalid_records_are_dead_lettered_and_the_worker_keeps_going(
 }
 
 #[test]
+fn values_that_would_poison_last_write_wins_are_dead_lettered() {
+    use segment_sync::event::{AttrValue, Change, Event};
+    use segment_sync::generate::Generated;
+    let env = env(Faults::default(), 0);
+    let topic = "poison";
+    env.cluster.create_topic(topic, 1, 1).unwrap();
+    env.cluster.create_topic("poison.dlq", 1, 1).unwrap();
+    let cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let event = |id: &str, user: &str, segment: &str, change: Change, seq: i64| Event {
+        event_id: id.to_string().into(),
+        external_id: Some(user.to_string().into()),
+        email: None,
+        segment_id: segment.to_string().into(),
+        segment_name: None,
+        change,
+        occurred_at: now - 60_000,
+        sequence: Some(seq),
+        attributes: vec![],
+    };
+    let record = |valid: bool, e: Event<'static>| Generated {
+        key: e
+            .external_id
+            .as_deref()
+            .unwrap_or_default()
+            .as_bytes()
+            .to_vec(),
+        record: if valid {
+            Record::Valid(e)
+        } else {
+            Record::Invalid(e)
+        },
+    };
+    let two_days_ahead = Event {
+        occurred_at: now + 2 * 86_400_000,
+        sequence: None,
+        ..event("e2", "u1", "a", Change::Exited, 0)
+    };
+    let with_email = Event {
+        attributes: vec![("email".into(), AttrValue::String("x@y.z".into()))],
+        ..event("e4", "u2", "b", Change::Entered, 1)
+    };
+    let records = vec![
+        record(
+            true,
+            Event {
+                sequence: None,
+                ..event("e1", "u1", "a", Change::Entered, 0)
+            },
+        ),
+        record(false, two_days_ahead),
+        record(false, event(" ", "u1", "a", Change::Exited, 3)),
+        record(false, with_email),
+        record(false, event("e5", "u3", "external_id", Change::Entered, 1)),
+        record(true, event("e6", "u2", "c", Change::Entered, 2)),
+    ];
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records,
+    );
+    let (summary, _, _) = run_until_caught_up(&cfg, &env.rt);
+    assert_eq!(summary.invalid, 4, "{summary}");
+    let mut reasons: Vec<(i64, String)> = read_all(&cfg.kafka.brokers, "poison.dlq", 1)
+        .iter()
+        .map(|m| {
+            let (_, offset) = dlq_origin(m);
+            (
+                offset,
+                header(m, "__connect.errors.exception.message").unwrap(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    let offsets: Vec<i64> = reasons.iter().map(|(o, _)| *o).collect();
+    assert_eq!(offsets, vec![1, 2, 3, 4]);
+    for ((_, why), needle) in reasons.iter().zip([
+        "window.max_future_ms",
+        "empty event_id",
+        "\"email\"",
+        "\"external_id\"",
+    ]) {
+        assert!(why.contains(needle), "{needle}: {why}");
+    }
+    let profiles = strip_identifiers(env.sim.state.profiles());
+    let want = boolean_profiles(&landed, "");
+    assert_eq!(diff(&want, &profiles), Vec::<String>::new());
+    assert_eq!(profiles["external_id:u1"]["a"], serde_json::json!(true));
+    assert!(!profiles.contains_key("external_id:u3"), "{profiles:?}");
+    assert_committed_to_end(&cfg, 1);
+}
+
+#[test]
 fn no_request_over_75_objects_and_no_user_in_two_requests_at_once() {
     let env = env(
         Faults {

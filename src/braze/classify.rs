@@ -41,13 +41,17 @@ pub enum Verdict {
         rejected: Vec<(usize, String)>,
         /// Errors Braze listed that name no attributes index: nothing to attribute them to.
         unattributed: usize,
-        /// A 2xx whose body could not be read as JSON: Braze accepted it, worth a log line.
-        unreadable_body: bool,
     },
     /// The whole request was refused for its content (400, 413, other 4xx): halve and resend.
     Split { status: u16, message: String },
     /// 401/403/404 or a redirect: the key or the endpoint is wrong. Nothing is the data's fault.
     ConfigFault { status: u16, message: String },
+    /// A 2xx whose body is not Braze's JSON (an object with a string `message`): something
+    /// else answered in Braze's place (a proxy, a captive portal, a wrong host), so nothing
+    /// says the objects arrived. A configuration fault like `ConfigFault`, but the key is
+    /// not the suspect: `excerpt` is the start of what answered (empty for an empty body),
+    /// for the operator.
+    NotBraze { status: u16, excerpt: String },
     /// 429: wait until `reset_at` (epoch seconds) when Braze said, then resend.
     RateLimited { reset_at: Option<u64> },
     /// 5xx and anything else transient: back off and resend.
@@ -66,7 +70,7 @@ fn json_object(body: &[u8]) -> Option<serde_json::Map<String, Value>> {
 /// status, and the client retries them directly.
 pub fn classify(status: u16, body: &[u8], headers: RateLimitHeaders) -> Verdict {
     match status {
-        200..=299 => delivered(body),
+        200..=299 => delivered(status, body),
         429 => Verdict::RateLimited {
             reset_at: headers.reset,
         },
@@ -90,12 +94,14 @@ pub fn classify(status: u16, body: &[u8], headers: RateLimitHeaders) -> Verdict 
     }
 }
 
-fn delivered(body: &[u8]) -> Verdict {
-    let Some(mut answer) = json_object(body) else {
-        return Verdict::Delivered {
-            rejected: Vec::new(),
-            unattributed: 0,
-            unreadable_body: !body.iter().all(u8::is_ascii_whitespace),
+fn delivered(status: u16, body: &[u8]) -> Verdict {
+    // Braze always says something in `message` ("success", or what went wrong); an object
+    // without one did not come from Braze even when it is JSON.
+    let answer = json_object(body).filter(|o| matches!(o.get("message"), Some(Value::String(_))));
+    let Some(mut answer) = answer else {
+        return Verdict::NotBraze {
+            status,
+            excerpt: excerpt(body),
         };
     };
     let mut rejected = Vec::new();
@@ -111,7 +117,6 @@ fn delivered(body: &[u8]) -> Verdict {
     Verdict::Delivered {
         rejected,
         unattributed,
-        unreadable_body: false,
     }
 }
 
@@ -141,13 +146,25 @@ fn message_of(status: u16, body: &[u8]) -> String {
             other => other.to_string(),
         };
     }
+    match start_of(body) {
+        Some(text) => text,
+        None => format!("HTTP {status}"),
+    }
+}
+
+/// The start of a body that is not Braze's, on one line, for a log line and `/readyz`;
+/// empty for an empty body.
+fn excerpt(body: &[u8]) -> String {
+    start_of(body)
+        .map(|text| text.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The first 200 characters of the trimmed body, if it holds any.
+fn start_of(body: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
-    if text.is_empty() {
-        format!("HTTP {status}")
-    } else {
-        text.chars().take(200).collect()
-    }
+    (!text.is_empty()).then(|| text.chars().take(200).collect())
 }
 
 #[cfg(test)]
@@ -164,8 +181,7 @@ mod tests {
             c(201, r#"{"message":"success","attributes_processed":3}"#),
             Verdict::Delivered {
                 rejected: vec![],
-                unattributed: 0,
-                unreadable_body: false
+                unattributed: 0
             }
         );
     }
@@ -184,8 +200,7 @@ mod tests {
                     (2, "'external_id' is required".into()),
                     (0, "bad name".into())
                 ],
-                unattributed: 2,
-                unreadable_body: false
+                unattributed: 2
             }
         );
     }
@@ -196,33 +211,66 @@ mod tests {
             c(200, r#"{"message":"success","errors":[{"index":4}]}"#),
             Verdict::Delivered {
                 rejected: vec![(4, "unknown error".into())],
-                unattributed: 0,
-                unreadable_body: false
+                unattributed: 0
             }
         );
     }
 
     #[test]
-    fn malformed_success_body_counts_as_delivered() {
-        for body in ["<html>ok</html>", "{\"message\":", "[1,2]"] {
+    fn a_success_status_without_brazes_json_is_a_config_fault() {
+        // A proxy, a captive portal or a wrong host answering 2xx in Braze's place: nothing
+        // says the objects reached Braze, so none may count as delivered.
+        for (status, body) in [
+            (
+                200,
+                "<html><body>Welcome to the guest network</body></html>",
+            ),
+            (200, ""),
+            (204, ""),
+            (200, "   "),
+            (200, "{\"message\":"),
+            (200, "[1,2]"),
+            (200, "\"success\""),
+            (200, "{}"),
+            (200, r#"{"status":"ok"}"#),
+            (201, r#"{"message":42}"#),
+            (200, r#"{"message":null,"errors":[]}"#),
+        ] {
+            match c(status, body) {
+                Verdict::NotBraze { status: s, excerpt } => {
+                    assert_eq!(s, status, "{body}");
+                    assert_eq!(excerpt, body.trim(), "{body}");
+                }
+                other => panic!("{status} {body:?}: {other:?}"),
+            }
+        }
+        let long = format!("<html>\n  <p>{}</p>\n</html>", "x".repeat(1000));
+        match c(200, &long) {
+            Verdict::NotBraze { excerpt, .. } => {
+                assert!(excerpt.starts_with("<html> <p>xxx"), "one line: {excerpt}");
+                assert!(excerpt.len() <= 200, "{excerpt}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn any_json_object_with_a_string_message_is_brazes_answer() {
+        for body in [
+            r#"{"message":"success"}"#,
+            r#"{"message":"success","attributes_processed":2}"#,
+            r#"{"message":"queued"}"#,
+            r#"{"message":"success","errors":[]}"#,
+        ] {
             assert_eq!(
-                c(200, body),
+                c(201, body),
                 Verdict::Delivered {
                     rejected: vec![],
-                    unattributed: 0,
-                    unreadable_body: true
+                    unattributed: 0
                 },
                 "{body}"
             );
         }
-        assert_eq!(
-            c(204, ""),
-            Verdict::Delivered {
-                rejected: vec![],
-                unattributed: 0,
-                unreadable_body: false
-            }
-        );
     }
 
     #[test]

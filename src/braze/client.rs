@@ -215,15 +215,8 @@ impl BrazeClient {
                 Verdict::Delivered {
                     rejected,
                     unattributed,
-                    unreadable_body,
                 } => {
                     self.reachable();
-                    if unreadable_body {
-                        tracing::warn!(
-                            status,
-                            "Braze accepted the request with an unreadable body"
-                        );
-                    }
                     if unattributed > 0 {
                         tracing::warn!(
                             status,
@@ -253,12 +246,27 @@ impl BrazeClient {
                     return Settled::Refused { status, message };
                 }
                 Verdict::ConfigFault { status, message } => {
-                    self.config_fault(status, &message, objects.len());
-                    let wait = CONFIG_RETRY_BASE
-                        .saturating_mul(1 << faults.min(8))
-                        .min(CONFIG_RETRY_CAP);
-                    tokio::time::sleep(wait).await;
-                    faults = faults.saturating_add(1);
+                    let problem = format!(
+                        "Braze answered {status} ({message}): check BRAZE_API_KEY and braze.endpoint ({})",
+                        inner.url
+                    );
+                    self.config_fault(status, problem, objects.len());
+                    sleep_config_retry(&mut faults).await;
+                }
+                Verdict::NotBraze { status, excerpt } => {
+                    let answered = if excerpt.is_empty() {
+                        "an empty body".to_string()
+                    } else {
+                        format!("a body that is not Braze's JSON: {excerpt}")
+                    };
+                    let problem = format!(
+                        "braze.endpoint {} answered {status} with {answered}; something other \
+                         than Braze (a proxy, a captive portal, a wrong host) answers there, \
+                         so nothing counts as delivered: check braze.endpoint and the network path",
+                        inner.url
+                    );
+                    self.config_fault(status, problem, objects.len());
+                    sleep_config_retry(&mut faults).await;
                 }
                 Verdict::RateLimited { reset_at } => {
                     // Braze answered, so it is reachable and the key is good.
@@ -332,13 +340,9 @@ impl BrazeClient {
         }
     }
 
-    fn config_fault(&self, status: u16, message: &str, objects: usize) {
+    fn config_fault(&self, status: u16, problem: String, objects: usize) {
         let inner = &*self.inner;
         inner.consecutive_failures.store(0, Ordering::Relaxed);
-        let problem = format!(
-            "Braze answered {status} ({message}): check BRAZE_API_KEY and braze.endpoint ({})",
-            inner.url
-        );
         inner.health.set_braze_problem(problem.clone());
         inner.problem_reported.store(true, Ordering::Relaxed);
         let loud = {
@@ -389,6 +393,15 @@ fn status_class(status: u16) -> &'static str {
         500..=599 => "5xx",
         _ => "error",
     }
+}
+
+/// A configuration fault is not fixed by hammering Braze: 5 s doubling up to 30 s.
+async fn sleep_config_retry(faults: &mut u32) {
+    let wait = CONFIG_RETRY_BASE
+        .saturating_mul(1 << (*faults).min(8))
+        .min(CONFIG_RETRY_CAP);
+    *faults = faults.saturating_add(1);
+    tokio::time::sleep(wait).await;
 }
 
 /// Exponential backoff with full jitter: a random wait up to 100 ms × 2^n, capped at 30 s,

@@ -38,13 +38,15 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// True for faults of the environment (registry unreachable, 5xx, misconfigured): retry
-    /// the same record later and never dead-letter it. False for faults of the record: those
-    /// go to the dead-letter topic with `to_string()` as the reason.
+    /// True for faults of the environment (registry unreachable, 5xx, misconfigured, a URL
+    /// that reaches something else): retry the same record later and never dead-letter it.
+    /// False for faults of the record: those go to the dead-letter topic with `to_string()`
+    /// as the reason.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            DecodeError::Registry(RegistryError::Unavailable(_)) | DecodeError::NoRegistry
+            DecodeError::Registry(RegistryError::Unavailable(_) | RegistryError::WrongUrl(_))
+                | DecodeError::NoRegistry
         )
     }
 

@@ -10,9 +10,18 @@ use std::time::Duration;
 /// Why a writer schema could not be had.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
-    /// The registry answered 404: the record names a schema that does not exist.
+    /// The registry answered 404 with its own "schema not found" (error_code 40403): the
+    /// record names a schema that does not exist.
     #[error("schema id {0} is not in the schema registry")]
     NotFound(u32),
+    /// A 404 without the registry's "schema not found": the URL reaches something that is
+    /// not the registry's schema API (a proxy, a web server, a wrong path prefix). The
+    /// deployment's fault, not the record's: the record waits for the URL to be fixed.
+    #[error(
+        "the schema registry URL looks wrong: {0}; check kafka.schema_registry_url \
+         (it must be the registry's base URL, under which /schemas/ids/<id> is served)"
+    )]
+    WrongUrl(String),
     /// Connection refused, timeout, 5xx, or a refusal that is the deployment's fault (401,
     /// 403, ...): the same request may succeed later.
     #[error("schema registry unavailable: {0}")]
@@ -162,12 +171,25 @@ impl SchemaSource for RegistryClient {
             .send()
             .map_err(|e| RegistryError::Unavailable(format!("GET {url}: {e}")))?;
         let status = response.status();
-        if status.as_u16() == 404 {
-            return Err(RegistryError::NotFound(id));
-        }
         let text = response
             .text()
             .map_err(|e| RegistryError::Unavailable(format!("GET {url}: {e}")))?;
+        if status.as_u16() == 404 {
+            if is_schema_not_found(&text) {
+                return Err(RegistryError::NotFound(id));
+            }
+            let shown: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let shown: String = shown.chars().take(200).collect();
+            return Err(RegistryError::WrongUrl(format!(
+                "GET {url} answered 404 without the registry's \"schema not found\" \
+                 (error_code 40403): {}",
+                if shown.is_empty() {
+                    "an empty body"
+                } else {
+                    &shown
+                }
+            )));
+        }
         if !status.is_success() {
             // Anything but 404 is the deployment's fault (auth, proxy, outage), not the record's.
             return Err(RegistryError::Unavailable(format!(
@@ -183,6 +205,17 @@ impl SchemaSource for RegistryClient {
             ))),
         }
     }
+}
+
+/// Confluent's answer for an unknown schema id, `{"error_code":40403,...}`, which Karapace,
+/// Redpanda and Apicurio's compatibility API give too. A 404 without it comes from
+/// something else at that URL.
+fn is_schema_not_found(body: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct ErrorAnswer {
+        error_code: i64,
+    }
+    serde_json::from_str::<ErrorAnswer>(body).is_ok_and(|a| a.error_code == 40403)
 }
 
 /// An in-process registry for the demo and the tests: ids are handed out from 1.
@@ -308,6 +341,56 @@ mod tests {
         let got = RegistryClient::new(&url).fetch(5);
         server.join().expect("server");
         assert!(matches!(got, Err(RegistryError::Unavailable(_))), "{got:?}");
+    }
+
+    /// What the decoder makes of a fetch error, as `Confluent` maps it.
+    fn as_decode_error(e: RegistryError) -> crate::decode::DecodeError {
+        match e {
+            RegistryError::NotFound(id) => crate::decode::DecodeError::UnknownSchema(id),
+            other => crate::decode::DecodeError::Registry(other),
+        }
+    }
+
+    #[test]
+    fn a_404_that_is_not_the_registrys_means_a_wrong_url_and_is_retried() {
+        // A proxy's page, a web server's default 404, the registry's own answer for a path it
+        // does not serve (a base URL with a stray path), an empty body: none says the schema
+        // is missing, so the records must wait for a fix, not go to the dead-letter topic.
+        for body in [
+            "<html><body><h1>404 Not Found</h1>nginx</body></html>",
+            r#"{"error_code":404,"message":"HTTP 404 Not Found"}"#,
+            r#"{"error_code":40401,"message":"Subject not found"}"#,
+            r#"{"message":"no route"}"#,
+            "",
+        ] {
+            let (url, server) = serve_once("404 Not Found", body);
+            let got = RegistryClient::new(&format!("{url}/api")).fetch(5);
+            server.join().expect("server");
+            let e = got.expect_err(body);
+            assert_ne!(e, RegistryError::NotFound(5), "{body}");
+            let e = as_decode_error(e);
+            assert!(e.is_retryable(), "{body}: {e}");
+            let text = e.to_string();
+            assert!(
+                text.contains("kafka.schema_registry_url") && text.contains("looks wrong"),
+                "{text}"
+            );
+            assert!(text.contains(&format!("{url}/api/schemas/ids/5")), "{text}");
+        }
+    }
+
+    #[test]
+    fn only_the_registrys_schema_not_found_makes_a_record_undecodable() {
+        for body in [
+            r#"{"error_code":40403,"message":"Schema 5 not found"}"#,
+            r#"{"message":"Schema not found","error_code":40403}"#,
+        ] {
+            let (url, server) = serve_once("404 Not Found", body);
+            let got = RegistryClient::new(&url).fetch(5);
+            server.join().expect("server");
+            assert_eq!(got, Err(RegistryError::NotFound(5)), "{body}");
+            assert!(!as_decode_error(RegistryError::NotFound(5)).is_retryable());
+        }
     }
 
     #[test]

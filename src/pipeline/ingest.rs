@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::decode::Decoder;
 use crate::dlq::DlqReason;
-use crate::event::Event;
+use crate::event::{Event, Rules};
 use crate::metrics::Metrics;
 
 /// What became of a payload.
@@ -22,15 +22,21 @@ pub enum Verdict<'a> {
 /// dead-lettered only for a fault of its own, never for one of the environment.
 pub struct Ingest {
     decoder: Decoder,
+    rules: Rules,
     metrics: Arc<Metrics>,
 }
 
 impl Ingest {
-    pub fn new(decoder: Decoder, metrics: Arc<Metrics>) -> Ingest {
-        Ingest { decoder, metrics }
+    pub fn new(decoder: Decoder, rules: Rules, metrics: Arc<Metrics>) -> Ingest {
+        Ingest {
+            decoder,
+            rules,
+            metrics,
+        }
     }
 
-    pub fn examine<'a>(&mut self, payload: Option<&'a [u8]>) -> Verdict<'a> {
+    /// `now_ms`: milliseconds since the rules were built, read once per burst.
+    pub fn examine<'a>(&mut self, payload: Option<&'a [u8]>, now_ms: u64) -> Verdict<'a> {
         let Some(payload) = payload else {
             self.count_invalid("undecodable");
             return Verdict::DeadLetter(DlqReason::Undecodable {
@@ -50,7 +56,7 @@ impl Ingest {
             }
         };
         self.metrics.events_decoded.inc();
-        match event.validate() {
+        match event.validate_with(&self.rules, self.rules.epoch_ms(now_ms)) {
             Ok(_) => Verdict::Admit(event),
             Err(e) => {
                 self.count_invalid("invalid");

@@ -345,12 +345,15 @@ fn assemble(
         dedup_memory: cfg.window.dedup_memory,
         delivered_memory: cfg.window.delivered_memory,
     });
+    let mapping = Mapping::from_config(cfg);
+    // Built beside the worker's clock, which `Rules::epoch_ms` counts from.
+    let rules = mapping.rules_for(cfg.window.max_future_ms);
     Ok(Worker {
         assignment: Assignment::new(),
-        ingest: Ingest::new(decoder, metrics.clone()),
+        ingest: Ingest::new(decoder, rules, metrics.clone()),
         delivery: Delivery::new(
             window,
-            Mapping::new(&cfg.mapping, cfg.braze.update_existing_only),
+            mapping,
             sink,
             rt,
             acks_tx,

@@ -101,7 +101,7 @@ impl Worker {
                 return Taken::Done;
             }
         }
-        let verdict = self.ingest.examine(m.payload());
+        let verdict = self.ingest.examine(m.payload(), now_ms);
         if let Verdict::Wait(why) = verdict {
             return Taken::Wait(why);
         }

@@ -45,14 +45,32 @@ fn json_of(v: &AttrValue<'_>) -> Value {
     }
 }
 
-/// Boolean mapping with `exited_value = "false"`: the attributes each user ends with. Extra
-/// attributes named like an identifier are left out, as the worker leaves them out.
+/// Keys the worker writes itself or that address a user: an event that would write one as a
+/// segment or an extra attribute is invalid and changes nothing.
+const RESERVED: &[&str] = &[
+    "external_id",
+    "email",
+    "_update_existing_only",
+    "braze_id",
+    "user_alias",
+    "phone",
+];
+
+/// Boolean mapping with `exited_value = "false"`: the attributes each user ends with.
 pub fn boolean_profiles(records: &[Landed], prefix: &str) -> BTreeMap<String, Map<String, Value>> {
     let mut latest: HashMap<(String, String), (Order, Value)> = HashMap::new();
     for r in records {
         let Some(e) = &r.event else { continue };
         let Some(user) = profile_key(e) else { continue };
-        if e.segment_id.is_empty() {
+        if e.segment_id.is_empty() || e.event_id.trim().is_empty() {
+            continue;
+        }
+        let segment_attribute = format!("{prefix}{}", e.segment_id);
+        if RESERVED.contains(&segment_attribute.as_str())
+            || e.attributes
+                .iter()
+                .any(|(name, _)| RESERVED.contains(&&**name))
+        {
             continue;
         }
         let o = order(e, r.partition, r.offset);
@@ -62,14 +80,8 @@ pub fn boolean_profiles(records: &[Landed], prefix: &str) -> BTreeMap<String, Ma
                 latest.insert(k, (o, value));
             }
         };
-        put(
-            format!("{prefix}{}", e.segment_id),
-            Value::Bool(e.change == Change::Entered),
-        );
+        put(segment_attribute, Value::Bool(e.change == Change::Entered));
         for (name, value) in &e.attributes {
-            if ["external_id", "email", "braze_id", "user_alias", "phone"].contains(&&**name) {
-                continue;
-            }
             put(format!("\u{0}{name}"), json_of(value));
         }
     }
