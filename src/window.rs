@@ -170,6 +170,9 @@ struct Slot<P> {
     live: bool,
     queued: bool,
     in_flight: bool,
+    /// Its entries came back from a request given up: each carries every kept record, so
+    /// the next flush lists each record once.
+    requeued: bool,
     first_pending_ms: u64,
     changes: SmallVec<[PendingChange<P>; 1]>,
     attrs: Vec<PendingAttr<P>>,
@@ -284,7 +287,7 @@ fn delivered_key(kind: IdKind, id: &str, name: &str) -> u64 {
     h.finish()
 }
 
-impl<P: Copy> Window<P> {
+impl<P: Copy + PartialEq> Window<P> {
     pub fn new(cfg: WindowConfig) -> Window<P> {
         Window {
             seen: Recent::new(cfg.dedup_memory),
@@ -352,6 +355,7 @@ impl<P: Copy> Window<P> {
             live: true,
             queued: false,
             in_flight: false,
+            requeued: false,
             first_pending_ms: 0,
             changes: SmallVec::new(),
             attrs: Vec::new(),
@@ -589,6 +593,16 @@ impl<P: Copy> Window<P> {
                     flush.attributes.push((a.name, a.value));
                     flush.attribute_orders.push(a.order);
                 }
+                if std::mem::take(&mut self.slots[idx as usize].requeued) {
+                    let mut mine = flush.positions.split_off(p0 as usize);
+                    let mut unique: Vec<P> = Vec::with_capacity(mine.len());
+                    for p in mine.drain(..) {
+                        if !unique.contains(&p) {
+                            unique.push(p);
+                        }
+                    }
+                    flush.positions.extend(unique);
+                }
                 flush.users.push(FlushedUser {
                     slot: idx,
                     kind,
@@ -704,16 +718,16 @@ impl<P: Copy> Window<P> {
                 positions: Vec::new(),
             });
         }
-        // The user's object is written whole, so its records may ride on any of its
-        // entries: they settle when the object is delivered.
-        match slot.changes.first_mut() {
-            Some(c) => c.positions.extend(kept),
-            None => {
-                if let Some(a) = slot.attrs.first_mut() {
-                    a.positions.extend(kept);
-                }
-            }
+        // The user's object is written whole, so its records settle with whichever entry
+        // is delivered. Each requeued entry carries them all: an entry without a position
+        // would be taken for one whose records were revoked, and dropped.
+        for c in slot.changes.iter_mut().filter(|c| c.positions.is_empty()) {
+            c.positions.extend(kept.iter().copied());
         }
+        for a in slot.attrs.iter_mut().filter(|a| a.positions.is_empty()) {
+            a.positions.extend(kept.iter().copied());
+        }
+        slot.requeued = true;
         slot.in_flight = false;
         if !was_pending && slot.is_pending() {
             self.pending_users += 1;
@@ -982,6 +996,9 @@ mod tests {
             w.requeue(&f, u, |p| *p != 3, 50);
         }
         assert_eq!(w.pending_users(), 1, "u2 had nothing left to keep");
+        // The revoke that stopped the request then drops its partition's records: the
+        // requeued entries carry kept ones, so they stay.
+        assert_eq!(w.drop_positions(|p| *p == 3), 0);
         let g = w.pop_batch(1_000, false).unwrap();
         assert_eq!(
             written(&w, &g),

@@ -281,6 +281,13 @@ fn a_request_waiting_on_a_long_429_is_stopped_when_its_partition_moves() {
     env.cluster.create_topic("moved-429.dlq", 1, 1).unwrap();
     let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
     cfg.window.drain_timeout_ms = 1_500;
+    // The mock coordinator waits out a session timeout before it rebalances.
+    for (k, v) in [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "1000"),
+    ] {
+        cfg.kafka.properties.insert(k.into(), v.into());
+    }
     let landed = produce(
         &env.rt,
         &cfg.kafka.brokers,
@@ -297,7 +304,7 @@ fn a_request_waiting_on_a_long_429_is_stopped_when_its_partition_moves() {
     let mut cfg_b = cfg.clone();
     cfg_b.braze.endpoint = other_braze.url();
     let b = worker(&env, &cfg_b);
-    wait_until("B has read a partition", Duration::from_secs(60), || {
+    wait_until("B has read a partition", Duration::from_secs(90), || {
         b.metrics.events_consumed.get() > 0
     });
     // The moved partition is B's now; A's Braze may answer again.
