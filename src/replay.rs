@@ -99,9 +99,115 @@ pub fn until(args: &ReplayArgs) -> Until {
     }
 }
 
+/// How a replay marks the offsets it commits, and which marks it trusts: the commits of
+/// its own run (a partition handed from one member to another continues where the first
+/// stopped), never an earlier run's (a backfill run again starts over).
+///
+/// Members of one run are recognised by an explicit run id when one is given (a Job's id,
+/// so that a retried pod continues its run); otherwise by the same start (`--from` and its
+/// stop rule) and a commit made after this member started: live members commit every
+/// interval, so the others' progress is always newer than a member that joins them, while
+/// an earlier run's last commit is older. Clocks of different hosts are compared there;
+/// a skew larger than the gap between two runs of one backfill would let the second trust
+/// the first's last commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunMark {
+    run: Option<String>,
+    spec: String,
+    started_ms: i64,
+}
+
+const MARK_PREFIX: &str = "segment-sync replay";
+
+impl RunMark {
+    pub fn new(run: Option<String>, start: &StartAt, until: Until, started_ms: i64) -> RunMark {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        format!("{start:?}/{until:?}").hash(&mut h);
+        RunMark {
+            run: run.filter(|r| !r.is_empty()),
+            spec: format!("{:016x}", h.finish()),
+            started_ms,
+        }
+    }
+
+    /// The metadata of a commit made at `now_ms`.
+    pub fn stamp(&self, now_ms: i64) -> String {
+        let mut m = format!("{MARK_PREFIX} spec={} at={now_ms}", self.spec);
+        if let Some(run) = &self.run {
+            m.push_str(" run=");
+            // Metadata is one line of words: the id is kept to what cannot break it.
+            m.extend(run.chars().filter(|c| !c.is_whitespace()).take(128));
+        }
+        m
+    }
+
+    /// Whether a commit with this metadata was made by this run.
+    pub fn trusts(&self, metadata: &str) -> bool {
+        let Some(rest) = metadata.strip_prefix(MARK_PREFIX) else {
+            return false;
+        };
+        let field = |name: &str| {
+            rest.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        };
+        if field("spec") != Some(self.spec.as_str()) {
+            return false;
+        }
+        match &self.run {
+            Some(run) => field("run").is_some_and(|r| {
+                r == run
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .take(128)
+                    .collect::<String>()
+            }),
+            None => field("at")
+                .and_then(|at| at.parse::<i64>().ok())
+                .is_some_and(|at| at >= self.started_ms),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_trusts_its_members_commits_and_never_an_earlier_runs() {
+        let from = StartAt::Earliest;
+        let first = RunMark::new(None, &from, Until::CaughtUp, 1_000);
+        let old = first.stamp(5_000);
+        // The same backfill run again later: the first run's last commit is older.
+        let again = RunMark::new(None, &from, Until::CaughtUp, 9_000);
+        assert!(!again.trusts(&old));
+        // A member of the second run, committing after the other member started.
+        let member = RunMark::new(None, &from, Until::CaughtUp, 9_500);
+        assert!(again.trusts(&member.stamp(9_600)));
+        // Another start or stop rule is another backfill.
+        let other = RunMark::new(None, &StartAt::Timestamp(7), Until::CaughtUp, 9_000);
+        assert!(!other.trusts(&member.stamp(9_600)));
+        let until_start = RunMark::new(None, &from, Until::StartOffsets, 9_000);
+        assert!(!until_start.trusts(&member.stamp(9_600)));
+        // Commits of the live group, or of nothing known, are never a run's.
+        assert!(!again.trusts(""));
+        assert!(!again.trusts("some other tool"));
+    }
+
+    #[test]
+    fn an_explicit_run_id_is_trusted_whenever_it_committed() {
+        let from = StartAt::Earliest;
+        let pod = RunMark::new(Some("job-7f3a".into()), &from, Until::CaughtUp, 9_000);
+        let earlier_pod = RunMark::new(Some("job-7f3a".into()), &from, Until::CaughtUp, 1_000);
+        assert!(
+            pod.trusts(&earlier_pod.stamp(2_000)),
+            "a retried pod continues"
+        );
+        let other_job = RunMark::new(Some("job-0000".into()), &from, Until::CaughtUp, 1_000);
+        assert!(!pod.trusts(&other_job.stamp(9_999)));
+        let anonymous = RunMark::new(None, &from, Until::CaughtUp, 8_000);
+        assert!(!pod.trusts(&anonymous.stamp(9_999)));
+    }
 
     #[test]
     fn from_accepts_the_three_forms() {

@@ -40,17 +40,15 @@ use support::procs::{http, Proc, Sim, Worker, WorkerConfig};
 use support::worker::{dlq_origin, header, produce_with, read_all};
 
 // ---------------------------------------------------------------------------------------
-// Wording the pipeline owner will align: one constant each.
+// Wording users rely on.
 
 /// The header a dead-letter record that goes without its value carries to say why
 /// (DESIGN.md: "dead-lettered without its value, with its coordinates and a header saying
-/// why"). `None` until the name is fixed: then any header whose name starts with
-/// `segment_sync.` or contains `value` counts. Set it to `Some("the.exact.name")` to pin it.
-const VALUE_MISSING_HEADER: Option<&str> = None;
+/// why").
+const VALUE_MISSING_HEADER: &str = segment_sync::dlq::HEADER_VALUE_OMITTED;
 
 /// A replay stopped (SIGTERM) before it caught up says so on stderr, with where it stopped.
-/// Any of these, case-insensitive, counts until the wording is fixed.
-const STOPPED_EARLY_WORDS: &[&str] = &["stopped before", "caught up"];
+const STOPPED_EARLY_WORDS: &[&str] = &["stopped before it caught up"];
 
 // ---------------------------------------------------------------------------------------
 // Bounds.
@@ -907,7 +905,7 @@ fn oversized_dead_letter_record_does_not_wedge_the_worker() {
             match why {
                 None => problems.push(format!(
                     "the dead-letter record of the oversized record has no header saying why its value is missing ({}); headers: {names:?}",
-                    VALUE_MISSING_HEADER.unwrap_or("a `segment_sync.*` header or one naming the value")
+                    VALUE_MISSING_HEADER
                 )),
                 Some(name) => {
                     if header(m, name).is_none_or(|v| v.is_empty()) {
@@ -928,10 +926,7 @@ fn oversized_dead_letter_record_does_not_wedge_the_worker() {
 }
 
 fn is_value_missing_header(name: &str) -> bool {
-    match VALUE_MISSING_HEADER {
-        Some(exact) => name == exact,
-        None => name.starts_with("segment_sync.") || name.to_lowercase().contains("value"),
-    }
+    name == VALUE_MISSING_HEADER
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::kafka::GroupConsumer;
 use crate::offsets::TopicPartition;
+use crate::replay::RunMark;
 use crate::start::{decide, OffsetLookup, StartAt, StartDecision};
 
 use super::assignment::Assignment;
@@ -16,16 +17,16 @@ use super::Until;
 
 /// Owns a bounded run's start and end. Promises: every run starts where it is told, however
 /// often it is run: a partition continues from a commit only when this same run made it
-/// (the commit's metadata names the run), so a partition handed from one member to
-/// another mid-run goes on where the first stopped, and an earlier run's commits never cut
-/// a new one short. The run is done only when every partition of its topics is read to the
+/// (its metadata, see [`RunMark`]), so a partition handed from one member to another
+/// mid-run goes on where the first stopped, and an earlier run's commits never cut a new
+/// one short. The run is done only when every partition of its topics is read to the
 /// end (by this member, or committed to it under this run by another) and everything read
 /// is settled.
 pub struct Bounds {
     start: StartAt,
     until: Until,
-    /// The commit metadata of this run; `None` when the group's own offsets are the start.
-    marker: Option<String>,
+    /// How this run marks its commits; `None` when the group's own offsets are the start.
+    mark: Option<RunMark>,
     topics: Vec<String>,
     started: HashSet<TopicPartition>,
     /// Where this run started each partition it read, as an offset.
@@ -43,13 +44,13 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const CHECK_EVERY: Duration = Duration::from_millis(200);
 
 impl Bounds {
-    /// `run` names this run in its commits; pass the same to every member of one backfill.
-    pub fn new(start: StartAt, until: Until, topics: &[String], run: &str) -> Bounds {
-        let marker = (start != StartAt::Committed).then(|| marker(run));
+    /// `mark`: how this run marks its commits (see [`RunMark`]); `None` when it starts from
+    /// the group's own offsets.
+    pub fn new(start: StartAt, until: Until, topics: &[String], mark: Option<RunMark>) -> Bounds {
         Bounds {
             start,
             until,
-            marker,
+            mark,
             topics: topics.to_vec(),
             started: HashSet::new(),
             starts: HashMap::new(),
@@ -60,9 +61,10 @@ impl Bounds {
         }
     }
 
-    /// The metadata to mark this run's commits with.
-    pub fn commit_metadata(&self) -> Option<String> {
-        self.marker.clone()
+    fn trusts(&self, metadata: Option<&str>) -> bool {
+        self.mark
+            .as_ref()
+            .is_some_and(|m| metadata.is_some_and(|meta| m.trusts(meta)))
     }
 
     /// Every partition of the topics, from the broker.
@@ -138,9 +140,7 @@ impl Bounds {
             self.started.insert(tp.clone());
             let run_commit = committed
                 .get(&tp)
-                .filter(|(_, meta)| {
-                    self.marker.is_some() && meta.as_deref() == self.marker.as_deref()
-                })
+                .filter(|(_, meta)| self.trusts(meta.as_deref()))
                 .map(|(o, _)| *o);
             let decision = match run_commit {
                 // Another member of this run read it this far.
@@ -278,9 +278,7 @@ impl Bounds {
                 // run, or by the group when the run starts from the group's offsets.
                 committed
                     .get(&tp)
-                    .filter(|(_, meta)| {
-                        self.marker.is_none() || meta.as_deref() == self.marker.as_deref()
-                    })
+                    .filter(|(_, meta)| self.mark.is_none() || self.trusts(meta.as_deref()))
                     .map(|(o, _)| *o)
             };
             if low < end && read.is_none_or(|r| r < end) {
@@ -297,15 +295,16 @@ impl Bounds {
         &self.standing
     }
 
+    /// Where this run started the partition: what to commit for it before a record of it
+    /// is read, so that other members see it done when there is nothing to read.
+    pub fn start_of(&self, tp: &TopicPartition) -> Option<i64> {
+        self.starts.get(tp).copied()
+    }
+
     /// The end a progress display counts to: the start's end for `Until::StartOffsets`.
     pub fn start_end(&self, tp: &TopicPartition) -> Option<i64> {
         self.start_ends.as_ref()?.get(tp).copied()
     }
-}
-
-/// The commit metadata naming a run.
-fn marker(run: &str) -> String {
-    format!("segment-sync replay run {run}")
 }
 
 /// The timestamp lookup of `start::decide`, answered by the broker (ListOffsets).

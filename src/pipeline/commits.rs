@@ -10,16 +10,24 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::kafka::{cached_high_watermark, GroupConsumer};
 use crate::metrics::Metrics;
 use crate::offsets::TopicPartition;
+use crate::replay::RunMark;
+
+/// The wall clock in epoch milliseconds, for the marks of a replay's commits.
+pub fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
 /// Owns what was committed. Promises: commits only offsets it is given (the settled
-/// watermark), each marked with `metadata` when set (a replay's run), and nothing at all
+/// watermark), each marked as its run's when it is a replay's, and nothing at all
 /// in a dry run.
 pub struct Commits {
     interval: Duration,
     last: Instant,
     /// The last offset committed per partition (sent, for asynchronous commits).
     committed: HashMap<TopicPartition, i64>,
-    metadata: Option<String>,
+    mark: Option<RunMark>,
     enabled: bool,
     metrics: Arc<Metrics>,
 }
@@ -27,7 +35,7 @@ pub struct Commits {
 impl Commits {
     pub fn new(
         interval: Duration,
-        metadata: Option<String>,
+        mark: Option<RunMark>,
         enabled: bool,
         metrics: Arc<Metrics>,
     ) -> Commits {
@@ -35,7 +43,7 @@ impl Commits {
             interval,
             last: Instant::now(),
             committed: HashMap::new(),
-            metadata,
+            mark,
             enabled,
             metrics,
         }
@@ -64,6 +72,7 @@ impl Commits {
         if !self.enabled || offsets.is_empty() {
             return Ok(());
         }
+        let metadata = self.mark.as_ref().map(|m| m.stamp(epoch_ms()));
         let mut tpl = TopicPartitionList::new();
         for (tp, offset) in offsets {
             if tpl
@@ -72,8 +81,7 @@ impl Commits {
             {
                 continue;
             }
-            if let (Some(m), Some(mut e)) =
-                (&self.metadata, tpl.find_partition(&tp.topic, tp.partition))
+            if let (Some(m), Some(mut e)) = (&metadata, tpl.find_partition(&tp.topic, tp.partition))
             {
                 e.set_metadata(m.as_str());
             }

@@ -35,6 +35,7 @@ use crate::dlq::{DlqWriter, Rereader};
 use crate::health::Health;
 use crate::kafka::{consumer_config, GroupConsumer, RebalanceHandler, Rebalancing};
 use crate::metrics::Metrics;
+use crate::replay::RunMark;
 pub use crate::start::StartAt;
 use crate::window::{Window, WindowConfig};
 
@@ -65,8 +66,9 @@ pub struct RunOptions {
     pub group_id: Option<String>,
     pub start: StartAt,
     pub until: Until,
-    /// Names this run in its commits, so members of one backfill continue each other's
-    /// partitions and a later run trusts none of them. A fresh id when `None`.
+    /// Names this run in its commits, so that every member of one backfill (and a retry of
+    /// it) continues the others' partitions; `None` recognises the run's members by their
+    /// start and the time of their commits (see `replay::RunMark`).
     pub run_id: Option<String>,
     /// Set to stop: the worker stops taking records, flushes, drains and commits.
     pub stop: Arc<AtomicBool>,
@@ -330,14 +332,23 @@ fn assemble(
     )?);
     let rereader =
         Rereader::start(cfg, group_id, writer.clone()).map_err(kafka("creating the re-reader"))?;
-    let bounds = (opts.until != Until::Stopped).then(|| {
-        let run = opts
-            .run_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        Bounds::new(opts.start.clone(), opts.until, &cfg.kafka.topics, &run)
+    // A replay marks its commits as its run's; the live group's own offsets are its start.
+    let mark = (opts.until != Until::Stopped && opts.start != StartAt::Committed).then(|| {
+        RunMark::new(
+            opts.run_id.clone(),
+            &opts.start,
+            opts.until,
+            commits::epoch_ms(),
+        )
     });
-    let metadata = bounds.as_ref().and_then(Bounds::commit_metadata);
+    let bounds = (opts.until != Until::Stopped).then(|| {
+        Bounds::new(
+            opts.start.clone(),
+            opts.until,
+            &cfg.kafka.topics,
+            mark.clone(),
+        )
+    });
     let window = Window::new(WindowConfig {
         linger_ms: cfg.window.linger_ms,
         batch_size: cfg.braze.batch_size,
@@ -363,7 +374,7 @@ fn assemble(
         dead_letters: DeadLetters::new(writer, rereader, metrics.clone(), health.clone()),
         commits: Commits::new(
             Duration::from_millis(cfg.window.commit_interval_ms),
-            metadata,
+            mark,
             committing,
             metrics.clone(),
         ),

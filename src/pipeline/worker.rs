@@ -188,7 +188,13 @@ impl Worker {
             .assignment
             .partitions()
             .into_iter()
-            .filter_map(|tp| self.assignment.committable(&tp).map(|o| (tp, o)))
+            .filter_map(|tp| {
+                let offset = self
+                    .assignment
+                    .committable(&tp)
+                    .or_else(|| self.bounds.as_ref()?.start_of(&tp))?;
+                Some((tp, offset))
+            })
             .collect();
         if let Err(e) = self.commits.commit(consumer, &offsets, mode) {
             tracing::warn!(error = %e, "offset commit failed; will retry");
