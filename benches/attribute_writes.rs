@@ -12,7 +12,7 @@
 //!
 //! The stream is the generator's, with few users so that each flush holds repeats,
 //! misordered changes and flip-flops (a user entering and leaving a segment again). It is
-//! driven through `Window` and `batch::encode` as `pipeline::run` drives them, on a virtual
+//! driven through `Window` and `mapping::encode` as `pipeline::run` drives them, on a virtual
 //! clock of 5,000 events a second with the default linger. `cargo bench --bench attribute_writes`
 
 mod common;
@@ -21,11 +21,11 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use segment_sync::batch::{self, Mapping};
 use segment_sync::config::MappingConfig;
 use segment_sync::event::{AttrValue, Change, Event, Identity};
-use segment_sync::generate::{Generator, Record};
+use segment_sync::mapping::{self, Mapping};
 use segment_sync::offsets::{OffsetTracker, Position};
+use segment_sync::tools::generate::{Generator, Record};
 use segment_sync::window::{Admit, Flush, Window, WindowConfig};
 
 use common::{partition_of, Verdicts, PARTITIONS};
@@ -191,7 +191,7 @@ fn main() {
                 continue;
             }
             flushes += 1;
-            let encoded = batch::encode(&mapping, window.segments(), &flush);
+            let encoded = mapping::encode(&mapping, window.segments(), &flush);
             for object in &encoded.objects {
                 apply(&mut profiles, object, &mut count);
             }

@@ -19,7 +19,7 @@ use segment_sync::braze::BrazeClient;
 use segment_sync::config::BrazeConfig;
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
-use segment_sync::sim::{self, Faults, SimConfig};
+use segment_sync::tools::sim::{self, Faults, SimConfig};
 
 use common::Verdicts;
 

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use segment_sync::config::Format;
 use segment_sync::decode::{Decoder, MemoryRegistry, SCHEMA};
-use segment_sync::generate::{Generator, GeneratorConfig};
-use segment_sync::produce::encode_record;
+use segment_sync::tools::generate::{Generator, GeneratorConfig};
+use segment_sync::tools::produce::encode_record;
 
 fn main() {
     let registry = Arc::new(MemoryRegistry::new());

@@ -31,7 +31,7 @@ use segment_sync::config::{Config, Format};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{self, RunOptions, RunSummary, StartAt, Until};
-use segment_sync::produce::{self, ProduceArgs};
+use segment_sync::tools::produce::{self, ProduceArgs};
 
 use common::{cpu_time, Verdicts};
 

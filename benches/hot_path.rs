@@ -1,7 +1,7 @@
 //! DESIGN.md, "Performance it is built for": decode → window → batch encode on one core at
 //! ≥ 1,000,000 events/s for JSON and ≥ 500,000 for avro-confluent.
 //!
-//! Each event takes the path `pipeline::Core::ingest` gives it (partition lookup, offset
+//! Each event takes the path `pipeline::Worker::take` gives it (partition lookup, offset
 //! tracking, decode, validate, admit, settle what the window drops), and every 512 events
 //! the service step runs as in `pipeline::run`: acknowledgements of the previous round
 //! settle and complete their users, then up to `max_in_flight` batches are popped and
@@ -13,9 +13,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use segment_sync::batch::{self, Mapping};
 use segment_sync::config::{Format, MappingConfig};
 use segment_sync::decode::{Decoder, SchemaSource};
+use segment_sync::mapping::{self, Mapping};
 use segment_sync::metrics::Metrics;
 use segment_sync::offsets::{OffsetTracker, Position};
 use segment_sync::window::{Admit, Flush, Window, WindowConfig};
@@ -134,7 +134,7 @@ impl Core {
             if flush.users.is_empty() {
                 continue;
             }
-            let encoded = batch::encode(&self.mapping, self.window.segments(), &flush);
+            let encoded = mapping::encode(&self.mapping, self.window.segments(), &flush);
             self.objects += encoded.objects.len() as u64;
             self.bytes += encoded.objects.iter().map(|o| o.len() as u64).sum::<u64>();
             black_box(&encoded.objects);

@@ -186,7 +186,11 @@ pub const ENV_PREFIX: &str = "SEGMENT_SYNC_";
 
 /// `SEGMENT_SYNC_*` variables that belong to the command line, not to a configuration key,
 /// so the typo check must let them through.
-pub const COMMAND_LINE_ENV: &[&str] = &["SEGMENT_SYNC_CONFIG", "SEGMENT_SYNC_LOG_JSON"];
+pub const COMMAND_LINE_ENV: &[&str] = &[
+    "SEGMENT_SYNC_CONFIG",
+    "SEGMENT_SYNC_LOG_JSON",
+    "SEGMENT_SYNC_REPLAY_RUN_ID",
+];
 
 /// Where the API key comes from; it is never read from the TOML file.
 pub const API_KEY_ENV: &str = "BRAZE_API_KEY";

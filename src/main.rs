@@ -13,7 +13,8 @@ use segment_sync::config::{Config, KeyRequirement};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{self, Progress, RunOptions, RunSummary};
-use segment_sync::{demo, logging, produce, replay, server, sim};
+use segment_sync::tools::{demo, produce, sim};
+use segment_sync::{logging, replay, server};
 
 #[derive(Parser)]
 #[command(

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::pipeline::{StartAt, Until};
+use crate::start::{StartAt, Until};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {

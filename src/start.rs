@@ -1,6 +1,6 @@
 //! Where a partition starts when a worker is first assigned it: the group's committed offset
-//! for the live worker, or the point a replay names. Pure decision behind a seam, so the
-//! timestamp rules are tested without a broker.
+//! for the live worker, or the point a replay names; and when a run ends. Pure decision
+//! behind a seam, so the timestamp rules are tested without a broker.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +14,18 @@ pub enum StartAt {
     Timestamp(i64),
     /// Explicit `partition → offset`; partitions not named start at their committed offset.
     Offsets(BTreeMap<i32, i64>),
+}
+
+/// When a run ends by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// Only when told to stop (the live worker).
+    Stopped,
+    /// Caught up with the log: after a flush Braze acknowledged, the end offsets have not
+    /// moved past what was consumed, on every partition of the topics.
+    CaughtUp,
+    /// The end offsets taken when the run began (`--until-start`, dry runs).
+    StartOffsets,
 }
 
 /// What to do with one partition.

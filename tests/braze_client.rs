@@ -10,7 +10,7 @@ use segment_sync::braze::{BrazeClient, ObjectOutcome};
 use segment_sync::config::BrazeConfig;
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
-use segment_sync::sim::{self, Faults, SimConfig, SimHandle};
+use segment_sync::tools::sim::{self, Faults, SimConfig, SimHandle};
 use serde_json::json;
 
 const KEY: &str = "test-key";

@@ -12,8 +12,8 @@ use serde_json::json;
 
 use segment_sync::config::Format;
 use segment_sync::decode::{DecodeError, Decoder, MemoryRegistry, SCHEMA};
-use segment_sync::encode;
 use segment_sync::event::{AttrValue, Change, Event};
+use segment_sync::tools::encode;
 
 /// Registers `writer` and decodes `body` as the Confluent wire format would carry it.
 fn decode_with(writer: &str, body: &[u8]) -> Result<Event<'static>, DecodeError> {

@@ -10,8 +10,8 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use segment_sync::config::{Config, Format};
 use segment_sync::decode::Decoder;
-use segment_sync::generate::{Generator, Record};
-use segment_sync::produce::{self, ProduceArgs};
+use segment_sync::tools::generate::{Generator, Record};
+use segment_sync::tools::produce::{self, ProduceArgs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produced_records_arrive_keyed_and_decodable() {

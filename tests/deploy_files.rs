@@ -19,9 +19,8 @@ use segment_sync::config::{Config, ConfigError, KeyRequirement, API_KEY_ENV, ENV
 use segment_sync::metrics::Metrics;
 
 /// After the drain the worker waits up to this long for dead-letter acknowledgements before it
-/// leaves the group: the `dlq.flush` at the end of `pipeline::run`, which the library does not
-/// export.
-const DLQ_FLUSH_MS: u64 = 5000;
+/// leaves the group.
+const DLQ_FLUSH_MS: u64 = segment_sync::pipeline::DEAD_LETTER_FLUSH.as_millis() as u64;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -18,8 +18,8 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 use segment_sync::decode::{RegistryClient, SCHEMA};
 use segment_sync::event::{AttrValue, Change, Event};
-use segment_sync::generate::{Generated, Generator, GeneratorConfig, Record};
-use segment_sync::sim::Faults;
+use segment_sync::tools::generate::{Generated, Generator, GeneratorConfig, Record};
+use segment_sync::tools::sim::Faults;
 
 use support::expected::{boolean_profiles, diff, profile_key, strip_identifiers, Landed};
 use support::kafka::KafkaBroker;
@@ -113,8 +113,8 @@ fn generator(users: usize, seed: u64, misordered: bool) -> Generator {
 
 fn json_payload(g: &Generated) -> (Vec<u8>, Option<Event<'static>>) {
     match &g.record {
-        Record::Valid(e) => (segment_sync::encode::to_json(e), Some(e.clone())),
-        Record::Invalid(e) => (segment_sync::encode::to_json(e), None),
+        Record::Valid(e) => (segment_sync::tools::encode::to_json(e), Some(e.clone())),
+        Record::Invalid(e) => (segment_sync::tools::encode::to_json(e), None),
         Record::Undecodable(b) => (b.clone(), None),
     }
 }
@@ -301,9 +301,10 @@ fn resume_after_sigterm(format: &str, topic: &str) {
             .expect("registering the schema over HTTP")
     });
     let payload = |g: &Generated| match (&g.record, schema_id) {
-        (Record::Valid(e), Some(id)) => {
-            (segment_sync::encode::to_confluent(id, e), Some(e.clone()))
-        }
+        (Record::Valid(e), Some(id)) => (
+            segment_sync::tools::encode::to_confluent(id, e),
+            Some(e.clone()),
+        ),
         _ => json_payload(g),
     };
 
@@ -883,7 +884,7 @@ fn avro_confluent_resolves_older_and_newer_writer_schemas_from_the_registry() {
     let payload = |g: &Generated| match &g.record {
         Record::Valid(e) => match e.event_id.bytes().map(u32::from).sum::<u32>() % 3 {
             0 => (
-                segment_sync::encode::to_confluent(current, e),
+                segment_sync::tools::encode::to_confluent(current, e),
                 Some(e.clone()),
             ),
             1 => {

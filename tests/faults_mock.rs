@@ -16,9 +16,9 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use segment_sync::config::{Config, Format};
 use segment_sync::decode::SCHEMA;
 use segment_sync::dlq;
-use segment_sync::generate::{Generated, Generator, GeneratorConfig, Record};
 use segment_sync::pipeline::{StartAt, Until};
-use segment_sync::sim::{self, Faults, SimConfig};
+use segment_sync::tools::generate::{Generated, Generator, GeneratorConfig, Record};
+use segment_sync::tools::sim::{self, Faults, SimConfig};
 
 use support::expected::{boolean_profiles, diff, strip_identifiers, Landed};
 use support::mock::{mock_env, MockEnv};

@@ -31,8 +31,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use serde_json::{Map, Value};
 
 use segment_sync::event::{Change, Event};
-use segment_sync::generate::{Generated, Generator, GeneratorConfig, Record};
-use segment_sync::sim::Faults;
+use segment_sync::tools::generate::{Generated, Generator, GeneratorConfig, Record};
+use segment_sync::tools::sim::Faults;
 
 use support::expected::{boolean_profiles, diff, profile_key, strip_identifiers, Landed};
 use support::kafka::KafkaBroker;
@@ -79,8 +79,8 @@ fn generator(users: usize, seed: u64) -> Generator {
 
 fn json_payload(g: &Generated) -> (Vec<u8>, Option<Event<'static>>) {
     match &g.record {
-        Record::Valid(e) => (segment_sync::encode::to_json(e), Some(e.clone())),
-        Record::Invalid(e) => (segment_sync::encode::to_json(e), None),
+        Record::Valid(e) => (segment_sync::tools::encode::to_json(e), Some(e.clone())),
+        Record::Invalid(e) => (segment_sync::tools::encode::to_json(e), None),
         Record::Undecodable(b) => (b.clone(), None),
     }
 }
@@ -1038,7 +1038,7 @@ fn older_change_after_scale_out_is_stale_on_kept_partitions() {
     let (broker, dir) = setup(topic, 3);
     let dir = dir.path();
     let users = 3000;
-    let base = segment_sync::generate::BASE_TIME_MS;
+    let base = segment_sync::tools::generate::BASE_TIME_MS;
     let entered: Vec<_> = (0..users)
         .map(|u| membership(u, Change::Entered, 10, base + u as i64, "entered"))
         .collect();

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use segment_sync::config::Config;
-use segment_sync::generate::{Generated, Generator, GeneratorConfig};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{self, RunOptions, StartAt, Until};
-use segment_sync::sim::Faults;
+use segment_sync::tools::generate::{Generated, Generator, GeneratorConfig};
+use segment_sync::tools::sim::Faults;
 
 use support::expected::{boolean_profiles, diff, strip_identifiers, Landed};
 use support::mock::{mock_env, MockEnv};

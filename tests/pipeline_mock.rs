@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rdkafka::message::Message;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use segment_sync::generate::{Generator, GeneratorConfig, Record};
-use segment_sync::sim::Faults;
+use segment_sync::tools::generate::{Generator, GeneratorConfig, Record};
+use segment_sync::tools::sim::Faults;
 
 use support::expected::{boolean_profiles, diff, profile_key, strip_identifiers, Landed};
 use support::mock::{mock_env, MockEnv};
@@ -23,7 +23,7 @@ fn env(faults: Faults, rate_limit: u32) -> Env {
     mock_env(faults, rate_limit)
 }
 
-fn generate(events: usize, cfg: GeneratorConfig) -> Vec<segment_sync::generate::Generated> {
+fn generate(events: usize, cfg: GeneratorConfig) -> Vec<segment_sync::tools::generate::Generated> {
     Generator::new(cfg).take(events).collect()
 }
 
@@ -153,7 +153,10 @@ fn rejected_objects_go_to_the_dead_letter_topic_before_their_offsets_are_committ
             .unwrap();
         let e = original.event.as_ref().unwrap();
         assert_eq!(m.key(), Some(e.external_id.as_deref().unwrap().as_bytes()));
-        assert_eq!(m.payload(), Some(&segment_sync::encode::to_json(e)[..]));
+        assert_eq!(
+            m.payload(),
+            Some(&segment_sync::tools::encode::to_json(e)[..])
+        );
         assert!(got.insert((p, o)), "({p}, {o}) dead-lettered twice");
     }
     assert_eq!(
@@ -274,7 +277,7 @@ fn undecodable_and_invalid_records_are_dead_lettered_and_the_worker_keeps_going(
 #[test]
 fn values_that_would_poison_last_write_wins_are_dead_lettered() {
     use segment_sync::event::{AttrValue, Change, Event};
-    use segment_sync::generate::Generated;
+    use segment_sync::tools::generate::Generated;
     let env = env(Faults::default(), 0);
     let topic = "poison";
     env.cluster.create_topic(topic, 1, 1).unwrap();

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use segment_sync::config::Format;
 use segment_sync::decode::{MemoryRegistry, SCHEMA};
-use segment_sync::generate::{Generator, GeneratorConfig, Record};
-use segment_sync::produce::encode_record;
+use segment_sync::tools::generate::{Generator, GeneratorConfig, Record};
+use segment_sync::tools::produce::encode_record;
 
 /// The stream every benchmark uses unless it says otherwise: many users, each touched a
 /// handful of times, with the generator's default repeats and misordered changes.

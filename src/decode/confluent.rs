@@ -76,8 +76,8 @@ mod tests {
     use super::*;
     use crate::decode::registry::MemoryRegistry;
     use crate::decode::{RegistryClient, SCHEMA};
-    use crate::encode;
     use crate::event::{Change, Event};
+    use crate::tools::encode;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn event() -> Event<'static> {

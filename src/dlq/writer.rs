@@ -51,6 +51,8 @@ pub enum DlqOutcome {
     Written(Box<PendingDlq>),
     /// Not written (the broker refused it, or it timed out): write it again later.
     Failed(Box<PendingDlq>, String),
+    /// Refused as too large for the topic and made smaller: write it again now.
+    Shrunk(Box<PendingDlq>),
 }
 
 /// Where outcomes go; called on librdkafka's thread, so it must only hand them over.
@@ -73,7 +75,7 @@ impl ProducerContext for DlqContext {
                 let mut pending = pending;
                 if pending.shrink(&format!("refused by the dead-letter topic: {e}")) {
                     tracing::warn!(error = %e, "dead-letter record too large for the topic; writing it without its value");
-                    DlqOutcome::Failed(pending, format!("{e}; retrying smaller"))
+                    DlqOutcome::Shrunk(pending)
                 } else {
                     DlqOutcome::Failed(pending, e.to_string())
                 }

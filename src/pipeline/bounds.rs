@@ -10,10 +10,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::kafka::GroupConsumer;
 use crate::offsets::TopicPartition;
 use crate::replay::RunMark;
-use crate::start::{decide, OffsetLookup, StartAt, StartDecision};
+use crate::start::{decide, OffsetLookup, StartAt, StartDecision, Until};
 
 use super::assignment::Assignment;
-use super::Until;
 
 /// Owns a bounded run's start and end. Promises: every run starts where it is told, however
 /// often it is run: a partition continues from a commit only when this same run made it

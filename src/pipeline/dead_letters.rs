@@ -119,6 +119,7 @@ impl DeadLetters {
                 }
                 self.backoff = FIRST_BACKOFF;
             }
+            DlqOutcome::Shrunk(pending) => self.send(pending),
             DlqOutcome::Failed(pending, error) => {
                 tracing::warn!(%error, retry_in = ?self.backoff, "dead-letter write failed; the watermark holds until it is written");
                 self.health.set_fault(

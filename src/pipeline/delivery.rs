@@ -5,9 +5,9 @@ use std::io::Write;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use crate::batch::{self, Mapping};
 use crate::braze::{BrazeClient, ObjectOutcome, Rejection};
 use crate::event::{Event, Identity};
+use crate::mapping::{self, Mapping};
 use crate::metrics::Metrics;
 use crate::offsets::Position;
 use crate::window::{Admit, Flush, Window};
@@ -106,7 +106,7 @@ impl Delivery {
     }
 
     fn dispatch(&mut self, flush: Flush<Position>) {
-        let encoded = batch::encode(&self.mapping, self.window.segments(), &flush);
+        let encoded = mapping::encode(&self.mapping, self.window.segments(), &flush);
         let id = self.next_request;
         self.next_request += 1;
         tracing::debug!(request = id, users = flush.users.len(), "flush");

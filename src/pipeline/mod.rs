@@ -8,14 +8,15 @@
 //! it. Nothing on this thread sleeps or retries I/O: a fault pauses the partitions and the
 //! loop goes on polling.
 
-mod acks;
+// The parts, in the order a record meets them.
 mod assignment;
-mod bounds;
-mod commits;
-mod dead_letters;
-mod delivery;
-mod flow;
 mod ingest;
+mod delivery;
+mod dead_letters;
+mod commits;
+mod flow;
+mod bounds;
+mod acks;
 mod worker;
 
 use std::io::Write;
@@ -27,16 +28,16 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 
-use crate::batch::Mapping;
 use crate::braze::BrazeClient;
 use crate::config::{Config, Format};
 use crate::decode::{Decoder, RegistryClient, SchemaSource};
 use crate::dlq::{DlqWriter, Rereader};
 use crate::health::Health;
 use crate::kafka::{consumer_config, GroupConsumer, RebalanceHandler, Rebalancing};
+use crate::mapping::Mapping;
 use crate::metrics::Metrics;
 use crate::replay::RunMark;
-pub use crate::start::StartAt;
+pub use crate::start::{StartAt, Until};
 use crate::window::{Window, WindowConfig};
 
 use acks::Ack;
@@ -48,18 +49,6 @@ use delivery::{Delivery, Sink};
 use flow::Flow;
 use ingest::Ingest;
 use worker::Worker;
-
-/// When `run` returns by itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Until {
-    /// Only when told to stop (the live worker).
-    Stopped,
-    /// Caught up with the log: after a flush Braze acknowledged, the end offsets have not
-    /// moved past what was consumed, on every partition of the topics.
-    CaughtUp,
-    /// The end offsets taken when the run began (`--until-start`, dry runs).
-    StartOffsets,
-}
 
 pub struct RunOptions {
     /// The consumer group; the configured one when `None`.
@@ -191,6 +180,10 @@ pub enum PipelineError {
 fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> PipelineError {
     move |source| PipelineError::Kafka { context, source }
 }
+
+/// How long the shutdown waits, after the drain, for dead-letter writes librdkafka still
+/// has queued: part of what a pod's termination grace period must cover.
+pub const DEAD_LETTER_FLUSH: Duration = Duration::from_secs(5);
 
 /// Records polled between two services, and rounds of them taken before servicing again.
 const BURST: usize = 64;

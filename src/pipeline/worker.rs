@@ -329,7 +329,7 @@ impl Worker {
         self.commit(consumer, CommitMode::Sync);
         // What is still in flight is not committed: the next owner sends it again.
         self.delivery.abandon();
-        self.dead_letters.flush(Duration::from_secs(5));
+        self.dead_letters.flush(super::DEAD_LETTER_FLUSH);
         self.delivery.update_gauges();
         self.summary(caught_up)
     }

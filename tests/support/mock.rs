@@ -3,7 +3,7 @@
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use segment_sync::sim::{self, Faults, SimConfig, SimHandle};
+use segment_sync::tools::sim::{self, Faults, SimConfig, SimHandle};
 
 use super::worker::API_KEY;
 

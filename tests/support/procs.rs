@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use segment_sync::sim::{Faults, SimStats};
+use segment_sync::tools::sim::{Faults, SimStats};
 
 /// The key the simulator demands and the workers send.
 pub const API_KEY: &str = "e2e-key";

@@ -12,10 +12,10 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use segment_sync::config::{Config, Format};
 use segment_sync::event::Event;
-use segment_sync::generate::{Generated, Record};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{self, RunOptions, RunSummary};
+use segment_sync::tools::generate::{Generated, Record};
 
 use super::expected::Landed;
 
@@ -41,10 +41,14 @@ pub fn test_config(brokers: &str, topic: &str, braze_url: &str) -> Config {
 pub fn payload(format: Format, record: &Record) -> Vec<u8> {
     match (format, record) {
         (_, Record::Undecodable(bytes)) => bytes.clone(),
-        (Format::Json, Record::Valid(e) | Record::Invalid(e)) => segment_sync::encode::to_json(e),
-        (Format::Avro, Record::Valid(e) | Record::Invalid(e)) => segment_sync::encode::to_avro(e),
+        (Format::Json, Record::Valid(e) | Record::Invalid(e)) => {
+            segment_sync::tools::encode::to_json(e)
+        }
+        (Format::Avro, Record::Valid(e) | Record::Invalid(e)) => {
+            segment_sync::tools::encode::to_avro(e)
+        }
         (Format::AvroConfluent, Record::Valid(e) | Record::Invalid(e)) => {
-            segment_sync::encode::to_confluent(1, e)
+            segment_sync::tools::encode::to_confluent(1, e)
         }
     }
 }

@@ -12,8 +12,8 @@ use crate::config::{Config, Format};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RunOptions};
-use crate::produce::{self, ProduceArgs};
-use crate::sim::{self, Faults, SimConfig};
+use crate::tools::produce::{self, ProduceArgs};
+use crate::tools::sim::{self, Faults, SimConfig};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {

@@ -12,8 +12,8 @@ use rdkafka::ClientConfig;
 
 use crate::config::{Config, Format};
 use crate::decode::{RegistryClient, SCHEMA};
-use crate::encode;
-use crate::generate::{Generator, GeneratorConfig, Record};
+use crate::tools::encode;
+use crate::tools::generate::{Generator, GeneratorConfig, Record};
 
 /// Deliveries awaited at once: enough to keep librdkafka's batches full.
 const MAX_IN_FLIGHT: usize = 50_000;
