@@ -17,28 +17,15 @@ use segment_sync::config::{Config, Format};
 use segment_sync::decode::SCHEMA;
 use segment_sync::dlq;
 use segment_sync::pipeline::{StartAt, Until};
-use segment_sync::tools::generate::{Generated, Generator, GeneratorConfig, Record};
+use segment_sync::tools::generate::{Generated, Record};
 use segment_sync::tools::sim::{self, Faults, SimConfig};
 
 use support::expected::{boolean_profiles, diff, strip_identifiers, Landed};
 use support::mock::{mock_env, MockEnv};
 use support::registry::Registry;
 use support::running::{start, wait_until, Running};
-use support::worker::{committed, end_offsets, header, produce, read_all, test_config, API_KEY};
+use support::worker::{clean_records, committed, end_offsets, header, produce, read_all, test_config, API_KEY};
 
-fn records(n: usize, seed: u64, users: usize) -> Vec<Generated> {
-    Generator::new(GeneratorConfig {
-        users,
-        segments: 3,
-        repeat_rate: 0.0,
-        out_of_order_rate: 0.0,
-        bad_rate: 0.0,
-        email_only_rate: 0.0,
-        seed,
-    })
-    .take(n)
-    .collect()
-}
 
 fn worker(env: &MockEnv, cfg: &Config) -> Running {
     start(&env.rt, cfg, None, StartAt::Committed, Until::Stopped)
@@ -88,7 +75,7 @@ fn a_registry_outage_longer_than_the_poll_interval_holds_records_and_keeps_the_g
         &cfg.kafka.brokers,
         topic,
         cfg.kafka.format,
-        &records(600, 71, 200),
+        &clean_records(600, 71, 200),
     );
     let w = worker(&env, &cfg);
     wait_until(
@@ -141,7 +128,7 @@ fn a_rejected_record_is_read_back_through_a_broker_blip_with_its_value() {
     env.cluster.create_topic(topic, 1, 1).unwrap();
     env.cluster.create_topic("reread-blip.dlq", 1, 1).unwrap();
     let cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
-    let recs = records(400, 81, 200);
+    let recs = clean_records(400, 81, 200);
     let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &recs);
     let w = worker(&env, &cfg);
     wait_until("every record is read", Duration::from_secs(30), || {
@@ -192,7 +179,7 @@ fn a_dead_letter_record_kafka_cannot_take_goes_without_its_value() {
     env.cluster.create_topic(topic, 1, 1).unwrap();
     env.cluster.create_topic("oversized.dlq", 1, 1).unwrap();
     let cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
-    let mut recs = records(300, 91, 100);
+    let mut recs = clean_records(300, 91, 100);
     recs.insert(
         150,
         Generated {
@@ -293,7 +280,7 @@ fn a_request_waiting_on_a_long_429_is_stopped_when_its_partition_moves() {
         &cfg.kafka.brokers,
         topic,
         cfg.kafka.format,
-        &records(400, 101, 100),
+        &clean_records(400, 101, 100),
     );
     let a = worker(&env, &cfg);
     wait_until(

@@ -12,13 +12,12 @@ use segment_sync::config::Config;
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{self, RunOptions, StartAt, Until};
-use segment_sync::tools::generate::{Generated, Generator, GeneratorConfig};
 use segment_sync::tools::sim::Faults;
 
 use support::expected::{boolean_profiles, diff, strip_identifiers, Landed};
 use support::mock::{mock_env, MockEnv};
 use support::running::{wait_until, Running};
-use support::worker::{committed, end_offsets, produce, test_config};
+use support::worker::{clean_records, committed, end_offsets, produce, test_config};
 
 type Env = MockEnv;
 
@@ -36,21 +35,6 @@ fn caught_up(cfg: &Config, group: &str, partitions: i32) -> bool {
         == end_offsets(&cfg.kafka.brokers, topic, partitions)
 }
 
-/// One stream from one generator, so later records carry later sequences: split it into
-/// waves rather than generating a wave afresh, whose sequences would start over (older).
-fn records(n: usize, seed: u64, users: usize) -> Vec<Generated> {
-    Generator::new(GeneratorConfig {
-        users,
-        segments: 3,
-        repeat_rate: 0.0,
-        out_of_order_rate: 0.0,
-        bad_rate: 0.0,
-        email_only_rate: 0.0,
-        seed,
-    })
-    .take(n)
-    .collect()
-}
 
 fn profile_diff(env: &Env, landed: &[Landed]) -> Vec<String> {
     diff(
@@ -79,7 +63,7 @@ fn metrics_endpoint_agrees_with_what_braze_saw() {
     env.cluster.create_topic(topic, 2, 1).unwrap();
     env.cluster.create_topic("metered.dlq", 1, 1).unwrap();
     let cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
-    let recs = records(1500, 11, 300);
+    let recs = clean_records(1500, 11, 300);
     produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &recs);
     let worker = start(&env, &cfg, None, StartAt::Committed, Until::Stopped);
     wait_until("the worker is ready", Duration::from_secs(30), || {
@@ -206,7 +190,7 @@ fn race(until: Until) -> (Env, Config, Vec<Landed>) {
     env.cluster.create_topic(topic, 2, 1).unwrap();
     let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
     cfg.window.linger_ms = 10;
-    let stream = records(3200, 21, 400);
+    let stream = clean_records(3200, 21, 400);
     let (wave1, wave2) = stream.split_at(2000);
     let mut landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, wave1);
     let live = start(&env, &cfg, None, StartAt::Committed, Until::Stopped);
@@ -249,7 +233,7 @@ fn dry_run_writes_the_requests_and_sends_nothing() {
     let topic = "dry";
     env.cluster.create_topic(topic, 1, 1).unwrap();
     let cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
-    let recs = records(500, 31, 100);
+    let recs = clean_records(500, 31, 100);
     let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &recs);
     #[derive(Clone, Default)]
     struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
@@ -327,7 +311,7 @@ fn rebalance_in_the_middle_of_in_flight_batches() {
     cfg.kafka
         .properties
         .insert("heartbeat.interval.ms".into(), "500".into());
-    let stream = records(4500, 41, 800);
+    let stream = clean_records(4500, 41, 800);
     let (wave1, wave2) = stream.split_at(3000);
     let mut landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, wave1);
     let a = start(&env, &cfg, None, StartAt::Committed, Until::Stopped);
@@ -379,7 +363,7 @@ fn a_refused_api_key_pauses_consumption_and_fails_readiness() {
     let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
     cfg.braze.api_key = Some("not-the-key".into());
     cfg.window.drain_timeout_ms = 500;
-    let first = records(300, 51, 300);
+    let first = clean_records(300, 51, 300);
     produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &first);
     let worker = start(&env, &cfg, None, StartAt::Committed, Until::Stopped);
     wait_until(
@@ -405,7 +389,7 @@ fn a_refused_api_key_pauses_consumption_and_fails_readiness() {
         &cfg.kafka.brokers,
         topic,
         cfg.kafka.format,
-        &records(300, 52, 300),
+        &clean_records(300, 52, 300),
     );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
@@ -440,7 +424,7 @@ fn replay_finishes_when_a_partition_has_nothing_to_read() {
         &cfg.kafka.brokers,
         topic,
         cfg.kafka.format,
-        &records(600, 61, 100),
+        &clean_records(600, 61, 100),
     );
     let ends = end_offsets(&cfg.kafka.brokers, topic, 2);
     assert!(ends.iter().all(|e| *e > 0));

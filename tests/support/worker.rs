@@ -15,7 +15,7 @@ use segment_sync::event::Event;
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{self, RunOptions, RunSummary};
-use segment_sync::tools::generate::{Generated, Record};
+use segment_sync::tools::generate::{Generated, Generator, GeneratorConfig, Record};
 
 use super::expected::Landed;
 
@@ -115,6 +115,23 @@ pub fn produce_with(
             })
             .collect()
     })
+}
+
+/// `n` clean changes of `users` users over 3 segments, in order. One stream from one
+/// generator carries later sequences in later records: split it into waves rather than
+/// generating a wave afresh, whose sequences would start over (older).
+pub fn clean_records(n: usize, seed: u64, users: usize) -> Vec<Generated> {
+    Generator::new(GeneratorConfig {
+        users,
+        segments: 3,
+        repeat_rate: 0.0,
+        out_of_order_rate: 0.0,
+        bad_rate: 0.0,
+        email_only_rate: 0.0,
+        seed,
+    })
+    .take(n)
+    .collect()
 }
 
 /// Runs the worker on this thread until it has caught up with the log.
