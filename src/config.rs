@@ -24,7 +24,8 @@ pub enum Format {
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` is written by hand below: the registry URL and `properties` may hold secrets.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     pub brokers: String,
@@ -48,6 +49,31 @@ impl Default for KafkaConfig {
             schema_registry_url: "http://127.0.0.1:8081".into(),
             properties: BTreeMap::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) { "***" } else { v };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("format", &self.format)
+            .field(
+                "schema_registry_url",
+                &mask_url_password(&self.schema_registry_url),
+            )
+            .field("properties", &properties)
+            .finish()
     }
 }
 
@@ -226,7 +252,16 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 ];
 
 /// Parts of a `kafka.properties` key that mark its value as a secret.
-const SECRET_PROPERTY_MARKERS: &[&str] = &["password", "secret", "sasl.jaas", "token", "key"];
+const SECRET_PROPERTY_MARKERS: &[&str] = &[
+    "password",
+    "secret",
+    "sasl.jaas",
+    "token",
+    "key",
+    "credential",
+    // `sasl.oauthbearer.config` holds client secrets in free text.
+    "oauthbearer.config",
+];
 
 /// Whether loading must find a Braze API key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,7 +493,7 @@ impl Config {
                 "kafka.schema_registry_url",
                 format!(
                     "kafka.schema_registry_url = {:?} is not an http(s) URL: format = \"avro-confluent\" needs the schema registry, e.g. \"http://127.0.0.1:8081\"",
-                    k.schema_registry_url
+                    mask_url_password(&k.schema_registry_url)
                 ),
             );
         }
@@ -1559,13 +1594,7 @@ mod tests {
 
 /// `https://KEY:SECRET@host` → `https://KEY:***@host`: registry credentials may sit in the URL.
 fn mask_url_password(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
-    }
+    crate::decode::redact_url(url)
 }
 
 #[cfg(test)]
@@ -1586,6 +1615,67 @@ mod url_masking_tests {
         assert_eq!(
             mask_url_password("http://127.0.0.1:8081"),
             "http://127.0.0.1:8081"
+        );
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    const SECRETS: &[&str] = &["hunter2", "s3cr3t/x", "tok3n", "Pa55"];
+
+    fn leaks(text: &str) -> Vec<&'static str> {
+        SECRETS
+            .iter()
+            .copied()
+            .filter(|s| text.contains(s))
+            .collect()
+    }
+
+    #[test]
+    fn debug_of_the_configuration_shows_no_secret() {
+        let mut c = Config::default();
+        c.kafka.schema_registry_url = "https://KEY:hunter2@psrc.example.com".into();
+        for (k, v) in [
+            ("sasl.password", "hunter2"),
+            ("ssl.key.password", "Pa55"),
+            ("sasl.oauthbearer.config", "clientSecret=tok3n"),
+            ("sasl.username", "visible-user"),
+        ] {
+            c.kafka.properties.insert(k.into(), v.into());
+        }
+        let shown = format!("{c:?} {:?}", c.kafka);
+        assert!(leaks(&shown).is_empty(), "{shown}");
+        assert!(shown.contains("visible-user"), "{shown}");
+    }
+
+    #[test]
+    fn registry_urls_lose_their_credentials_however_they_are_written() {
+        for url in [
+            "https://KEY:hunter2@psrc.example.com",
+            // An unencoded `/` in the secret: the URL does not parse.
+            "https://KEY:s3cr3t/x@psrc.example.com",
+            // Digits before the `/`: it parses, with the secret in port and path.
+            "https://KEY:1234/s3cr3t/x@psrc.example.com",
+            "https://:tok3n@psrc.example.com",
+            "https://tok3n@psrc.example.com",
+            "https://KEY:Pa55 word@psrc.example.com",
+        ] {
+            let shown = mask_url_password(url);
+            assert!(leaks(&shown).is_empty(), "{url} → {shown}");
+            assert!(shown.contains("psrc.example.com"), "{url} → {shown}");
+            let text = format!("[kafka]\nschema_registry_url = \"{url}\"\n");
+            let shown =
+                match Config::from_toml_str_with(&text, Vec::new(), KeyRequirement::Optional) {
+                    Ok(c) => c.to_masked_toml(),
+                    Err(e) => e.to_string(),
+                };
+            assert!(leaks(&shown).is_empty(), "{url} → {shown}");
+        }
+        assert_eq!(
+            mask_url_password("http://127.0.0.1:8081/api"),
+            "http://127.0.0.1:8081/api"
         );
     }
 }
