@@ -164,6 +164,9 @@ impl Default for MappingConfig {
 pub struct WindowConfig {
     pub linger_ms: u64,
     pub max_pending_users: usize,
+    /// Back-pressure in bytes: consumption pauses while pending users' identifiers, changes
+    /// and attributes hold this much.
+    pub max_pending_bytes: usize,
     /// How many event ids are remembered to drop exact repeats.
     pub dedup_memory: usize,
     /// How many (user, segment) deliveries are remembered to drop stale and redundant changes.
@@ -184,6 +187,7 @@ impl Default for WindowConfig {
         WindowConfig {
             linger_ms: 1000,
             max_pending_users: 100_000,
+            max_pending_bytes: 64 << 20,
             dedup_memory: 262_144,
             delivered_memory: 262_144,
             drain_timeout_ms: 20_000,
@@ -226,6 +230,9 @@ pub const BRAZE_MAX_BATCH: usize = 75;
 
 /// Beyond five minutes a user's change waits longer than any operator expects a sync to take.
 pub const MAX_LINGER_MS: u64 = 300_000;
+
+/// Below a mebibyte, a handful of users at Braze's size limits would fill the window.
+pub const MIN_MAX_PENDING_BYTES: usize = 1 << 20;
 
 /// Below a minute of tolerance, clock skew between the CDP's hosts and the worker's would
 /// dead-letter good events.
@@ -596,6 +603,15 @@ impl Config {
                 format!(
                     "window.max_pending_users = {} is below braze.batch_size = {}: the window could never fill a request; raise it",
                     w.max_pending_users, b.batch_size
+                ),
+            );
+        }
+        if w.max_pending_bytes < MIN_MAX_PENDING_BYTES {
+            bad(
+                "window.max_pending_bytes",
+                format!(
+                    "window.max_pending_bytes = {} is below {MIN_MAX_PENDING_BYTES} (1 MiB): a few large users would stop consumption; raise it",
+                    w.max_pending_bytes
                 ),
             );
         }
