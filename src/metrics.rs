@@ -26,6 +26,8 @@ pub struct Metrics {
     pub braze_retries: IntCounter,
     pub braze_rate_limited: IntCounter,
     pub braze_in_flight: IntGauge,
+    /// The adaptive in-flight limit, at most `braze.max_in_flight`.
+    pub braze_concurrency_limit: IntGauge,
     /// label `reason`: "undecodable" | "invalid" | "rejected", and for records written
     /// without their value: "gone" (no longer in the log) | "too_large" (over Kafka's limit)
     pub dlq_records: IntCounterVec,
@@ -137,6 +139,11 @@ impl Metrics {
             braze_retries: counter(&r, "braze_retries_total", "Requests sent again"),
             braze_rate_limited: counter(&r, "braze_rate_limited_total", "429 answers from Braze"),
             braze_in_flight: gauge(&r, "braze_in_flight_requests", "Braze requests in flight"),
+            braze_concurrency_limit: gauge(
+                &r,
+                "braze_concurrency_limit",
+                "Braze requests allowed in flight now (adaptive, at most braze.max_in_flight)",
+            ),
             dlq_records: counter_vec(
                 &r,
                 "dlq_records_total",

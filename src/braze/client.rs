@@ -10,6 +10,7 @@ use bytes::Bytes;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 
 use super::classify::{classify, RateLimitHeaders, Verdict};
+use super::concurrency::Gate;
 use super::pacing::Pacer;
 use super::{endpoint, BrazeError};
 use crate::config::BrazeConfig;
@@ -56,6 +57,7 @@ struct Inner {
     /// The key itself, only to cut it out of what Braze (or whatever answers) says.
     key: Box<str>,
     pacer: Pacer,
+    gate: Gate,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     consecutive_failures: AtomicU32,
@@ -120,6 +122,7 @@ impl BrazeClient {
                 auth,
                 key: key.into(),
                 pacer: Pacer::new(cfg.requests_per_second),
+                gate: Gate::new(cfg.max_in_flight),
                 metrics,
                 health,
                 consecutive_failures: AtomicU32::new(0),
@@ -189,13 +192,31 @@ impl BrazeClient {
                 inner.metrics.braze_retries.inc();
             }
             first = false;
+            let permit = inner.gate.acquire().await;
             let seq = inner.pacer.acquire().await;
             let started = Instant::now();
             let answer = self.post(body.clone()).await;
+            let latency = started.elapsed();
+            drop(permit);
             inner
                 .metrics
                 .braze_request_duration
-                .observe(started.elapsed().as_secs_f64());
+                .observe(latency.as_secs_f64());
+            // A 429, a 5xx or no answer at all asks for fewer requests at once; any other
+            // answer says how fast Braze is.
+            let overloaded = match &answer {
+                Ok((status, _, _)) => *status == 429 || *status >= 500,
+                Err(_) => true,
+            };
+            if overloaded {
+                inner.gate.on_overload();
+            } else {
+                inner.gate.on_answer(latency);
+            }
+            inner
+                .metrics
+                .braze_concurrency_limit
+                .set(inner.gate.limit() as i64);
             let (status, headers, reply) = match answer {
                 Ok(answer) => answer,
                 Err(e) => {

@@ -1,8 +1,10 @@
 //! Braze `/users/track`: the HTTP client (auth, retries, splitting), the pure classification
-//! of answers, the endpoint rules and the pacing shared by all requests of one worker.
+//! of answers, the endpoint rules, and the pacing and adaptive in-flight limit shared by all
+//! requests of one worker.
 
 pub mod classify;
 mod client;
+pub mod concurrency;
 pub mod endpoint;
 mod error;
 pub mod pacing;
