@@ -155,6 +155,7 @@ fn main() {
         linger_ms: 1000,
         batch_size: 75,
         max_pending_users: 100_000,
+        max_pending_bytes: usize::MAX,
         dedup_memory: 1_000_000,
         delivered_memory: 1_000_000,
     });

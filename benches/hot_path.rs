@@ -56,6 +56,7 @@ impl Core {
                 linger_ms: defaults.linger_ms,
                 batch_size: 75,
                 max_pending_users: defaults.max_pending_users,
+                max_pending_bytes: usize::MAX,
                 dedup_memory: defaults.dedup_memory,
                 delivered_memory: defaults.delivered_memory,
             }),

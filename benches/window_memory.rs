@@ -68,6 +68,7 @@ fn config(dedup_memory: usize, delivered_memory: usize) -> WindowConfig {
         linger_ms: 1000,
         batch_size: 75,
         max_pending_users: USERS * 2,
+        max_pending_bytes: usize::MAX,
         dedup_memory,
         delivered_memory,
     }

@@ -24,7 +24,8 @@ pub enum Format {
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` is written by hand below: the registry URL and `properties` may hold secrets.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     pub brokers: String,
@@ -118,7 +119,11 @@ impl KafkaConfig {
         let has_token =
             self.schema_registry_token.is_some() || self.schema_registry_token_file.is_some();
         let url = reqwest::Url::parse(self.schema_registry_url.trim()).ok();
-        if has_token && url.as_ref().is_some_and(|u| !u.username().is_empty()) {
+        if has_token
+            && url
+                .as_ref()
+                .is_some_and(|u| !u.username().is_empty() || u.password().is_some())
+        {
             out.push((
                 token,
                 format!(
@@ -182,6 +187,39 @@ impl KafkaConfig {
             ));
         }
         out
+    }
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) { "***" } else { v };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("format", &self.format)
+            .field(
+                "schema_registry_url",
+                &mask_url_password(&self.schema_registry_url),
+            )
+            .field("schema_registry_token", &self.schema_registry_token)
+            .field(
+                "schema_registry_token_file",
+                &self.schema_registry_token_file,
+            )
+            .field("schema_registry_ca_file", &self.schema_registry_ca_file)
+            .field("schema_registry_cert_file", &self.schema_registry_cert_file)
+            .field("schema_registry_key_file", &self.schema_registry_key_file)
+            .field("properties", &properties)
+            .finish()
     }
 }
 
@@ -272,6 +310,9 @@ impl Default for MappingConfig {
 pub struct WindowConfig {
     pub linger_ms: u64,
     pub max_pending_users: usize,
+    /// Back-pressure in bytes: consumption pauses while pending users' identifiers, changes
+    /// and attributes hold this much.
+    pub max_pending_bytes: usize,
     /// How many event ids are remembered to drop exact repeats.
     pub dedup_memory: usize,
     /// How many (user, segment) deliveries are remembered to drop stale and redundant changes.
@@ -292,6 +333,7 @@ impl Default for WindowConfig {
         WindowConfig {
             linger_ms: 1000,
             max_pending_users: 100_000,
+            max_pending_bytes: 64 << 20,
             dedup_memory: 262_144,
             delivered_memory: 262_144,
             drain_timeout_ms: 20_000,
@@ -335,6 +377,9 @@ pub const BRAZE_MAX_BATCH: usize = 75;
 /// Beyond five minutes a user's change waits longer than any operator expects a sync to take.
 pub const MAX_LINGER_MS: u64 = 300_000;
 
+/// Below a mebibyte, a handful of users at Braze's size limits would fill the window.
+pub const MIN_MAX_PENDING_BYTES: usize = 1 << 20;
+
 /// Below a minute of tolerance, clock skew between the CDP's hosts and the worker's would
 /// dead-letter good events.
 pub const MIN_MAX_FUTURE_MS: u64 = 60_000;
@@ -360,7 +405,16 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 ];
 
 /// Parts of a `kafka.properties` key that mark its value as a secret.
-const SECRET_PROPERTY_MARKERS: &[&str] = &["password", "secret", "sasl.jaas", "token", "key"];
+const SECRET_PROPERTY_MARKERS: &[&str] = &[
+    "password",
+    "secret",
+    "sasl.jaas",
+    "token",
+    "key",
+    "credential",
+    // `sasl.oauthbearer.config` holds client secrets in free text.
+    "oauthbearer.config",
+];
 
 /// Whether loading must find a Braze API key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -592,7 +646,7 @@ impl Config {
                 "kafka.schema_registry_url",
                 format!(
                     "kafka.schema_registry_url = {:?} is not an http(s) URL: format = \"avro-confluent\" needs the schema registry, e.g. \"http://127.0.0.1:8081\"",
-                    k.schema_registry_url
+                    mask_url_password(&k.schema_registry_url)
                 ),
             );
         }
@@ -698,6 +752,15 @@ impl Config {
                 format!(
                     "window.max_pending_users = {} is below braze.batch_size = {}: the window could never fill a request; raise it",
                     w.max_pending_users, b.batch_size
+                ),
+            );
+        }
+        if w.max_pending_bytes < MIN_MAX_PENDING_BYTES {
+            bad(
+                "window.max_pending_bytes",
+                format!(
+                    "window.max_pending_bytes = {} is below {MIN_MAX_PENDING_BYTES} (1 MiB): a few large users would stop consumption; raise it",
+                    w.max_pending_bytes
                 ),
             );
         }
@@ -1790,13 +1853,7 @@ mod tests {
 
 /// `https://KEY:SECRET@host` → `https://KEY:***@host`: registry credentials may sit in the URL.
 fn mask_url_password(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
-    }
+    crate::decode::redact_url(url)
 }
 
 #[cfg(test)]
@@ -1817,6 +1874,67 @@ mod url_masking_tests {
         assert_eq!(
             mask_url_password("http://127.0.0.1:8081"),
             "http://127.0.0.1:8081"
+        );
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    const SECRETS: &[&str] = &["hunter2", "s3cr3t/x", "tok3n", "Pa55"];
+
+    fn leaks(text: &str) -> Vec<&'static str> {
+        SECRETS
+            .iter()
+            .copied()
+            .filter(|s| text.contains(s))
+            .collect()
+    }
+
+    #[test]
+    fn debug_of_the_configuration_shows_no_secret() {
+        let mut c = Config::default();
+        c.kafka.schema_registry_url = "https://KEY:hunter2@psrc.example.com".into();
+        for (k, v) in [
+            ("sasl.password", "hunter2"),
+            ("ssl.key.password", "Pa55"),
+            ("sasl.oauthbearer.config", "clientSecret=tok3n"),
+            ("sasl.username", "visible-user"),
+        ] {
+            c.kafka.properties.insert(k.into(), v.into());
+        }
+        let shown = format!("{c:?} {:?}", c.kafka);
+        assert!(leaks(&shown).is_empty(), "{shown}");
+        assert!(shown.contains("visible-user"), "{shown}");
+    }
+
+    #[test]
+    fn registry_urls_lose_their_credentials_however_they_are_written() {
+        for url in [
+            "https://KEY:hunter2@psrc.example.com",
+            // An unencoded `/` in the secret: the URL does not parse.
+            "https://KEY:s3cr3t/x@psrc.example.com",
+            // Digits before the `/`: it parses, with the secret in port and path.
+            "https://KEY:1234/s3cr3t/x@psrc.example.com",
+            "https://:tok3n@psrc.example.com",
+            "https://tok3n@psrc.example.com",
+            "https://KEY:Pa55 word@psrc.example.com",
+        ] {
+            let shown = mask_url_password(url);
+            assert!(leaks(&shown).is_empty(), "{url} → {shown}");
+            assert!(shown.contains("psrc.example.com"), "{url} → {shown}");
+            let text = format!("[kafka]\nschema_registry_url = \"{url}\"\n");
+            let shown =
+                match Config::from_toml_str_with(&text, Vec::new(), KeyRequirement::Optional) {
+                    Ok(c) => c.to_masked_toml(),
+                    Err(e) => e.to_string(),
+                };
+            assert!(leaks(&shown).is_empty(), "{url} → {shown}");
+        }
+        assert_eq!(
+            mask_url_password("http://127.0.0.1:8081/api"),
+            "http://127.0.0.1:8081/api"
         );
     }
 }

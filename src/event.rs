@@ -121,6 +121,32 @@ pub enum InvalidEvent {
          attributes object: rename or drop it upstream"
     )]
     ReservedAttribute { name: String },
+    /// Braze refuses it, and holding it would cost the window memory meant for thousands
+    /// of ordinary users.
+    #[error("{field} is {len} {unit} long, over Braze's limit of {max}")]
+    TooLong {
+        field: String,
+        len: usize,
+        max: usize,
+        unit: &'static str,
+    },
+    #[error("extra attribute has an empty name, which Braze refuses")]
+    EmptyAttributeName,
+}
+
+/// Braze's limits (its SDKs' `changeUser`; custom attribute keys and string values), and
+/// an email address's own (RFC 5321's path limit).
+pub const MAX_EXTERNAL_ID_BYTES: usize = 997;
+pub const MAX_EMAIL_CHARS: usize = 254;
+pub const MAX_ATTRIBUTE_CHARS: usize = 255;
+
+/// Whether `s` is over `max` characters; the byte length answers for nearly every string.
+fn over(s: &str, max: usize) -> Option<usize> {
+    if s.len() <= max {
+        return None;
+    }
+    let n = s.chars().count();
+    (n > max).then_some(n)
 }
 
 /// What an event must satisfy beyond its own shape, which depends on the deployment: how far
@@ -135,6 +161,9 @@ pub struct Rules {
     reserved_segments: Box<[(Box<str>, Box<str>)]>,
     /// Keys an extra attribute may not take.
     reserved_attributes: Box<[Box<str>]>,
+    /// Characters a segment_id may have: the attribute it becomes (prefix and id) or the
+    /// array value it is must fit Braze's limit.
+    max_segment_chars: usize,
     /// The wall clock when these rules were built, for [`Rules::epoch_ms`].
     built_epoch_ms: i64,
 }
@@ -158,6 +187,9 @@ impl Rules {
             max_future_ms,
             reserved_segments,
             reserved_attributes: reserved.iter().map(|k| Box::from(*k)).collect(),
+            max_segment_chars: MAX_ATTRIBUTE_CHARS
+                .saturating_sub(segment_prefix.map_or(0, |p| p.chars().count()))
+                .max(1),
             built_epoch_ms: epoch_ms_now(),
         }
     }
@@ -232,7 +264,55 @@ impl<'a> Event<'a> {
                 attribute: attribute.to_string(),
             });
         }
-        for (name, _) in &self.attributes {
+        let too_long = |field: &str, len, max, unit| InvalidEvent::TooLong {
+            field: field.to_string(),
+            len,
+            max,
+            unit,
+        };
+        if let Some(id) = &self.external_id {
+            if id.len() > MAX_EXTERNAL_ID_BYTES {
+                return Err(too_long(
+                    "external_id",
+                    id.len(),
+                    MAX_EXTERNAL_ID_BYTES,
+                    "bytes",
+                ));
+            }
+        }
+        if let Some(n) = self.email.as_deref().and_then(|e| over(e, MAX_EMAIL_CHARS)) {
+            return Err(too_long("email", n, MAX_EMAIL_CHARS, "characters"));
+        }
+        if let Some(n) = over(&self.segment_id, rules.max_segment_chars) {
+            return Err(too_long(
+                "segment_id",
+                n,
+                rules.max_segment_chars,
+                "characters",
+            ));
+        }
+        for (name, value) in &self.attributes {
+            if name.is_empty() {
+                return Err(InvalidEvent::EmptyAttributeName);
+            }
+            if let Some(n) = over(name, MAX_ATTRIBUTE_CHARS) {
+                return Err(too_long(
+                    "an extra attribute's name",
+                    n,
+                    MAX_ATTRIBUTE_CHARS,
+                    "characters",
+                ));
+            }
+            if let AttrValue::String(v) = value {
+                if let Some(n) = over(v, MAX_ATTRIBUTE_CHARS) {
+                    return Err(too_long(
+                        &format!("extra attribute {name:?}"),
+                        n,
+                        MAX_ATTRIBUTE_CHARS,
+                        "characters",
+                    ));
+                }
+            }
             if rules.reserved_attributes.iter().any(|r| **r == **name) {
                 return Err(InvalidEvent::ReservedAttribute {
                     name: name.to_string(),
@@ -313,6 +393,52 @@ mod tests {
             &["external_id", "email", "_update_existing_only", "cdp_x"],
             Some("cdp_"),
         )
+    }
+
+    #[test]
+    fn fields_over_brazes_limits_are_invalid_and_at_the_limit_valid() {
+        let r = rules(0);
+        let ok = |e: &Event<'_>| e.validate_with(&r, NOW).is_ok();
+        let mut e = valid();
+        e.external_id = Some("x".repeat(MAX_EXTERNAL_ID_BYTES).into());
+        assert!(ok(&e));
+        e.external_id = Some("x".repeat(MAX_EXTERNAL_ID_BYTES + 1).into());
+        assert!(matches!(
+            e.validate_with(&r, NOW),
+            Err(InvalidEvent::TooLong { .. })
+        ));
+        let mut e = Event {
+            external_id: None,
+            email: Some(format!("{}@x.io", "é".repeat(MAX_EMAIL_CHARS - 5)).into()),
+            ..valid()
+        };
+        assert!(ok(&e), "characters, not bytes");
+        e.email = Some(format!("{}@x.io", "a".repeat(MAX_EMAIL_CHARS - 4)).into());
+        assert!(!ok(&e));
+        // Prefix "cdp_" and the id make the attribute name.
+        let mut e = valid();
+        e.segment_id = "s".repeat(MAX_ATTRIBUTE_CHARS - 4).into();
+        assert!(ok(&e));
+        e.segment_id = "s".repeat(MAX_ATTRIBUTE_CHARS - 3).into();
+        assert!(!ok(&e));
+        let with_attr = |name: &str, v: AttrValue<'static>| Event {
+            attributes: vec![(name.to_string().into(), v)],
+            ..valid()
+        };
+        assert!(ok(&with_attr(
+            "a",
+            AttrValue::String("v".repeat(255).into())
+        )));
+        assert!(!ok(&with_attr(
+            "a",
+            AttrValue::String("v".repeat(256).into())
+        )));
+        assert!(ok(&with_attr(&"n".repeat(255), AttrValue::Long(1))));
+        assert!(!ok(&with_attr(&"n".repeat(256), AttrValue::Long(1))));
+        assert_eq!(
+            with_attr("", AttrValue::Null).validate_with(&r, NOW),
+            Err(InvalidEvent::EmptyAttributeName)
+        );
     }
 
     #[test]

@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka_sys as rdsys;
 
 use crate::config::Config;
 
@@ -171,4 +173,78 @@ pub fn cached_high_watermark<C: ConsumerContext>(
         )
     };
     (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+}
+
+/// A record's headers as bytes, in order, each with its value if it has one.
+///
+/// rdkafka 0.38's `Headers::get`/`iter` unwrap `CStr::to_str` on the key and panic on a key
+/// that is not UTF-8, which any producer may write: the worker would crash-loop on that
+/// record. This reads librdkafka's headers directly instead. A key is as librdkafka hands
+/// it out, NUL-terminated: one holding a NUL byte is cut there (librdkafka's API returns no
+/// key length), every other key is byte-exact.
+pub fn read_headers(headers: &BorrowedHeaders) -> Vec<(&[u8], Option<&[u8]>)> {
+    // rdkafka's own `as_native_ptr` is this cast: a `&BorrowedHeaders` is the address of
+    // librdkafka's headers.
+    let native = headers as *const BorrowedHeaders as *const rdsys::rd_kafka_headers_t;
+    let mut out = Vec::new();
+    for idx in 0.. {
+        let mut name: *const std::ffi::c_char = std::ptr::null();
+        let mut value: *const std::ffi::c_void = std::ptr::null();
+        let mut size = 0usize;
+        // SAFETY: `native` is live for `headers`' lifetime, and so is every pointer
+        // librdkafka returns into it; an index past the end returns an error and nothing.
+        let err = unsafe {
+            rdsys::rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size)
+        };
+        if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            break;
+        }
+        // SAFETY: as above; librdkafka NUL-terminates every key it stores.
+        let key = unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes();
+        let value = (!value.is_null())
+            // SAFETY: `size` bytes at `value`, owned by the headers.
+            .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
+        out.push((key, value));
+    }
+    out
+}
+
+/// A consumed record's headers, read with [`read_headers`], whichever way it is held.
+pub trait RecordHeaders {
+    fn record_headers(&self) -> Vec<(&[u8], Option<&[u8]>)>;
+}
+
+impl RecordHeaders for BorrowedMessage<'_> {
+    fn record_headers(&self) -> Vec<(&[u8], Option<&[u8]>)> {
+        self.headers().map(read_headers).unwrap_or_default()
+    }
+}
+
+impl RecordHeaders for OwnedMessage {
+    fn record_headers(&self) -> Vec<(&[u8], Option<&[u8]>)> {
+        self.headers()
+            .map(|h| read_headers(h.as_borrowed()))
+            .unwrap_or_default()
+    }
+}
+
+/// Headers to produce, keys taken as bytes: `OwnedHeaders::insert` only takes a `&str` key,
+/// and a dead-letter copy must keep a key that is not UTF-8 as it was.
+pub fn owned_headers<'a>(
+    headers: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+) -> OwnedHeaders {
+    let owned = OwnedHeaders::new_with_capacity(headers.len());
+    let native = owned.as_borrowed() as *const BorrowedHeaders as *mut rdsys::rd_kafka_headers_t;
+    for (key, value) in headers {
+        let (v, len) = match value {
+            Some(v) => (v.as_ptr().cast::<std::ffi::c_void>(), v.len() as isize),
+            None => (std::ptr::null(), 0),
+        };
+        // SAFETY: `native` is `owned`'s writable headers (rdkafka's `insert` writes through the
+        // same pointer); librdkafka copies key and value. It fails only on read-only headers.
+        unsafe {
+            rdsys::rd_kafka_header_add(native, key.as_ptr().cast(), key.len() as isize, v, len);
+        }
+    }
+    owned
 }

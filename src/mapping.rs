@@ -246,6 +246,7 @@ mod tests {
             linger_ms: 0,
             batch_size: 75,
             max_pending_users: 100,
+            max_pending_bytes: usize::MAX,
             dedup_memory: 100,
             delivered_memory: 100,
         });
@@ -345,6 +346,7 @@ mod tests {
             linger_ms: 0,
             batch_size: 75,
             max_pending_users: 100,
+            max_pending_bytes: usize::MAX,
             dedup_memory: 100,
             delivered_memory: 100,
         });
@@ -546,6 +548,7 @@ mod tests {
                 linger_ms: 0,
                 batch_size: 75,
                 max_pending_users: 100,
+                max_pending_bytes: usize::MAX,
                 dedup_memory: 100,
                 delivered_memory: 100,
             });

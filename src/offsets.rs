@@ -62,6 +62,14 @@ impl Position {
     pub fn offset(&self) -> i64 {
         self.offset
     }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(offset: i64) -> Position {
+        Position {
+            partition: PartitionId { slot: 0, epoch: 0 },
+            offset,
+        }
+    }
 }
 
 /// A tracked offset and whether it is settled, in 8 bytes: Kafka offsets are never negative,

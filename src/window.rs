@@ -80,6 +80,9 @@ pub struct WindowConfig {
     pub linger_ms: u64,
     pub batch_size: usize,
     pub max_pending_users: usize,
+    /// Back-pressure in bytes: what users' identifiers and pending changes and attributes
+    /// hold, so a flood of large users cannot outgrow memory while under the user count.
+    pub max_pending_bytes: usize,
     pub dedup_memory: usize,
     pub delivered_memory: usize,
 }
@@ -89,9 +92,33 @@ pub struct WindowConfig {
 pub struct Segments {
     names: Vec<Box<str>>,
     index: HashTable<u32>,
+    bytes: usize,
 }
 
+/// Past either, the window stops taking events until it is empty, then forgets every name
+/// (and what it remembers of deliveries, which is keyed by name index): a stream of distinct
+/// segment ids must not grow memory without end or wrap the `u32` index.
+const MAX_SEGMENTS: usize = 1 << 20;
+const MAX_SEGMENT_BYTES: usize = 64 << 20;
+
 impl Segments {
+    fn is_full(&self) -> bool {
+        self.names.len() >= MAX_SEGMENTS || self.bytes >= MAX_SEGMENT_BYTES
+    }
+
+    fn clear(&mut self) {
+        *self = Segments::default();
+    }
+
+    /// Names held.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
     fn intern(&mut self, id: &str) -> u32 {
         let hash = FxBuildHasher.hash_one(id);
         let names = &self.names;
@@ -99,6 +126,7 @@ impl Segments {
             return i;
         }
         let i = self.names.len() as u32;
+        self.bytes += id.len() + std::mem::size_of::<Box<str>>() + std::mem::size_of::<u32>();
         self.names.push(id.into());
         let names = &self.names;
         self.index
@@ -253,7 +281,27 @@ pub struct Window<P> {
     /// Users with pending changes (queued or waiting for their in-flight request).
     pending_users: usize,
     pending_changes: usize,
+    /// Bytes held for users beyond their slots, as `max_pending_bytes` counts them.
+    pending_bytes: usize,
+    /// A user reached `MAX_ENTRIES_PER_USER` pending changes or attributes: flush now and
+    /// take no more events until then. A user's entries are found by a linear scan, cheap
+    /// for the few an ordinary user has, quadratic for a hostile stream without this bound.
+    crowded: bool,
     empty_key: Arc<str>,
+}
+
+/// See `Window::crowded`.
+const MAX_ENTRIES_PER_USER: usize = 256;
+
+/// What a pending change or attribute costs beyond its slot, as `max_pending_bytes` counts.
+const CHANGE_BYTES: usize = std::mem::size_of::<PendingChange<[u64; 2]>>();
+
+fn attr_bytes(name: &str, value: &AttrValue<'_>) -> usize {
+    let value = match value {
+        AttrValue::String(s) => s.len(),
+        _ => 0,
+    };
+    std::mem::size_of::<PendingAttr<[u64; 2]>>() + name.len() + value
 }
 
 fn user_hash(kind: IdKind, id: &str) -> u64 {
@@ -301,6 +349,8 @@ impl<P: Copy + PartialEq> Window<P> {
             users: 0,
             pending_users: 0,
             pending_changes: 0,
+            pending_bytes: 0,
+            crowded: false,
             empty_key: Arc::from(""),
         }
     }
@@ -322,9 +372,17 @@ impl<P: Copy + PartialEq> Window<P> {
         self.pending_changes
     }
 
+    /// Bytes held for users beyond their slots: identifiers, pending changes, attributes.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
     /// Back-pressure: the caller stops consuming while this holds.
     pub fn is_full(&self) -> bool {
         self.users >= self.cfg.max_pending_users
+            || self.pending_bytes >= self.cfg.max_pending_bytes
+            || self.segments.is_full()
+            || self.crowded
     }
 
     pub fn is_empty(&self) -> bool {
@@ -376,6 +434,7 @@ impl<P: Copy + PartialEq> Window<P> {
             user_hash(s.kind, &s.key)
         });
         self.users += 1;
+        self.pending_bytes += id.len();
         idx
     }
 
@@ -386,12 +445,24 @@ impl<P: Copy + PartialEq> Window<P> {
             entry.remove();
         }
         let s = &mut self.slots[idx as usize];
+        let held = s.key.len()
+            + s.changes.len() * CHANGE_BYTES
+            + s.attrs
+                .iter()
+                .map(|a| attr_bytes(&a.name, &a.value))
+                .sum::<usize>();
+        self.pending_bytes = self.pending_bytes.saturating_sub(held);
         s.live = false;
         s.key = self.empty_key.clone();
         s.changes = SmallVec::new();
         s.attrs = Vec::new();
         self.free.push(idx);
         self.users -= 1;
+        if self.users == 0 && self.segments.is_full() {
+            // Nothing refers to a name index now but the delivery memory, keyed by them.
+            self.segments.clear();
+            self.delivered.clear();
+        }
     }
 
     /// Takes an event the caller has validated (`identity` is `Event::validate_with`'s answer).
@@ -450,6 +521,7 @@ impl<P: Copy + PartialEq> Window<P> {
                         positions: SmallVec::from_buf([pos]),
                     });
                     self.pending_changes += 1;
+                    self.pending_bytes += CHANGE_BYTES;
                 }
             }
         }
@@ -465,18 +537,26 @@ impl<P: Copy + PartialEq> Window<P> {
             }
             match slot.attrs.iter_mut().find(|a| *a.name == **name) {
                 Some(a) if order > a.order => {
+                    self.pending_bytes = (self.pending_bytes + attr_bytes(name, value))
+                        .saturating_sub(attr_bytes(name, &a.value));
                     a.value = value.clone().into_owned();
                     a.order = order;
                     a.positions.extend(carried.take());
                 }
                 Some(a) => a.positions.extend(carried.take()),
-                None => slot.attrs.push(PendingAttr {
-                    name: (**name).into(),
-                    value: value.clone().into_owned(),
-                    order,
-                    positions: carried.take().into_iter().collect(),
-                }),
+                None => {
+                    self.pending_bytes += attr_bytes(name, value);
+                    slot.attrs.push(PendingAttr {
+                        name: (**name).into(),
+                        value: value.clone().into_owned(),
+                        order,
+                        positions: carried.take().into_iter().collect(),
+                    })
+                }
             }
+        }
+        if slot.changes.len().max(slot.attrs.len()) >= MAX_ENTRIES_PER_USER {
+            self.crowded = true;
         }
         if !was_pending {
             self.pending_users += 1;
@@ -509,7 +589,7 @@ impl<P: Copy + PartialEq> Window<P> {
         let Some(&front) = self.queue.front() else {
             return false;
         };
-        force || self.under_pressure() || self.is_ready(front, now_ms)
+        force || self.crowded || self.under_pressure() || self.is_ready(front, now_ms)
     }
 
     fn under_pressure(&self) -> bool {
@@ -529,7 +609,8 @@ impl<P: Copy + PartialEq> Window<P> {
         }
         let mut flush = Flush::default();
         // Judged once, so that a request under pressure is a full one.
-        let early = force || self.under_pressure();
+        let early = force || self.crowded || self.under_pressure();
+        self.crowded = false;
         while flush.users.len() < self.cfg.batch_size {
             let Some(&idx) = self.queue.front() else {
                 break;
@@ -549,6 +630,14 @@ impl<P: Copy + PartialEq> Window<P> {
             }
             let changes = std::mem::take(&mut slot.changes);
             let attrs = std::mem::take(&mut slot.attrs);
+            // In flight now: bounded by the requests in flight, not by the window.
+            self.pending_bytes = self.pending_bytes.saturating_sub(
+                changes.len() * CHANGE_BYTES
+                    + attrs
+                        .iter()
+                        .map(|a| attr_bytes(&a.name, &a.value))
+                        .sum::<usize>(),
+            );
             self.pending_users -= 1;
             self.pending_changes -= changes.len();
             let (kind, key) = (slot.kind, slot.key.clone());
@@ -702,6 +791,7 @@ impl<P: Copy + PartialEq> Window<P> {
                 positions: SmallVec::new(),
             });
             self.pending_changes += 1;
+            self.pending_bytes += CHANGE_BYTES;
         }
         let attributes = user.attributes.start as usize..user.attributes.end as usize;
         for ((name, value), order) in flush.attributes[attributes.clone()]
@@ -711,6 +801,7 @@ impl<P: Copy + PartialEq> Window<P> {
             if slot.attrs.iter().any(|a| a.name == *name) {
                 continue;
             }
+            self.pending_bytes += attr_bytes(name, value);
             slot.attrs.push(PendingAttr {
                 name: name.clone(),
                 value: value.clone(),
@@ -776,9 +867,17 @@ impl<P: Copy + PartialEq> Window<P> {
                 a.positions.retain(|p| !gone(p));
             }
             if slot.changes.is_empty() {
+                let freed: usize = slot
+                    .attrs
+                    .iter()
+                    .filter(|a| a.positions.is_empty())
+                    .map(|a| attr_bytes(&a.name, &a.value))
+                    .sum();
+                self.pending_bytes = self.pending_bytes.saturating_sub(freed);
                 slot.attrs.retain(|a| !a.positions.is_empty());
             }
             let removed = before - slot.changes.len();
+            self.pending_bytes = self.pending_bytes.saturating_sub(removed * CHANGE_BYTES);
             dropped += removed;
             self.pending_changes -= removed;
             if !slot.is_pending() {
@@ -804,6 +903,7 @@ mod tests {
             linger_ms: 100,
             batch_size: 3,
             max_pending_users: 10,
+            max_pending_bytes: usize::MAX,
             dedup_memory: 1000,
             delivered_memory: 1000,
         }
@@ -837,6 +937,92 @@ mod tests {
         }
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         out
+    }
+
+    #[test]
+    fn large_users_fill_the_window_by_bytes_and_leave_none_counted() {
+        let mut w = Window::new(WindowConfig {
+            max_pending_users: 1000,
+            max_pending_bytes: 100_000,
+            batch_size: 75,
+            ..cfg()
+        });
+        let big = "x".repeat(990);
+        let mut n = 0;
+        while !w.is_full() {
+            let user = format!("{n}{big}");
+            let mut e = ev(&format!("e{n}"), &user, "s", Change::Entered, 1);
+            e.attributes = vec![("a".into(), AttrValue::String("v".repeat(255).into()))];
+            admit(&mut w, &e, n, 0);
+            n += 1;
+            assert!(n < 1000, "never full by bytes");
+        }
+        assert!(n < 100, "full after {n} users of 1 KB and more");
+        while let Some(f) = w.pop_batch(1_000, true) {
+            for u in &f.users {
+                w.complete(&f, u, false);
+            }
+        }
+        assert_eq!((w.users(), w.pending_bytes()), (0, 0));
+        assert!(!w.is_full());
+    }
+
+    #[test]
+    fn a_user_with_thousands_of_segments_is_flushed_in_parts() {
+        let mut w = Window::new(WindowConfig {
+            max_pending_users: 1000,
+            batch_size: 75,
+            ..cfg()
+        });
+        let mut written = 0;
+        for i in 0..10_000 {
+            let e = ev(&format!("e{i}"), "u", &format!("s{i}"), Change::Entered, i);
+            admit(&mut w, &e, i, 0);
+            if w.is_full() {
+                let f = w
+                    .pop_batch(0, false)
+                    .expect("a crowded user is flushed early");
+                for u in &f.users {
+                    written += f.user_changes(u).len();
+                    w.complete(&f, u, false);
+                }
+            }
+            assert!(w.pending_changes() <= MAX_ENTRIES_PER_USER);
+        }
+        while let Some(f) = w.pop_batch(1_000, true) {
+            for u in &f.users {
+                written += f.user_changes(u).len();
+                w.complete(&f, u, false);
+            }
+        }
+        assert_eq!(written, 10_000);
+    }
+
+    #[test]
+    fn a_million_segment_ids_are_forgotten_once_the_window_is_empty() {
+        let mut w = Window::new(WindowConfig {
+            max_pending_users: 100_000,
+            batch_size: 75,
+            ..cfg()
+        });
+        for i in 0..MAX_SEGMENTS as i64 + 10 {
+            let e = ev(
+                &format!("e{i}"),
+                &format!("u{}", i % 50),
+                &format!("s{i}"),
+                Change::Entered,
+                i,
+            );
+            admit(&mut w, &e, i, 0);
+            while w.is_full() {
+                let f = w.pop_batch(0, true).expect("a flush");
+                for u in &f.users {
+                    w.complete(&f, u, false);
+                }
+            }
+            assert!(w.segments().len() <= MAX_SEGMENTS);
+        }
+        assert!(w.segments().len() < 1000, "{}", w.segments().len());
     }
 
     #[test]

@@ -431,3 +431,46 @@ async fn simulator_routes_show_state_and_take_faults() {
     assert_eq!(get("/profiles").await, json!({}));
     assert_eq!(get("/stats").await["requests"], json!(0));
 }
+
+/// A gateway that echoes the key it refused: neither `/readyz` nor the log may repeat it,
+/// whole or in part.
+#[tokio::test]
+async fn a_refusal_that_echoes_the_key_does_not_repeat_it() {
+    const SECRET: &str = "b7e1c2d4-0f3a-4c5e-9a8b-1d2e3f405162";
+    for (status, body) in [
+        (
+            401,
+            r#"{"message":"Invalid API key: b7e1c2d4-0f3a-4c5e-9a8b-1d2e3f405162"}"#,
+        ),
+        (
+            403,
+            r#"{"message":"key b7e1c2d4-0f3a-... lacks users.track"}"#,
+        ),
+        (
+            200,
+            "<html>Bearer b7e1c2d4-0f3a-4c5e-9a8b-1d2e3f405162</html>",
+        ),
+    ] {
+        let endpoint = not_braze_answering(status, "application/json", body).await;
+        let cfg = BrazeConfig {
+            endpoint,
+            api_key: Some(SECRET.into()),
+            timeout_ms: 2000,
+            ..BrazeConfig::default()
+        };
+        let health = Arc::new(Health::new());
+        health.assigned.store(true, Ordering::Relaxed);
+        health.consuming.store(true, Ordering::Relaxed);
+        let client =
+            BrazeClient::new(&cfg, Arc::new(Metrics::new()), health.clone()).expect("client");
+        let task = tokio::spawn(async move { client.deliver(objects(&["u1"])).await });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while health.readiness().is_ok() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let why = health.readiness().expect_err("not ready");
+        assert!(why.contains(&status.to_string()), "{why}");
+        assert!(!why.contains("b7e1c2d4-0f3a"), "the key is shown: {why}");
+        task.abort();
+    }
+}

@@ -564,3 +564,42 @@ fn recursive_writer_types_are_skipped() {
         (None, None, 0)
     );
 }
+
+/// An array of a record with no fields (or only null fields) takes no bytes per item, so a
+/// block count of 2^62 is a few bytes of body: skipping item by item never ended.
+#[test]
+fn a_huge_block_of_empty_records_is_skipped_at_once() {
+    for item in [
+        json!({"type": "record", "name": "Nothing", "fields": []}),
+        json!({"type": "record", "name": "Nulls", "fields": [
+            {"name": "a", "type": "null"},
+            {"name": "b", "type": {"type": "record", "name": "Inner", "fields": []}}]}),
+        json!({"type": "fixed", "name": "Zero", "size": 0}),
+    ] {
+        let text = json!({
+            "type": "record", "name": "SegmentMembershipChange",
+            "fields": [
+                {"name": "empties", "type": {"type": "array", "items": item}},
+                {"name": "event_id", "type": "string"},
+                {"name": "segment_id", "type": "string"},
+                {"name": "change", "type": {"type": "enum", "name": "MembershipChange", "symbols": ["EXITED", "ENTERED"]}},
+                {"name": "occurred_at", "type": "long"},
+            ]
+        })
+        .to_string();
+        // Zigzag varint of 2^62, then the end of the array, then the event.
+        let mut body = vec![
+            0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01, 0x00,
+        ];
+        body.extend_from_slice(&[2, b'e', 2, b's', 2, 18]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = text.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(decode_with(&t, &body).map(|e| e.segment_id.into_owned()));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("decoding hangs on an array of {item}"));
+        assert_eq!(got.expect("decodes"), "s", "{text}");
+    }
+}

@@ -53,6 +53,8 @@ struct Inner {
     url: String,
     /// `Bearer <key>`, marked sensitive so reqwest never prints it either.
     auth: HeaderValue,
+    /// The key itself, only to cut it out of what Braze (or whatever answers) says.
+    key: Box<str>,
     pacer: Pacer,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -116,6 +118,7 @@ impl BrazeClient {
                 http: builder.build()?,
                 url: format!("{base}/users/track"),
                 auth,
+                key: key.into(),
                 pacer: Pacer::new(cfg.requests_per_second),
                 metrics,
                 health,
@@ -211,7 +214,7 @@ impl BrazeClient {
             };
             inner.pacer.observe(seq, headers);
             self.count(status_class(status));
-            match classify(status, &reply, headers) {
+            match scrubbed(classify(status, &reply, headers), &inner.key) {
                 Verdict::Delivered {
                     rejected,
                     unattributed,
@@ -414,9 +417,88 @@ async fn sleep_backoff(n: u32) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
+/// The verdict with every text Braze's answer supplied cut free of the key: a gateway that
+/// echoes the key it refused would otherwise put it in the log, `/readyz` and the
+/// dead-letter headers.
+fn scrubbed(verdict: Verdict, key: &str) -> Verdict {
+    match verdict {
+        Verdict::Split { status, message } => Verdict::Split {
+            status,
+            message: without_key(&message, key),
+        },
+        Verdict::ConfigFault { status, message } => Verdict::ConfigFault {
+            status,
+            message: without_key(&message, key),
+        },
+        Verdict::NotBraze { status, excerpt } => Verdict::NotBraze {
+            status,
+            excerpt: without_key(&excerpt, key),
+        },
+        Verdict::Retry { status, message } => Verdict::Retry {
+            status,
+            message: without_key(&message, key),
+        },
+        other => other,
+    }
+}
+
+/// `text` with every run of 8 or more characters that also occurs in `key` (the whole key
+/// when it is shorter) shown as `***`: a prefix of the key is as much a leak as the key.
+/// Texts are short (classify cuts them to 200 characters), so the plain search is cheap.
+fn without_key(text: &str, key: &str) -> String {
+    let shortest = key.len().clamp(1, 8);
+    if key.is_empty() || text.len() < shortest {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        let mut longest = 0;
+        let mut end = i + shortest;
+        while end <= text.len() {
+            if text.is_char_boundary(end) {
+                if key.contains(&text[i..end]) {
+                    longest = end - i;
+                } else {
+                    break;
+                }
+            }
+            end += 1;
+        }
+        if longest >= shortest {
+            out.push_str("***");
+            i += longest;
+        } else {
+            let c = text[i..]
+                .chars()
+                .next()
+                .expect("i is a char boundary below len");
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_whole_or_in_part_is_cut_from_messages() {
+        let key = "b7e1c2d4-0f3a-4c5e";
+        assert_eq!(
+            without_key("Invalid key b7e1c2d4-0f3a-4c5e!", key),
+            "Invalid key ***!"
+        );
+        assert_eq!(
+            without_key("key b7e1c2d4-0f3a-... no", key),
+            "key ***... no"
+        );
+        assert_eq!(without_key("Invalid API key", key), "Invalid API key");
+        assert_eq!(without_key("ab test-key", "test-key"), "ab ***");
+        assert_eq!(without_key("é b7e1c2d4é", key), "é ***é");
+    }
 
     #[test]
     fn body_is_the_objects_in_an_attributes_array() {

@@ -184,6 +184,9 @@ struct Compiler<'s> {
     names: &'s HashMap<Name, &'s Schema>,
     record_index: HashMap<Name, usize>,
     records: Vec<Skip>,
+    /// Whether each of `records` has its fields compiled: an empty placeholder and a record
+    /// with no fields look alike, and only the second takes no bytes.
+    compiled: Vec<bool>,
 }
 
 fn unqualified(name: &Name) -> &str {
@@ -215,6 +218,7 @@ impl Plan {
             names: resolved.get_names(),
             record_index: HashMap::new(),
             records: Vec::new(),
+            compiled: Vec::new(),
         };
         let record = match c.deref(writer)? {
             Schema::Record(r) => r,
@@ -405,6 +409,7 @@ impl<'s> Compiler<'s> {
                 let i = self.records.len();
                 // Registered before its fields so a field of its own type finds it.
                 self.records.push(Skip::Record(Box::new([])));
+                self.compiled.push(false);
                 self.record_index.insert(r.name.clone(), i);
                 let fields = r
                     .fields
@@ -412,6 +417,7 @@ impl<'s> Compiler<'s> {
                     .map(|f| self.skip(&f.schema))
                     .collect::<Result<_, _>>()?;
                 self.records[i] = Skip::Record(fields);
+                self.compiled[i] = true;
                 Skip::Named(i)
             }
             Schema::Ref { name } => match self.record_index.get(name) {
@@ -425,14 +431,15 @@ impl<'s> Compiler<'s> {
     }
 
     /// Whether a value of this type takes no bytes; a record still being compiled counts as
-    /// taking some, which is true of every finite recursive type.
+    /// taking some, which is true of every finite recursive type. Getting this wrong for a
+    /// record of no fields let a block count of 2^62 loop for ever.
     fn is_zero(&self, s: &Skip) -> bool {
         match s {
             Skip::Zero => true,
             Skip::Fixed(n) => *n == 0,
             Skip::Record(fields) => fields.iter().all(|f| self.is_zero(f)),
             Skip::Named(i) => match self.records.get(*i) {
-                Some(Skip::Record(fields)) if !fields.is_empty() => {
+                Some(Skip::Record(fields)) if self.compiled.get(*i) == Some(&true) => {
                     fields.iter().all(|f| self.is_zero(f))
                 }
                 _ => false,

@@ -2,6 +2,7 @@
 //! with one decode plan per schema id, fetched and compiled on first sight.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use apache_avro::Schema;
 use rustc_hash::FxHashMap;
@@ -31,13 +32,22 @@ pub(crate) struct Confluent {
     /// Writer schemas that cannot be resolved are remembered too, so a stream of such
     /// records does not hit the registry once per record; failed fetches are not.
     plans: FxHashMap<u32, Result<Plan, String>>,
+    /// Ids the registry said it does not have, until when to believe it: a stream of such
+    /// records costs a registry call per id and minute, not a blocking call per record. A
+    /// schema registered later is found after the minute.
+    unknown: FxHashMap<u32, Instant>,
 }
+
+const UNKNOWN_FOR: Duration = Duration::from_secs(60);
+/// Distinct unknown ids remembered; past it the memory starts again.
+const MAX_UNKNOWN: usize = 4096;
 
 impl Confluent {
     pub(crate) fn new(source: Arc<dyn SchemaSource>) -> Confluent {
         Confluent {
             source,
             plans: FxHashMap::default(),
+            unknown: FxHashMap::default(),
         }
     }
 
@@ -46,7 +56,22 @@ impl Confluent {
         let plan = match self.plans.get(&id) {
             Some(plan) => plan,
             None => {
-                let plan = self.compile(id)?;
+                if let Some(until) = self.unknown.get(&id) {
+                    if Instant::now() < *until {
+                        return Err(DecodeError::UnknownSchema(id));
+                    }
+                    self.unknown.remove(&id);
+                }
+                let plan = match self.compile(id) {
+                    Err(DecodeError::UnknownSchema(id)) => {
+                        if self.unknown.len() >= MAX_UNKNOWN {
+                            self.unknown.clear();
+                        }
+                        self.unknown.insert(id, Instant::now() + UNKNOWN_FOR);
+                        return Err(DecodeError::UnknownSchema(id));
+                    }
+                    other => other?,
+                };
                 self.plans.entry(id).or_insert(plan)
             }
         };
@@ -145,6 +170,30 @@ mod tests {
             c.decode(&encode::to_confluent(id, &event())).ok(),
             Some(event())
         );
+    }
+
+    #[test]
+    fn an_unknown_schema_id_is_asked_for_once_a_minute_not_once_a_record() {
+        struct Counting(AtomicUsize);
+        impl SchemaSource for Counting {
+            fn fetch(&self, id: u32) -> Result<String, RegistryError> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Err(RegistryError::NotFound(id))
+            }
+        }
+        let source = Arc::new(Counting(AtomicUsize::new(0)));
+        let mut c = Confluent::new(source.clone());
+        for _ in 0..100 {
+            let err = c
+                .decode(&encode::to_confluent(42, &event()))
+                .expect_err("unknown");
+            assert!(matches!(err, DecodeError::UnknownSchema(42)), "{err}");
+        }
+        assert_eq!(source.0.load(Ordering::SeqCst), 1);
+        for id in 0..MAX_UNKNOWN as u32 * 2 {
+            let _ = c.decode(&encode::to_confluent(id, &event()));
+        }
+        assert!(c.unknown.len() <= MAX_UNKNOWN);
     }
 
     #[test]

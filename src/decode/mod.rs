@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 pub use avro::AvroError;
 pub use registry::{
-    MemoryRegistry, RegistryClient, RegistryError, RegistrySetupError, SchemaSource,
+    redact_url, MemoryRegistry, RegistryClient, RegistryError, RegistrySetupError, SchemaSource,
 };
 
 use crate::config::Format;

@@ -130,7 +130,8 @@ impl RegistryClient {
     pub fn new(url: &str) -> RegistryClient {
         let trimmed = url.trim_end_matches('/');
         let (base, credentials) = match reqwest::Url::parse(trimmed) {
-            Ok(mut parsed) if !parsed.username().is_empty() => {
+            // A token alone (`https://:TOKEN@host`) is credentials too.
+            Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
                 let user = percent_decoded(parsed.username());
                 let password = percent_decoded(parsed.password().unwrap_or(""));
                 let _ = parsed.set_username("");
@@ -140,7 +141,8 @@ impl RegistryClient {
                     Some((user, password)),
                 )
             }
-            _ => (trimmed.to_string(), None),
+            // Unparsable: every request fails with an error that prints `base`.
+            _ => (redact_url(trimmed), None),
         };
         RegistryClient {
             base,
@@ -269,6 +271,36 @@ impl RegistryClient {
             ))),
         }
     }
+}
+
+/// `url` fit to print: a password becomes `***`, and so does a user name given without one
+/// (`https://TOKEN@host`) and the whole user info of a URL that does not parse or that parses
+/// with an `@` left in its path (an unencoded `/` in a secret, as Confluent Cloud keys
+/// hold, ends the authority early). Without `@` there is no user info to hide.
+pub fn redact_url(url: &str) -> String {
+    let Some((_, host_part)) = url.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let hidden = || match url.split_once("://") {
+        Some((scheme, _)) => format!("{scheme}://***@{host_part}"),
+        None => format!("***@{host_part}"),
+    };
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return hidden();
+    };
+    let has_user_info = !parsed.username().is_empty() || parsed.password().is_some();
+    let stray_at = parsed.path().contains('@')
+        || parsed.query().is_some_and(|q| q.contains('@'))
+        || parsed.fragment().is_some_and(|f| f.contains('@'));
+    if !has_user_info || stray_at {
+        return hidden();
+    }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    } else {
+        let _ = parsed.set_username("***");
+    }
+    parsed.to_string()
 }
 
 /// User info in a URL is percent-encoded (a secret may hold `/` or `@`).
@@ -803,6 +835,27 @@ mod tests {
                 "{key}: {text}"
             );
         }
+    }
+
+    #[test]
+    fn a_token_alone_or_an_unparsable_url_never_shows_in_errors() {
+        let (url, server) = serve_once("503 Service Unavailable", "{}");
+        let client = RegistryClient::new(&url.replacen("http://", "http://:tok3n@", 1));
+        let got = client.fetch(7);
+        let (_, _, authorization) = server.join().expect("server");
+        // base64(":tok3n")
+        assert_eq!(authorization.as_deref(), Some("Basic OnRvazNu"));
+        let why = got.expect_err("503").to_string();
+        assert!(
+            !why.contains("tok3n") && !format!("{client:?}").contains("tok3n"),
+            "{why}"
+        );
+        let client = RegistryClient::new("https://KEY:s3cr/et@127.0.0.1:9");
+        let why = client.fetch(1).expect_err("unparsable").to_string();
+        assert!(
+            !why.contains("s3cr") && !format!("{client:?}").contains("s3cr"),
+            "{why}"
+        );
     }
 
     #[test]

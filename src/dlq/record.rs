@@ -69,8 +69,9 @@ pub struct SourceRecord<'a> {
     pub timestamp: Option<i64>,
     pub key: Option<&'a [u8]>,
     pub value: Option<&'a [u8]>,
-    /// The original headers in order; a header may have no value.
-    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    /// The original headers in order; a header may have no value. Keys are bytes: nothing
+    /// makes a producer write UTF-8 keys, and the copy keeps them as they were.
+    pub headers: Vec<(&'a [u8], Option<&'a [u8]>)>,
 }
 
 /// The record to write to the dead-letter topic.
@@ -81,7 +82,7 @@ pub struct DlqRecord {
     pub timestamp: Option<i64>,
     /// The original headers, then the context headers. Values are optional because Kafka
     /// headers may be null and the original ones are copied as they are.
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl DlqRecord {
@@ -91,9 +92,10 @@ impl DlqRecord {
     /// left to drop.
     pub fn omit_payload(&mut self, why: &str) -> bool {
         let note = |r: &mut DlqRecord, what: &str| {
-            r.headers.retain(|(n, _)| n != HEADER_VALUE_OMITTED);
+            r.headers
+                .retain(|(n, _)| n != HEADER_VALUE_OMITTED.as_bytes());
             r.headers.push((
-                HEADER_VALUE_OMITTED.to_string(),
+                HEADER_VALUE_OMITTED.into(),
                 Some(format!("{what}: {why}").into_bytes()),
             ));
         };
@@ -117,7 +119,7 @@ impl DlqRecord {
         self.headers
             .iter()
             .rev()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| n == name.as_bytes())
             .and_then(|(_, v)| v.as_deref())
     }
 }
@@ -195,14 +197,14 @@ impl From<&InvalidEvent> for DlqReason {
 /// The dead-letter record for `src`: its key, value, timestamp and headers, then the
 /// Kafka Connect context headers describing `reason`.
 pub fn dead_letter(src: &SourceRecord, reason: &DlqReason) -> DlqRecord {
-    let mut headers: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(src.headers.len() + 11);
+    let mut headers: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(src.headers.len() + 11);
     headers.extend(
         src.headers
             .iter()
-            .map(|(name, value)| (name.to_string(), value.map(<[u8]>::to_vec))),
+            .map(|(name, value)| (name.to_vec(), value.map(<[u8]>::to_vec))),
     );
     let mut add = |name: &str, value: &str| {
-        headers.push((name.to_string(), Some(value.as_bytes().to_vec())));
+        headers.push((name.into(), Some(value.as_bytes().to_vec())));
     };
     add(HEADER_TOPIC, src.topic);
     add(HEADER_PARTITION, &src.partition.to_string());
@@ -229,11 +231,11 @@ pub fn dead_letter(src: &SourceRecord, reason: &DlqReason) -> DlqRecord {
 }
 
 /// The headers this module writes, as opposed to the ones copied from the original.
-fn is_context_header(name: &str) -> bool {
-    name.starts_with("__connect.errors.")
-        || name == HEADER_BRAZE_ERROR_TYPE
-        || name == HEADER_BRAZE_HTTP_STATUS
-        || name == HEADER_VALUE_OMITTED
+fn is_context_header(name: &[u8]) -> bool {
+    name.starts_with(b"__connect.errors.")
+        || name == HEADER_BRAZE_ERROR_TYPE.as_bytes()
+        || name == HEADER_BRAZE_HTTP_STATUS.as_bytes()
+        || name == HEADER_VALUE_OMITTED.as_bytes()
 }
 
 /// `text` cut to at most `MAX_MESSAGE_BYTES`, on a character boundary, ending in an
@@ -276,7 +278,7 @@ mod tests {
         assert_eq!(
             r.headers
                 .iter()
-                .filter(|(n, _)| n == HEADER_VALUE_OMITTED)
+                .filter(|(n, _)| n == HEADER_VALUE_OMITTED.as_bytes())
                 .count(),
             1
         );
@@ -291,18 +293,21 @@ mod tests {
             timestamp: Some(1_700_000_000_123),
             key: Some(b"user-1"),
             value: Some(b"\x00\x00\x00\x00\x01not avro"),
-            headers: vec![("trace", Some(b"abc")), ("empty", None)],
+            headers: vec![(b"trace", Some(b"abc")), (b"empty", None)],
         }
     }
 
-    fn text(headers: &[(String, Option<Vec<u8>>)]) -> Vec<(&str, Option<&str>)> {
+    fn text(headers: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<(&str, Option<&str>)> {
         headers
             .iter()
             .map(|(n, v)| {
                 let v = v
                     .as_deref()
                     .map(|v| std::str::from_utf8(v).expect("test headers are UTF-8"));
-                (n.as_str(), v)
+                (
+                    std::str::from_utf8(n).expect("test header keys are UTF-8"),
+                    v,
+                )
             })
             .collect()
     }
@@ -432,15 +437,15 @@ mod tests {
             (record.key, record.value, record.timestamp),
             (None, None, None)
         );
-        assert_eq!(record.headers[0].0, HEADER_TOPIC);
+        assert_eq!(record.headers[0].0, HEADER_TOPIC.as_bytes());
     }
 
     #[test]
     fn a_replayed_dead_letter_gets_the_new_context_last() {
         let mut src = source();
         src.headers = vec![
-            (HEADER_STAGE, Some(b"VALUE_CONVERTER")),
-            (HEADER_OFFSET, Some(b"1")),
+            (HEADER_STAGE.as_bytes(), Some(b"VALUE_CONVERTER")),
+            (HEADER_OFFSET.as_bytes(), Some(b"1")),
         ];
         let record = dead_letter(
             &src,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -24,6 +24,7 @@ use super::writer::{DlqWriter, PendingDlq};
 use super::{dead_letter, DlqReason, SourceRecord};
 use crate::braze::Rejection;
 use crate::config::Config;
+use crate::kafka::RecordHeaders;
 use crate::offsets::Position;
 
 /// The `reason` label of a rejected record that the log no longer holds.
@@ -148,10 +149,7 @@ fn pending_for(
         Some(Reread::Gone(why)) => (None, Some(why.as_str())),
         None => (None, Some("not returned by the log")),
     };
-    let headers: Vec<(&str, Option<&[u8]>)> = msg
-        .and_then(|m| m.headers())
-        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-        .unwrap_or_default();
+    let headers = msg.map(|m| m.record_headers()).unwrap_or_default();
     let src = SourceRecord {
         topic,
         partition,
@@ -363,5 +361,54 @@ impl Fetcher {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+
+    /// Any producer may write a header key that is not UTF-8; rdkafka's `Headers::iter`
+    /// panics on one, which killed this thread and left its positions unsettled for good.
+    #[test]
+    fn a_header_key_that_is_not_utf8_is_copied_byte_exact() {
+        let headers = crate::kafka::owned_headers(
+            [
+                (&b"trace"[..], Some(&b"abc"[..])),
+                (&b"k\xff\xfe"[..], Some(&b"v\xc3"[..])),
+                (&b"\xc3("[..], None),
+            ]
+            .into_iter(),
+        );
+        let msg = OwnedMessage::new(
+            Some(b"value".to_vec()),
+            Some(b"key".to_vec()),
+            "t".into(),
+            Timestamp::CreateTime(1),
+            0,
+            7,
+            Some(headers),
+        );
+        let found = BTreeMap::from([(7, Reread::Found(msg))]);
+        let rejection = Rejection {
+            status: 200,
+            error_type: "invalid".into(),
+            message: "m".into(),
+        };
+        let pending = pending_for("t", 0, Position::for_tests(7), &rejection, &found);
+        let originals: Vec<_> = pending.record.headers[..3]
+            .iter()
+            .map(|(k, v)| (AsRef::<[u8]>::as_ref(k), v.as_deref()))
+            .collect();
+        assert_eq!(
+            originals,
+            [
+                (&b"trace"[..], Some(&b"abc"[..])),
+                (&b"k\xff\xfe"[..], Some(&b"v\xc3"[..])),
+                (&b"\xc3("[..], None),
+            ]
+        );
+        assert_eq!(pending.record.value.as_deref(), Some(&b"value"[..]));
     }
 }

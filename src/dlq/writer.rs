@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
@@ -146,13 +145,13 @@ impl DlqWriter {
     }
 
     fn enqueue(&self, pending: Box<PendingDlq>) -> Result<(), (KafkaError, Box<PendingDlq>)> {
-        let mut headers = OwnedHeaders::new_with_capacity(pending.record.headers.len());
-        for (k, v) in &pending.record.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: v.as_deref(),
-            });
-        }
+        let headers = crate::kafka::owned_headers(
+            pending
+                .record
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_deref())),
+        );
         // The record's own timestamp is not set: the dead-letter copy of an old record would
         // fall under the dead-letter topic's time retention at once. It is in the headers'
         // coordinates' reach, and librdkafka copies key and value when it queues them.

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 
 use crate::braze::Rejection;
 use crate::dlq::{
@@ -12,6 +12,7 @@ use crate::dlq::{
     SourceRecord,
 };
 use crate::health::{Fault, Health};
+use crate::kafka::RecordHeaders;
 use crate::metrics::Metrics;
 use crate::offsets::{Position, TopicPartition};
 
@@ -54,11 +55,8 @@ impl DeadLetters {
     }
 
     /// Dead-letters a consumed record with its key, value and headers.
-    pub fn record<M: Message>(&mut self, m: &M, pos: Position, reason: &DlqReason) {
-        let headers: Vec<(&str, Option<&[u8]>)> = m
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
+    pub fn record<M: Message + RecordHeaders>(&mut self, m: &M, pos: Position, reason: &DlqReason) {
+        let headers = m.record_headers();
         let src = SourceRecord {
             topic: m.topic(),
             partition: m.partition(),

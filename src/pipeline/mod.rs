@@ -346,6 +346,7 @@ fn assemble(
         linger_ms: cfg.window.linger_ms,
         batch_size: cfg.braze.batch_size,
         max_pending_users: cfg.window.max_pending_users,
+        max_pending_bytes: cfg.window.max_pending_bytes,
         dedup_memory: cfg.window.dedup_memory,
         delivered_memory: cfg.window.delivered_memory,
     });

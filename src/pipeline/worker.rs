@@ -12,7 +12,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::TopicPartitionList;
 
 use crate::health::{Fault, Health};
-use crate::kafka::{cached_high_watermark, GroupConsumer, RebalanceHandler};
+use crate::kafka::{cached_high_watermark, GroupConsumer, RebalanceHandler, RecordHeaders};
 use crate::metrics::Metrics;
 use crate::offsets::{PartitionId, Position, TopicPartition};
 use crate::window::Admit;
@@ -84,7 +84,12 @@ impl Worker {
         self.flow.wait(why);
     }
 
-    fn take_record<M: Message>(&mut self, m: &M, generation: u64, now_ms: u64) -> Taken {
+    fn take_record<M: Message + RecordHeaders>(
+        &mut self,
+        m: &M,
+        generation: u64,
+        now_ms: u64,
+    ) -> Taken {
         // A record of a partition revoked (or revoked and assigned again) since it was
         // polled: its next owner, or the new assignment, reads it again.
         let Some(id) = self

@@ -137,7 +137,7 @@ pub async fn run(cfg: &Config, args: &ProduceArgs) -> anyhow::Result<ProduceSumm
                 .with_context(|| {
                     format!(
                         "registering the schema under {topic}-value at {}",
-                        cfg.kafka.schema_registry_url
+                        crate::decode::redact_url(&cfg.kafka.schema_registry_url)
                     )
                 })?;
             Some(id)

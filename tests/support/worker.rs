@@ -226,12 +226,13 @@ pub fn end_offsets(brokers: &str, topic: &str, partitions: i32) -> Vec<i64> {
 
 /// A header's value as text.
 pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    use rdkafka::message::Headers;
-    let h = m.headers()?;
-    h.iter()
-        .filter(|h| h.key == name)
-        .last()
-        .and_then(|h| h.value)
+    // Not rdkafka's `Headers::iter`: it panics on a key that is not UTF-8.
+    use segment_sync::kafka::RecordHeaders;
+    m.record_headers()
+        .into_iter()
+        .rev()
+        .find(|(k, _)| *k == name.as_bytes())
+        .and_then(|(_, v)| v)
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
