@@ -1,8 +1,10 @@
 # segment-sync: build, test, demo, benchmarks.
 #
-#   make deps     system packages the build needs (cmake, a C compiler, OpenSSL headers, Java, Maven)
+#   make deps     system packages the build needs (cmake, a C compiler, OpenSSL headers, Java, Maven,
+#                 promtool)
 #   make test     the whole suite: unit, property, mock-cluster and real-broker tests
-#   make lint     rustfmt and clippy, warnings as errors
+#   make lint     rustfmt and clippy, warnings as errors; promtool on the alert rules and the
+#                 dashboard's queries (scripts/check-monitoring.py)
 #   make demo     everything embedded, nothing to install beyond the toolchain
 #   make bench    throughput and memory benchmarks (release build)
 #   make kafka    an Apache Kafka broker on 127.0.0.1:9092 in the foreground
@@ -28,6 +30,7 @@ test: kafka-jars
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	python3 scripts/check-monitoring.py
 
 demo:
 	$(CARGO) run --release -- demo

@@ -34,8 +34,43 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     pub format: Format,
     pub schema_registry_url: String,
+    /// Sent as `Authorization: Bearer <token>` to the registry (an API gateway's or an OAuth
+    /// proxy's token), instead of basic auth in the URL.
+    pub schema_registry_token: Option<Secret>,
+    /// A file holding that token (a mounted Secret), read again for every request so that a
+    /// rotated token is picked up without a restart.
+    pub schema_registry_token_file: Option<String>,
+    /// PEM certificates of the CA that signed the registry's certificate, trusted besides the
+    /// system's.
+    pub schema_registry_ca_file: Option<String>,
+    /// A client certificate (PEM, chain allowed) and its PKCS#8 PEM key, for a registry that
+    /// wants mutual TLS.
+    pub schema_registry_cert_file: Option<String>,
+    pub schema_registry_key_file: Option<String>,
     /// Passed to librdkafka as they are (TLS, SASL, ...), for the consumer and the producer.
     pub properties: BTreeMap<String, String>,
+}
+
+/// A secret value of the configuration: `{:?}` shows `***`, so no log line, error or panic
+/// message can carry it; [`Secret::expose`] is the one way to the value.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 impl Default for KafkaConfig {
@@ -47,8 +82,111 @@ impl Default for KafkaConfig {
             dlq_topic: "cdp.segment-membership.dlq".into(),
             format: Format::AvroConfluent,
             schema_registry_url: "http://127.0.0.1:8081".into(),
+            schema_registry_token: None,
+            schema_registry_token_file: None,
+            schema_registry_ca_file: None,
+            schema_registry_cert_file: None,
+            schema_registry_key_file: None,
             properties: BTreeMap::new(),
         }
+    }
+}
+
+impl KafkaConfig {
+    /// The registry's authentication and TLS keys that contradict each other or the URL.
+    /// The files themselves are read when a worker starts, not here: `check-config` runs where
+    /// the pod's mounts are not.
+    fn schema_registry_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let token = "kafka.schema_registry_token";
+        let token_file = "kafka.schema_registry_token_file";
+        if self
+            .schema_registry_token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().is_empty())
+        {
+            out.push((
+                token,
+                format!("{token} is empty: set the registry's bearer token, or remove the key"),
+            ));
+        }
+        if self.schema_registry_token.is_some() && self.schema_registry_token_file.is_some() {
+            out.push((
+                token,
+                format!("{token} and {token_file} are both set: keep one"),
+            ));
+        }
+        let has_token =
+            self.schema_registry_token.is_some() || self.schema_registry_token_file.is_some();
+        let url = reqwest::Url::parse(self.schema_registry_url.trim()).ok();
+        if has_token
+            && url
+                .as_ref()
+                .is_some_and(|u| !u.username().is_empty() || u.password().is_some())
+        {
+            out.push((
+                token,
+                format!(
+                    "kafka.schema_registry_url carries basic-auth credentials and a bearer token \
+                     is set ({token} or {token_file}): the registry takes one Authorization \
+                     header; keep one of them"
+                ),
+            ));
+        }
+        let files = [
+            (token_file, &self.schema_registry_token_file),
+            (
+                "kafka.schema_registry_ca_file",
+                &self.schema_registry_ca_file,
+            ),
+            (
+                "kafka.schema_registry_cert_file",
+                &self.schema_registry_cert_file,
+            ),
+            (
+                "kafka.schema_registry_key_file",
+                &self.schema_registry_key_file,
+            ),
+        ];
+        for (key, file) in files {
+            if file.as_ref().is_some_and(|f| f.trim().is_empty()) {
+                out.push((
+                    key,
+                    format!("{key} is empty: set it to a file's path, or remove the key"),
+                ));
+            }
+        }
+        match (
+            &self.schema_registry_cert_file,
+            &self.schema_registry_key_file,
+        ) {
+            (Some(_), None) => out.push((
+                "kafka.schema_registry_key_file",
+                "kafka.schema_registry_cert_file is set without kafka.schema_registry_key_file: \
+                 a client certificate needs its private key"
+                    .into(),
+            )),
+            (None, Some(_)) => out.push((
+                "kafka.schema_registry_cert_file",
+                "kafka.schema_registry_key_file is set without kafka.schema_registry_cert_file: \
+                 set the client certificate that goes with the key"
+                    .into(),
+            )),
+            _ => {}
+        }
+        let tls =
+            self.schema_registry_ca_file.is_some() || self.schema_registry_cert_file.is_some();
+        if tls && url.as_ref().is_some_and(|u| u.scheme() == "http") {
+            out.push((
+                "kafka.schema_registry_url",
+                format!(
+                    "kafka.schema_registry_url = {:?} is plain http, but a CA file or a client \
+                     certificate is set for the registry: use its https:// URL",
+                    mask_url_password(&self.schema_registry_url)
+                ),
+            ));
+        }
+        out
     }
 }
 
@@ -72,6 +210,14 @@ impl std::fmt::Debug for KafkaConfig {
                 "schema_registry_url",
                 &mask_url_password(&self.schema_registry_url),
             )
+            .field("schema_registry_token", &self.schema_registry_token)
+            .field(
+                "schema_registry_token_file",
+                &self.schema_registry_token_file,
+            )
+            .field("schema_registry_ca_file", &self.schema_registry_ca_file)
+            .field("schema_registry_cert_file", &self.schema_registry_cert_file)
+            .field("schema_registry_key_file", &self.schema_registry_key_file)
             .field("properties", &properties)
             .finish()
     }
@@ -504,6 +650,9 @@ impl Config {
                 ),
             );
         }
+        for problem in k.schema_registry_problems() {
+            bad(problem.0, problem.1);
+        }
         for name in k.properties.keys() {
             let lower = name.to_ascii_lowercase();
             if let Some((_, fix)) = OWNED_PROPERTIES.iter().find(|(owned, _)| *owned == lower) {
@@ -655,6 +804,9 @@ impl Config {
         let mut shown = self.clone();
         shown.braze.api_key = None;
         shown.kafka.schema_registry_url = mask_url_password(&self.kafka.schema_registry_url);
+        if shown.kafka.schema_registry_token.is_some() {
+            shown.kafka.schema_registry_token = Some(Secret::new("***"));
+        }
         for (name, value) in shown.kafka.properties.iter_mut() {
             if is_secret_property(name) {
                 *value = "***".into();
@@ -771,6 +923,16 @@ impl Schema {
         let mut specimen = Config::default();
         // Optional fields are left out of serialised TOML; give each a value so it is listed.
         specimen.braze.api_key_file = Some(String::new());
+        let k = &mut specimen.kafka;
+        k.schema_registry_token = Some(Secret::new(""));
+        for file in [
+            &mut k.schema_registry_token_file,
+            &mut k.schema_registry_ca_file,
+            &mut k.schema_registry_cert_file,
+            &mut k.schema_registry_key_file,
+        ] {
+            *file = Some(String::new());
+        }
         let sections = match toml::Value::try_from(&specimen) {
             Ok(toml::Value::Table(top)) => top
                 .into_iter()
@@ -1571,6 +1733,87 @@ mod tests {
             }
         );
         assert_eq!(back.window, c.window);
+    }
+
+    #[test]
+    fn the_registry_token_comes_from_the_file_or_the_environment_and_is_masked() {
+        let from_file = load("[kafka]\nschema_registry_token = \"tok-in-file-77\"\n", &[]).unwrap();
+        let from_env = load(
+            "",
+            &[("SEGMENT_SYNC_KAFKA_SCHEMA_REGISTRY_TOKEN", "tok-in-env-77")],
+        )
+        .unwrap();
+        for (c, token) in [(&from_file, "tok-in-file-77"), (&from_env, "tok-in-env-77")] {
+            assert_eq!(
+                c.kafka.schema_registry_token.as_ref().map(Secret::expose),
+                Some(token)
+            );
+            let shown = c.to_masked_toml();
+            assert!(!shown.contains(token), "{shown}");
+            assert!(shown.contains("schema_registry_token = \"***\""), "{shown}");
+            let debug = format!("{c:?}");
+            assert!(!debug.contains(token), "{debug}");
+        }
+        let c = load(
+            "[kafka]\nschema_registry_token_file = \"/var/run/secrets/registry/token\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.kafka.schema_registry_token_file.as_deref(),
+            Some("/var/run/secrets/registry/token")
+        );
+    }
+
+    #[test]
+    fn registry_auth_and_tls_keys_that_contradict_each_other_are_refused() {
+        for (text, pairs, says) in [
+            (
+                "[kafka]\nschema_registry_token = \" \"\n",
+                &[][..],
+                "kafka.schema_registry_token is empty",
+            ),
+            (
+                "[kafka]\nschema_registry_token = \"t\"\nschema_registry_token_file = \"/t\"\n",
+                &[][..],
+                "both set",
+            ),
+            (
+                "[kafka]\nschema_registry_url = \"https://KEY:SECRET@r.example.com\"\n",
+                &[("SEGMENT_SYNC_KAFKA_SCHEMA_REGISTRY_TOKEN", "t")][..],
+                "one Authorization header",
+            ),
+            (
+                "[kafka]\nschema_registry_url = \"https://r.example.com\"\nschema_registry_cert_file = \"/c.pem\"\n",
+                &[][..],
+                "needs its private key",
+            ),
+            (
+                "[kafka]\nschema_registry_url = \"https://r.example.com\"\nschema_registry_key_file = \"/k.pem\"\n",
+                &[][..],
+                "set the client certificate",
+            ),
+            (
+                "[kafka]\nschema_registry_ca_file = \"/ca.pem\"\n",
+                &[][..],
+                "use its https:// URL",
+            ),
+            (
+                "[kafka]\nschema_registry_ca_file = \"\"\n",
+                &[][..],
+                "kafka.schema_registry_ca_file is empty",
+            ),
+        ] {
+            let e = err(text, pairs);
+            assert!(e.contains(says), "{text:?} {pairs:?}: {e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+        // TLS and a token together are fine: an https gateway in front of the registry.
+        load(
+            "[kafka]\nschema_registry_url = \"https://r.example.com\"\nschema_registry_ca_file = \"/ca.pem\"\nschema_registry_cert_file = \"/c.pem\"\nschema_registry_key_file = \"/k.pem\"\nschema_registry_token_file = \"/t\"\n",
+            &[],
+        )
+        .unwrap();
     }
 
     #[test]

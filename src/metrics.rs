@@ -2,8 +2,8 @@
 //! several workers can run in one test process and each be checked on its own.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -37,6 +37,14 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub window_pending_users: IntGauge,
     pub window_pending_changes: IntGauge,
+    /// 1 when `/readyz` would answer 200, else 0; set from [`crate::health::Health`] each time
+    /// `/metrics` or `/readyz` is served, so a scrape sees what the probe sees.
+    pub ready: IntGauge,
+    /// labels `topic`, `partition`: Unix time of the last commit that moved the partition's
+    /// committed offset (or was its first in this assignment). Synchronous commits (revoke,
+    /// shutdown) are acknowledged by Kafka; the periodic ones are asynchronous and librdkafka
+    /// reports no outcome for them, so there it is the time the new offset was sent.
+    pub last_commit_timestamp: GaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -168,6 +176,23 @@ impl Metrics {
                 "window_pending_changes",
                 "(user, segment) changes waiting in the window",
             ),
+            ready: gauge(
+                &r,
+                "ready",
+                "1 when the worker is ready (/readyz answers 200), else 0",
+            ),
+            last_commit_timestamp: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "segment_sync_last_commit_timestamp_seconds",
+                        "Unix time of the last commit that moved the partition's committed offset",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry: r,
         }
     }

@@ -46,7 +46,17 @@ pub async fn serve(
         .await
 }
 
+/// Readiness as `/readyz` answers it, mirrored into `segment_sync_ready`. Health is a set of
+/// flags the pipeline flips in many places; reading them when asked is what keeps the gauge
+/// and the probe from ever disagreeing.
+fn readiness(state: &AppState) -> Result<(), String> {
+    let r = state.health.readiness();
+    state.metrics.ready.set(i64::from(r.is_ok()));
+    r
+}
+
 async fn metrics_handler(State(state): State<AppState>) -> Response {
+    let _ = readiness(&state);
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         state.metrics.render(),
@@ -59,7 +69,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    match state.health.readiness() {
+    match readiness(&state) {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")).into_response(),
     }
@@ -141,6 +151,31 @@ mod tests {
 
         let resp = get("/nothing-here").await.unwrap();
         assert_eq!(resp.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn the_ready_gauge_says_what_readyz_says() {
+        let health = Arc::new(Health::new());
+        let server = start(Arc::new(Metrics::new()), health.clone()).await;
+        let scrape = || async {
+            let body = reqwest::get(format!("{}/metrics", server.base))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            body.lines()
+                .find_map(|l| l.strip_prefix("segment_sync_ready "))
+                .map(str::to_string)
+        };
+        assert_eq!(scrape().await.as_deref(), Some("0"));
+        health.assigned.store(true, Ordering::Relaxed);
+        health.consuming.store(true, Ordering::Relaxed);
+        assert_eq!(scrape().await.as_deref(), Some("1"));
+        health.set_braze_problem("braze answered 401: check BRAZE_API_KEY");
+        assert_eq!(scrape().await.as_deref(), Some("0"));
+        health.set_braze_ok();
+        assert_eq!(scrape().await.as_deref(), Some("1"));
     }
 
     #[tokio::test]

@@ -612,6 +612,7 @@ fn metric_names() -> BTreeSet<String> {
         m.dlq_records.desc(),
         m.committed_offset.desc(),
         m.consumer_lag.desc(),
+        m.last_commit_timestamp.desc(),
     ];
     m.registry
         .gather()

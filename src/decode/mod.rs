@@ -9,7 +9,9 @@ mod registry;
 use std::sync::Arc;
 
 pub use avro::AvroError;
-pub use registry::{redact_url, MemoryRegistry, RegistryClient, RegistryError, SchemaSource};
+pub use registry::{
+    redact_url, MemoryRegistry, RegistryClient, RegistryError, RegistrySetupError, SchemaSource,
+};
 
 use crate::config::Format;
 use crate::event::Event;

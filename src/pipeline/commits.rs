@@ -88,11 +88,21 @@ impl Commits {
         }
         consumer.commit(&tpl, mode)?;
         // Synchronous: acknowledged. Asynchronous: sent; what the gauges show.
+        let now = epoch_ms() as f64 / 1000.0;
         for (tp, offset) in offsets {
-            self.committed.insert(tp.clone(), *offset);
+            let partition = tp.partition.to_string();
+            let labels = [&*tp.topic, partition.as_str()];
+            // Every interval re-sends the same offsets, so only a move says work got done:
+            // a watermark held by one unsettled event must show as time passing.
+            if self.committed.insert(tp.clone(), *offset) != Some(*offset) {
+                self.metrics
+                    .last_commit_timestamp
+                    .with_label_values(&labels)
+                    .set(now);
+            }
             self.metrics
                 .committed_offset
-                .with_label_values(&[&*tp.topic, tp.partition.to_string().as_str()])
+                .with_label_values(&labels)
                 .set(*offset);
         }
         Ok(())
@@ -101,6 +111,17 @@ impl Commits {
     /// A revoked partition is its new owner's to report.
     pub fn forget(&mut self, tp: &TopicPartition) {
         self.committed.remove(tp);
+    }
+
+    /// Drops a partition's series, so that lag summed over the group (what an autoscaler
+    /// reads) does not count a moved partition twice, nor with a value frozen at the move.
+    pub fn unreport(&self, tp: &TopicPartition) {
+        let partition = tp.partition.to_string();
+        let labels = [&*tp.topic, partition.as_str()];
+        let m = &self.metrics;
+        let _ = m.committed_offset.remove_label_values(&labels);
+        let _ = m.consumer_lag.remove_label_values(&labels);
+        let _ = m.last_commit_timestamp.remove_label_values(&labels);
     }
 
     /// Lag per partition: the high watermark librdkafka last saw minus the committed offset,

@@ -175,6 +175,8 @@ pub enum PipelineError {
     Decode(#[from] crate::decode::DecodeError),
     #[error("dead-letter producer: {0}")]
     Dlq(#[from] crate::dlq::DlqWriterError),
+    #[error("schema registry: {0}")]
+    Registry(#[from] crate::decode::RegistrySetupError),
 }
 
 fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> PipelineError {
@@ -299,9 +301,7 @@ fn assemble(
     rt: tokio::runtime::Handle,
 ) -> Result<Worker, PipelineError> {
     let registry: Option<Arc<dyn SchemaSource>> = match cfg.kafka.format {
-        Format::AvroConfluent => Some(Arc::new(RegistryClient::new(
-            &cfg.kafka.schema_registry_url,
-        ))),
+        Format::AvroConfluent => Some(Arc::new(RegistryClient::from_config(&cfg.kafka)?)),
         _ => None,
     };
     let decoder = Decoder::new(cfg.kafka.format, registry)?;

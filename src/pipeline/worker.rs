@@ -453,6 +453,10 @@ impl RebalanceHandler for Worker {
         for tp in &revoked {
             self.assignment.revoke(tp);
             self.commits.forget(tp);
+            // At shutdown the last values stay for a final scrape.
+            if !self.shutting_down {
+                self.commits.unreport(tp);
+            }
         }
         self.health
             .assigned

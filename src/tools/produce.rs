@@ -128,20 +128,18 @@ pub async fn run(cfg: &Config, args: &ProduceArgs) -> anyhow::Result<ProduceSumm
     let format = cfg.kafka.format;
     let schema_id = match format {
         Format::AvroConfluent => {
-            let url = cfg.kafka.schema_registry_url.clone();
+            let registry = RegistryClient::from_config(&cfg.kafka)?;
             let subject = format!("{topic}-value");
             // The registry client blocks, which an async task must not.
-            let id = tokio::task::spawn_blocking(move || {
-                RegistryClient::new(&url).register(&subject, SCHEMA)
-            })
-            .await
-            .context("registering the schema")?
-            .with_context(|| {
-                format!(
-                    "registering the schema under {topic}-value at {}",
-                    crate::decode::redact_url(&cfg.kafka.schema_registry_url)
-                )
-            })?;
+            let id = tokio::task::spawn_blocking(move || registry.register(&subject, SCHEMA))
+                .await
+                .context("registering the schema")?
+                .with_context(|| {
+                    format!(
+                        "registering the schema under {topic}-value at {}",
+                        crate::decode::redact_url(&cfg.kafka.schema_registry_url)
+                    )
+                })?;
             Some(id)
         }
         Format::Avro | Format::Json => None,
