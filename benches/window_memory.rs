@@ -1,7 +1,7 @@
-//! DESIGN.md: "A pending user costs ≤ 300 bytes in the window". A counting global
-//! allocator measures the heap a `Window` holds after admitting N distinct users (one
-//! change each, then three), with the dedup memory at 1 entry so that only the pending
-//! user is weighed. The dedup and delivered memories, bounded by `window.dedup_memory` and
+//! DESIGN.md: "A pending user costs ≤ 300 bytes in the window with up to three changes".
+//! A counting global allocator measures the heap a `Window` holds after admitting N
+//! distinct users (one change each, then three), with the dedup memory at 1 entry so that
+//! only the pending user is weighed. The dedup and delivered memories, bounded by `window.dedup_memory` and
 //! `window.delivered_memory`, are reported per entry beside it.
 //! `cargo bench --bench window_memory`
 
@@ -164,10 +164,6 @@ fn main() {
     );
 
     verdicts.at_most("pending user, 1 change", per_user, TARGET_BYTES, "bytes");
-    // Reported, not gated: DESIGN's figure is for the usual pending user, which holds one
-    // change inline; a user with several changes spills them to the heap.
-    if per_user3 > TARGET_BYTES {
-        println!("note  pending user, 3 changes: {per_user3:.1} bytes is over {TARGET_BYTES} (not a gate)");
-    }
+    verdicts.at_most("pending user, 3 changes", per_user3, TARGET_BYTES, "bytes");
     verdicts.finish();
 }

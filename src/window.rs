@@ -174,12 +174,65 @@ impl Packed for Sent {
     }
 }
 
+/// One (user, segment) change waiting to be flushed, in 48 bytes with a `Position` so that
+/// three fit in the slot itself (DESIGN.md: ≤ 300 bytes a pending user with three changes).
+/// The order is kept field by field, not as an `Order` (whose padding would not be shared),
+/// and the change rides in the segment index's low bit.
+#[derive(Clone, Copy)]
 struct PendingChange<P> {
-    segment: u32,
-    change: Change,
-    order: Order,
-    /// Every record this change settles: its own and those it superseded.
-    positions: SmallVec<[P; 1]>,
+    sequence: i64,
+    occurred_at: i64,
+    offset: i64,
+    partition: i32,
+    /// Segment index << 1 | 1 when ENTERED (segment indexes stay below `MAX_SEGMENTS`).
+    segment_change: u32,
+    /// The first record this change settles. Those it superseded, or that superseded it,
+    /// are the slot's `More::extra`, so the common change with one record holds no list.
+    first: P,
+}
+
+impl<P> PendingChange<P> {
+    fn new(segment: u32, change: Change, order: Order, first: P) -> PendingChange<P> {
+        let mut c = PendingChange {
+            sequence: 0,
+            occurred_at: 0,
+            offset: 0,
+            partition: 0,
+            segment_change: 0,
+            first,
+        };
+        c.set(segment, change, order);
+        c
+    }
+
+    fn set(&mut self, segment: u32, change: Change, order: Order) {
+        self.sequence = order.sequence;
+        self.occurred_at = order.occurred_at;
+        self.offset = order.offset;
+        self.partition = order.partition;
+        self.segment_change = segment << 1 | u32::from(change == Change::Entered);
+    }
+
+    fn segment(&self) -> u32 {
+        self.segment_change >> 1
+    }
+
+    fn change(&self) -> Change {
+        if self.segment_change & 1 == 1 {
+            Change::Entered
+        } else {
+            Change::Exited
+        }
+    }
+
+    fn order(&self) -> Order {
+        Order {
+            sequence: self.sequence,
+            occurred_at: self.occurred_at,
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
 }
 
 struct PendingAttr<P> {
@@ -192,6 +245,33 @@ struct PendingAttr<P> {
     positions: Vec<P>,
 }
 
+/// What few pending users have, out of the slot so that the many without it stay small.
+struct More<P> {
+    attrs: Vec<PendingAttr<P>>,
+    /// Records settled by a change beyond its `first`, tagged with the change's segment.
+    extra: Vec<(u32, P)>,
+}
+
+impl<P> Default for More<P> {
+    fn default() -> Self {
+        More {
+            attrs: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+}
+
+fn more<P>(more: &mut Option<Box<More<P>>>) -> &mut More<P> {
+    more.get_or_insert_with(Box::default)
+}
+
+fn attrs<P>(more: &Option<Box<More<P>>>) -> &[PendingAttr<P>] {
+    more.as_deref().map_or(&[], |m| &m.attrs)
+}
+
+/// Changes a slot holds without a heap allocation: DESIGN.md's pending user has up to three.
+const INLINE_CHANGES: usize = 3;
+
 struct Slot<P> {
     key: Arc<str>,
     kind: IdKind,
@@ -202,13 +282,61 @@ struct Slot<P> {
     /// the next flush lists each record once.
     requeued: bool,
     first_pending_ms: u64,
-    changes: SmallVec<[PendingChange<P>; 1]>,
-    attrs: Vec<PendingAttr<P>>,
+    changes: SmallVec<[PendingChange<P>; INLINE_CHANGES]>,
+    more: Option<Box<More<P>>>,
 }
 
 impl<P> Slot<P> {
     fn is_pending(&self) -> bool {
-        !self.changes.is_empty() || !self.attrs.is_empty()
+        !self.changes.is_empty() || !attrs(&self.more).is_empty()
+    }
+}
+
+/// Slots in chunks of fixed capacity rather than one vector: a vector doubling its capacity
+/// holds up to twice the slots in use (1.3 times at 100,000 users), and copies them all
+/// each time it grows. The first chunk grows from small, so a small window stays small.
+struct Slab<T> {
+    chunks: Vec<Vec<T>>,
+}
+
+const CHUNK_BITS: u32 = 10;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
+impl<T> Slab<T> {
+    fn new() -> Slab<T> {
+        Slab { chunks: Vec::new() }
+    }
+
+    fn len(&self) -> usize {
+        self.chunks
+            .last()
+            .map_or(0, |c| (self.chunks.len() - 1) * CHUNK + c.len())
+    }
+
+    fn push(&mut self, value: T) -> u32 {
+        let index = self.len() as u32;
+        match self.chunks.last_mut() {
+            Some(c) if c.len() < CHUNK => c.push(value),
+            _ => {
+                let mut c = Vec::with_capacity(if self.chunks.is_empty() { 4 } else { CHUNK });
+                c.push(value);
+                self.chunks.push(c);
+            }
+        }
+        index
+    }
+}
+
+impl<T> std::ops::Index<u32> for Slab<T> {
+    type Output = T;
+    fn index(&self, i: u32) -> &T {
+        &self.chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)]
+    }
+}
+
+impl<T> std::ops::IndexMut<u32> for Slab<T> {
+    fn index_mut(&mut self, i: u32) -> &mut T {
+        &mut self.chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)]
     }
 }
 
@@ -269,7 +397,7 @@ impl<P> Flush<P> {
 
 pub struct Window<P> {
     cfg: WindowConfig,
-    slots: Vec<Slot<P>>,
+    slots: Slab<Slot<P>>,
     free: Vec<u32>,
     table: HashTable<u32>,
     queue: VecDeque<u32>,
@@ -295,6 +423,9 @@ const MAX_ENTRIES_PER_USER: usize = 256;
 
 /// What a pending change or attribute costs beyond its slot, as `max_pending_bytes` counts.
 const CHANGE_BYTES: usize = std::mem::size_of::<PendingChange<[u64; 2]>>();
+
+// Three changes inline are what keeps a pending user under DESIGN.md's 300 bytes.
+const _: () = assert!(CHANGE_BYTES == 48);
 
 fn attr_bytes(name: &str, value: &AttrValue<'_>) -> usize {
     let value = match value {
@@ -341,7 +472,7 @@ impl<P: Copy + PartialEq> Window<P> {
             seen: Recent::new(cfg.dedup_memory),
             delivered: Recent::new(cfg.delivered_memory),
             cfg,
-            slots: Vec::new(),
+            slots: Slab::new(),
             free: Vec::new(),
             table: HashTable::new(),
             queue: VecDeque::new(),
@@ -393,14 +524,14 @@ impl<P: Copy + PartialEq> Window<P> {
     pub fn next_deadline(&self) -> Option<u64> {
         self.queue
             .front()
-            .map(|&s| self.slots[s as usize].first_pending_ms + self.cfg.linger_ms)
+            .map(|&s| self.slots[s].first_pending_ms + self.cfg.linger_ms)
     }
 
     fn find(&self, kind: IdKind, id: &str, hash: u64) -> Option<u32> {
         let slots = &self.slots;
         self.table
             .find(hash, |&i| {
-                let s = &slots[i as usize];
+                let s = &slots[i];
                 s.kind == kind && &*s.key == id
             })
             .copied()
@@ -416,21 +547,18 @@ impl<P: Copy + PartialEq> Window<P> {
             requeued: false,
             first_pending_ms: 0,
             changes: SmallVec::new(),
-            attrs: Vec::new(),
+            more: None,
         };
         let idx = match self.free.pop() {
             Some(i) => {
-                self.slots[i as usize] = slot;
+                self.slots[i] = slot;
                 i
             }
-            None => {
-                self.slots.push(slot);
-                (self.slots.len() - 1) as u32
-            }
+            None => self.slots.push(slot),
         };
         let slots = &self.slots;
         self.table.insert_unique(hash, idx, |&j| {
-            let s = &slots[j as usize];
+            let s = &slots[j];
             user_hash(s.kind, &s.key)
         });
         self.users += 1;
@@ -439,15 +567,15 @@ impl<P: Copy + PartialEq> Window<P> {
     }
 
     fn release(&mut self, idx: u32) {
-        let s = &self.slots[idx as usize];
+        let s = &self.slots[idx];
         let hash = user_hash(s.kind, &s.key);
         if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
             entry.remove();
         }
-        let s = &mut self.slots[idx as usize];
+        let s = &mut self.slots[idx];
         let held = s.key.len()
             + s.changes.len() * CHANGE_BYTES
-            + s.attrs
+            + attrs(&s.more)
                 .iter()
                 .map(|a| attr_bytes(&a.name, &a.value))
                 .sum::<usize>();
@@ -455,7 +583,7 @@ impl<P: Copy + PartialEq> Window<P> {
         s.live = false;
         s.key = self.empty_key.clone();
         s.changes = SmallVec::new();
-        s.attrs = Vec::new();
+        s.more = None;
         self.free.push(idx);
         self.users -= 1;
         if self.users == 0 && self.segments.is_full() {
@@ -496,30 +624,25 @@ impl<P: Copy + PartialEq> Window<P> {
             Some(i) => i,
             None => self.create(kind, id, hash),
         };
-        let slot = &mut self.slots[idx as usize];
+        let slot = &mut self.slots[idx];
         let was_pending = slot.is_pending();
         let mut result = Admit::Pending;
         // A stale change is not applied; only its newer attributes are, and the record
         // settles with them.
         let mut carried = Some(pos).filter(|_| stale);
         if !stale {
-            match slot.changes.iter_mut().find(|c| c.segment == segment) {
-                Some(c) if order > c.order => {
-                    c.order = order;
-                    c.change = event.change;
-                    c.positions.push(pos);
-                }
+            match slot.changes.iter_mut().find(|c| c.segment() == segment) {
                 Some(c) => {
-                    c.positions.push(pos);
-                    result = Admit::Superseded;
+                    if order > c.order() {
+                        c.set(segment, event.change, order);
+                    } else {
+                        result = Admit::Superseded;
+                    }
+                    more(&mut slot.more).extra.push((segment, pos));
                 }
                 None => {
-                    slot.changes.push(PendingChange {
-                        segment,
-                        change: event.change,
-                        order,
-                        positions: SmallVec::from_buf([pos]),
-                    });
+                    slot.changes
+                        .push(PendingChange::new(segment, event.change, order, pos));
                     self.pending_changes += 1;
                     self.pending_bytes += CHANGE_BYTES;
                 }
@@ -535,7 +658,8 @@ impl<P: Copy + PartialEq> Window<P> {
             {
                 continue;
             }
-            match slot.attrs.iter_mut().find(|a| *a.name == **name) {
+            let attrs = &mut more(&mut slot.more).attrs;
+            match attrs.iter_mut().find(|a| *a.name == **name) {
                 Some(a) if order > a.order => {
                     self.pending_bytes = (self.pending_bytes + attr_bytes(name, value))
                         .saturating_sub(attr_bytes(name, &a.value));
@@ -546,7 +670,7 @@ impl<P: Copy + PartialEq> Window<P> {
                 Some(a) => a.positions.extend(carried.take()),
                 None => {
                     self.pending_bytes += attr_bytes(name, value);
-                    slot.attrs.push(PendingAttr {
+                    attrs.push(PendingAttr {
                         name: (**name).into(),
                         value: value.clone().into_owned(),
                         order,
@@ -555,7 +679,7 @@ impl<P: Copy + PartialEq> Window<P> {
                 }
             }
         }
-        if slot.changes.len().max(slot.attrs.len()) >= MAX_ENTRIES_PER_USER {
+        if slot.changes.len().max(attrs(&slot.more).len()) >= MAX_ENTRIES_PER_USER {
             self.crowded = true;
         }
         if !was_pending {
@@ -597,7 +721,7 @@ impl<P: Copy + PartialEq> Window<P> {
     }
 
     fn is_ready(&self, idx: u32, now_ms: u64) -> bool {
-        self.slots[idx as usize].first_pending_ms + self.cfg.linger_ms <= now_ms
+        self.slots[idx].first_pending_ms + self.cfg.linger_ms <= now_ms
     }
 
     /// Takes up to `batch_size` users, oldest first, when a flush is due. Their slots stay
@@ -619,7 +743,7 @@ impl<P: Copy + PartialEq> Window<P> {
                 break;
             }
             self.queue.pop_front();
-            let slot = &mut self.slots[idx as usize];
+            let slot = &mut self.slots[idx];
             slot.queued = false;
             if !slot.is_pending() {
                 // Emptied by a revoke while queued.
@@ -629,7 +753,7 @@ impl<P: Copy + PartialEq> Window<P> {
                 continue;
             }
             let changes = std::mem::take(&mut slot.changes);
-            let attrs = std::mem::take(&mut slot.attrs);
+            let More { attrs, extra } = slot.more.take().map_or_else(More::default, |m| *m);
             // In flight now: bounded by the requests in flight, not by the window.
             self.pending_bytes = self.pending_bytes.saturating_sub(
                 changes.len() * CHANGE_BYTES
@@ -645,32 +769,36 @@ impl<P: Copy + PartialEq> Window<P> {
             let c0 = flush.changes.len() as u32;
             let a0 = flush.attributes.len() as u32;
             let p0 = flush.positions.len() as u32;
-            let s0 = flush.settled_now.len();
-            for c in changes {
-                let dk = segment_key(hash, c.segment);
+            for c in &changes {
+                let dk = segment_key(hash, c.segment());
                 let sent = Sent {
-                    order: c.order,
-                    change: c.change,
+                    order: c.order(),
+                    change: c.change(),
                 };
                 let redundant = self
                     .delivered
                     .put(dk, sent)
-                    .is_some_and(|last| last.change == c.change);
+                    .is_some_and(|last| last.change == c.change());
                 if redundant {
                     flush.redundant += 1;
-                    flush.settled_now.extend_from_slice(&c.positions);
                 } else {
-                    flush.changes.push((c.segment, c.change));
-                    flush.orders.push(c.order);
-                    flush.positions.extend_from_slice(&c.positions);
+                    flush.changes.push((c.segment(), c.change()));
+                    flush.orders.push(c.order());
                 }
             }
             // Extra attributes cannot be shown redundant (their last values are not kept), so
-            // they are written even when every segment change was; the records that carried
-            // them then settle with the object, not before it.
-            if flush.changes.len() as u32 > c0 || !attrs.is_empty() {
-                let carried: Vec<P> = flush.settled_now.drain(s0..).collect();
-                flush.positions.extend(carried);
+            // they are written even when every segment change was. The object settles every
+            // record of the user, those of its redundant changes too; a user with nothing to
+            // write settles them all now.
+            let written = flush.changes.len() as u32 > c0 || !attrs.is_empty();
+            let settle = if written {
+                &mut flush.positions
+            } else {
+                &mut flush.settled_now
+            };
+            settle.extend(changes.iter().map(|c| c.first));
+            settle.extend(extra.iter().map(|&(_, p)| p));
+            if written {
                 for a in attrs {
                     let dk = delivered_key(kind, &key, &a.name);
                     let sent = Sent {
@@ -682,7 +810,7 @@ impl<P: Copy + PartialEq> Window<P> {
                     flush.attributes.push((a.name, a.value));
                     flush.attribute_orders.push(a.order);
                 }
-                if std::mem::take(&mut self.slots[idx as usize].requeued) {
+                if std::mem::take(&mut self.slots[idx].requeued) {
                     let mut mine = flush.positions.split_off(p0 as usize);
                     let mut unique: Vec<P> = Vec::with_capacity(mine.len());
                     for p in mine.drain(..) {
@@ -700,7 +828,7 @@ impl<P: Copy + PartialEq> Window<P> {
                     attributes: a0..flush.attributes.len() as u32,
                     positions: p0..flush.positions.len() as u32,
                 });
-                self.slots[idx as usize].in_flight = true;
+                self.slots[idx].in_flight = true;
             } else {
                 self.release(idx);
             }
@@ -717,7 +845,7 @@ impl<P: Copy + PartialEq> Window<P> {
         if rejected {
             self.forget_sent(flush, user);
         }
-        let slot = &mut self.slots[user.slot as usize];
+        let slot = &mut self.slots[user.slot];
         if !slot.live || !slot.in_flight || !Arc::ptr_eq(&slot.key, &user.id) {
             return;
         }
@@ -762,7 +890,7 @@ impl<P: Copy + PartialEq> Window<P> {
             .copied()
             .collect();
         let live = {
-            let slot = &self.slots[user.slot as usize];
+            let slot = &self.slots[user.slot];
             slot.live && slot.in_flight && Arc::ptr_eq(&slot.key, &user.id)
         };
         if !live {
@@ -772,8 +900,11 @@ impl<P: Copy + PartialEq> Window<P> {
             self.complete(flush, user, false);
             return;
         }
-        let slot = &mut self.slots[user.slot as usize];
+        let slot = &mut self.slots[user.slot];
         let was_pending = slot.is_pending();
+        // The user's object is written whole, so its records settle with whichever entry
+        // is delivered. Each requeued entry carries them all: an entry without a position
+        // would be taken for one whose records were revoked, and dropped.
         let changes = user.changes.start as usize..user.changes.end as usize;
         for ((segment, change), order) in flush.changes[changes.clone()]
             .iter()
@@ -781,42 +912,42 @@ impl<P: Copy + PartialEq> Window<P> {
         {
             // A change pending for the segment got past the window while this one was in
             // flight, so it is newer.
-            if slot.changes.iter().any(|c| c.segment == *segment) {
+            if slot.changes.iter().any(|c| c.segment() == *segment) {
                 continue;
             }
-            slot.changes.push(PendingChange {
-                segment: *segment,
-                change: *change,
-                order: *order,
-                positions: SmallVec::new(),
-            });
+            slot.changes
+                .push(PendingChange::new(*segment, *change, *order, kept[0]));
+            if kept.len() > 1 {
+                more(&mut slot.more)
+                    .extra
+                    .extend(kept[1..].iter().map(|&p| (*segment, p)));
+            }
             self.pending_changes += 1;
             self.pending_bytes += CHANGE_BYTES;
         }
         let attributes = user.attributes.start as usize..user.attributes.end as usize;
-        for ((name, value), order) in flush.attributes[attributes.clone()]
-            .iter()
-            .zip(&flush.attribute_orders[attributes])
-        {
-            if slot.attrs.iter().any(|a| a.name == *name) {
-                continue;
+        if !attributes.is_empty() {
+            let attrs = &mut more(&mut slot.more).attrs;
+            for ((name, value), order) in flush.attributes[attributes.clone()]
+                .iter()
+                .zip(&flush.attribute_orders[attributes])
+            {
+                if attrs.iter().any(|a| a.name == *name) {
+                    continue;
+                }
+                self.pending_bytes += attr_bytes(name, value);
+                attrs.push(PendingAttr {
+                    name: name.clone(),
+                    value: value.clone(),
+                    order: *order,
+                    positions: Vec::new(),
+                });
             }
-            self.pending_bytes += attr_bytes(name, value);
-            slot.attrs.push(PendingAttr {
-                name: name.clone(),
-                value: value.clone(),
-                order: *order,
-                positions: Vec::new(),
-            });
         }
-        // The user's object is written whole, so its records settle with whichever entry
-        // is delivered. Each requeued entry carries them all: an entry without a position
-        // would be taken for one whose records were revoked, and dropped.
-        for c in slot.changes.iter_mut().filter(|c| c.positions.is_empty()) {
-            c.positions.extend(kept.iter().copied());
-        }
-        for a in slot.attrs.iter_mut().filter(|a| a.positions.is_empty()) {
-            a.positions.extend(kept.iter().copied());
+        if let Some(m) = slot.more.as_deref_mut() {
+            for a in m.attrs.iter_mut().filter(|a| a.positions.is_empty()) {
+                a.positions.extend(kept.iter().copied());
+            }
         }
         slot.requeued = true;
         slot.in_flight = false;
@@ -853,28 +984,34 @@ impl<P: Copy + PartialEq> Window<P> {
     /// were dropped.
     pub fn drop_positions(&mut self, gone: impl Fn(&P) -> bool) -> usize {
         let mut dropped = 0;
-        for idx in 0..self.slots.len() {
+        for idx in 0..self.slots.len() as u32 {
             let slot = &mut self.slots[idx];
             if !slot.live || !slot.is_pending() {
                 continue;
             }
             let before = slot.changes.len();
-            for c in slot.changes.iter_mut() {
-                c.positions.retain(|p| !gone(p));
+            let mut none = More::default();
+            let m = slot.more.as_deref_mut().unwrap_or(&mut none);
+            m.extra.retain(|(_, p)| !gone(p));
+            for c in slot.changes.iter_mut().filter(|c| gone(&c.first)) {
+                // Its next record, if one is left, becomes its first.
+                if let Some(i) = m.extra.iter().position(|&(s, _)| s == c.segment()) {
+                    c.first = m.extra.remove(i).1;
+                }
             }
-            slot.changes.retain(|c| !c.positions.is_empty());
-            for a in slot.attrs.iter_mut() {
+            slot.changes.retain(|c| !gone(&c.first));
+            for a in m.attrs.iter_mut() {
                 a.positions.retain(|p| !gone(p));
             }
             if slot.changes.is_empty() {
-                let freed: usize = slot
+                let freed: usize = m
                     .attrs
                     .iter()
                     .filter(|a| a.positions.is_empty())
                     .map(|a| attr_bytes(&a.name, &a.value))
                     .sum();
                 self.pending_bytes = self.pending_bytes.saturating_sub(freed);
-                slot.attrs.retain(|a| !a.positions.is_empty());
+                m.attrs.retain(|a| !a.positions.is_empty());
             }
             let removed = before - slot.changes.len();
             self.pending_bytes = self.pending_bytes.saturating_sub(removed * CHANGE_BYTES);
@@ -884,7 +1021,7 @@ impl<P: Copy + PartialEq> Window<P> {
                 self.pending_users -= 1;
                 // A queued slot is released when the queue reaches it.
                 if !slot.queued && !slot.in_flight {
-                    self.release(idx as u32);
+                    self.release(idx);
                 }
             }
         }
@@ -1135,6 +1272,34 @@ mod tests {
             vec![("u2".into(), "s".into(), Change::Entered)]
         );
         assert_eq!(w.pending_users(), 0);
+    }
+
+    #[test]
+    fn a_revoke_keeps_a_change_whose_later_records_stay() {
+        let mut w = Window::new(cfg());
+        for (i, seg) in ["s", "t", "u", "v"].iter().enumerate() {
+            admit(
+                &mut w,
+                &ev(&format!("{seg}1"), "u1", seg, Change::Entered, 1),
+                i as i64,
+                0,
+            );
+        }
+        admit(&mut w, &ev("s2", "u1", "s", Change::Exited, 2), 10, 0);
+        admit(&mut w, &ev("t0", "u1", "t", Change::Exited, 0), 11, 0);
+        // s's first record and t's later one go; u and v lose their only ones.
+        assert_eq!(w.drop_positions(|p| [0, 11, 2, 3].contains(p)), 2);
+        let f = w.pop_batch(0, true).unwrap();
+        assert_eq!(
+            written(&w, &f),
+            vec![
+                ("u1".into(), "s".into(), Change::Exited),
+                ("u1".into(), "t".into(), Change::Entered),
+            ]
+        );
+        let mut positions = f.positions.clone();
+        positions.sort();
+        assert_eq!(positions, vec![1, 10]);
     }
 
     #[test]
