@@ -6,6 +6,7 @@
 #   make bench              all of the below
 #   make bench-hot-path     decode → window → batch encode, one core (JSON, avro-confluent)
 #   make bench-memory       bytes a pending user holds in the window
+#   make bench-backlog      peak resident memory of a worker catching up with a backlog
 #   make bench-braze-rate   share of a Braze rate limit kept busy, and 429s
 #   make bench-writes       attribute writes against the minimum
 #   make bench-e2e          the worker against a plain consumer on a real Kafka broker
@@ -13,18 +14,21 @@
 CARGO ?= cargo
 BENCH_FLAGS ?=
 
-.PHONY: bench bench-hot-path bench-memory bench-braze-rate bench-writes bench-e2e
+.PHONY: bench bench-hot-path bench-memory bench-backlog bench-braze-rate bench-writes bench-e2e
 
 bench: kafka-jars
 	$(CARGO) bench --no-fail-fast $(BENCH_FLAGS) \
 		--bench hot_path --bench window_memory --bench attribute_writes \
-		--bench braze_rate --bench end_to_end
+		--bench braze_rate --bench end_to_end --bench backlog_memory
 
 bench-hot-path:
 	$(CARGO) bench $(BENCH_FLAGS) --bench hot_path
 
 bench-memory:
 	$(CARGO) bench $(BENCH_FLAGS) --bench window_memory
+
+bench-backlog: kafka-jars
+	$(CARGO) bench $(BENCH_FLAGS) --bench backlog_memory
 
 bench-braze-rate:
 	$(CARGO) bench $(BENCH_FLAGS) --bench braze_rate
