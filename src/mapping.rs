@@ -99,6 +99,15 @@ fn push_str(buf: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *buf, s).expect("writing to a Vec cannot fail");
 }
 
+/// A segment's attribute name: `prefix` and `name` already JSON-escaped, without quotes.
+/// Escaping is per character, so the two escaped parts joined are the escaped whole.
+fn push_segment_key(buf: &mut Vec<u8>, prefix: &str, name: &str) {
+    buf.extend_from_slice(b",\"");
+    buf.extend_from_slice(prefix.as_bytes());
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(b"\":");
+}
+
 fn push_key(buf: &mut Vec<u8>, prefix: &str, name: &str) {
     buf.push(b',');
     if prefix.is_empty() {
@@ -138,6 +147,8 @@ pub fn encode<P>(mapping: &Mapping, segments: &Segments, flush: &Flush<P>) -> En
     // One allocation for the whole request: each object is a shared slice of it.
     let mut all = bytes::BytesMut::with_capacity(flush.users.len() * 160);
     let mut buf = Vec::with_capacity(256);
+    let prefix = serde_json::to_string(&mapping.attribute_prefix).expect("a str serialises");
+    let prefix = &prefix[1..prefix.len() - 1];
     for user in &flush.users {
         buf.clear();
         buf.extend_from_slice(b"{\"");
@@ -155,7 +166,8 @@ pub fn encode<P>(mapping: &Mapping, segments: &Segments, flush: &Flush<P>) -> En
         match mapping.mode {
             MappingMode::Boolean => {
                 for (segment, change) in changes {
-                    push_key(&mut buf, &mapping.attribute_prefix, segments.name(*segment));
+                    let name = segments.json(*segment);
+                    push_segment_key(&mut buf, prefix, &name[1..name.len() - 1]);
                     buf.extend_from_slice(match (change, mapping.exited_value) {
                         (Change::Entered, _) => b"true",
                         (Change::Exited, ExitedValue::False) => b"false",
@@ -186,7 +198,7 @@ pub fn encode<P>(mapping: &Mapping, segments: &Segments, flush: &Flush<P>) -> En
                         if i > 0 {
                             buf.push(b',');
                         }
-                        push_str(&mut buf, segments.name(*segment));
+                        buf.extend_from_slice(segments.json(*segment).as_bytes());
                         points += 1;
                     }
                     buf.push(b']');
@@ -313,6 +325,27 @@ mod tests {
         );
         assert_eq!(objects(&enc)[1]["cdp_a"], Value::Null);
         assert!(objects(&enc)[1].as_object().unwrap().contains_key("cdp_a"));
+    }
+
+    #[test]
+    fn segment_names_and_the_prefix_are_escaped() {
+        let (w, f) = flush_of(&[
+            ("1", Some("u1"), None, "a\"b\\c", Change::Entered),
+            ("2", Some("u1"), None, "tab\there", Change::Exited),
+        ]);
+        let mut m = mapping(MappingMode::Boolean, ExitedValue::False);
+        m.attribute_prefix = "p\"".into();
+        assert_eq!(
+            objects(&encode(&m, w.segments(), &f)),
+            vec![json!({"external_id": "u1", "_update_existing_only": false,
+                        "p\"a\"b\\c": true, "p\"tab\there": false})]
+        );
+        let m = mapping(MappingMode::Array, ExitedValue::False);
+        assert_eq!(
+            objects(&encode(&m, w.segments(), &f)),
+            vec![json!({"external_id": "u1", "_update_existing_only": false,
+                        "cdp_segments": {"add": ["a\"b\\c"], "remove": ["tab\there"]}})]
+        );
     }
 
     #[test]

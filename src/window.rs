@@ -91,6 +91,9 @@ pub struct WindowConfig {
 #[derive(Default)]
 pub struct Segments {
     names: Vec<Box<str>>,
+    /// Each name as a JSON string, quotes included, escaped once here rather than in every
+    /// object that writes it.
+    json: Vec<Box<str>>,
     index: HashTable<u32>,
     bytes: usize,
 }
@@ -126,8 +129,10 @@ impl Segments {
             return i;
         }
         let i = self.names.len() as u32;
-        self.bytes += id.len() + std::mem::size_of::<Box<str>>() + std::mem::size_of::<u32>();
+        let json = serde_json::to_string(id).expect("a str serialises");
+        self.bytes += id.len() + json.len() + 2 * std::mem::size_of::<Box<str>>() + 4;
         self.names.push(id.into());
+        self.json.push(json.into());
         let names = &self.names;
         self.index
             .insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*names[j as usize]));
@@ -136,6 +141,11 @@ impl Segments {
 
     pub fn name(&self, index: u32) -> &str {
         &self.names[index as usize]
+    }
+
+    /// The name as a JSON string, quotes included.
+    pub fn json(&self, index: u32) -> &str {
+        &self.json[index as usize]
     }
 }
 
