@@ -71,40 +71,50 @@ impl<V: Packed> Recent<V> {
         V::unpack(&self.values[entry * V::WORDS..(entry + 1) * V::WORDS])
     }
 
+    /// A bucket's tags and values, bounds-checked once here rather than at every access.
+    fn ways(&mut self, first: usize) -> (&mut [u64; WAYS], &mut [u64]) {
+        let tags = (&mut self.tags[first..first + WAYS])
+            .try_into()
+            .expect("a bucket is WAYS entries");
+        (
+            tags,
+            &mut self.values[first * V::WORDS..(first + WAYS) * V::WORDS],
+        )
+    }
+
     pub fn get(&self, hash: u64) -> Option<V> {
         let first = self.bucket(hash)?;
         let tag = Self::tag(hash);
-        (first..first + WAYS)
-            .find(|&e| self.tags[e] == tag)
-            .map(|e| self.value(e))
+        let tags: &[u64; WAYS] = self.tags[first..first + WAYS]
+            .try_into()
+            .expect("a bucket is WAYS entries");
+        let way = tags.iter().position(|&t| t == tag)?;
+        Some(self.value(first + way))
     }
 
     /// Remembers `value` under `hash` and returns what was remembered before.
     pub fn put(&mut self, hash: u64, value: V) -> Option<V> {
         let first = self.bucket(hash)?;
         let tag = Self::tag(hash);
-        let ways = first..first + WAYS;
-        let (old, slot) = match ways.clone().find(|&e| self.tags[e] == tag) {
-            Some(e) => (Some(self.value(e)), e),
-            // Not there: an empty entry, else the oldest (the last) makes room.
-            None => (
-                None,
-                ways.clone()
-                    .find(|&e| self.tags[e] == 0)
-                    .unwrap_or(first + WAYS - 1),
+        let (tags, values) = self.ways(first);
+        let (old, slot) = match tags.iter().position(|&t| t == tag) {
+            Some(w) => (
+                Some(V::unpack(&values[w * V::WORDS..(w + 1) * V::WORDS])),
+                w,
             ),
+            // Not there: an empty entry, else the oldest (the last) makes room.
+            None => (None, tags.iter().position(|&t| t == 0).unwrap_or(WAYS - 1)),
         };
         // Move the entries before `slot` one place down and put this one first, so the
-        // bucket stays ordered from the most recently written. A word at a time: the spans
-        // are too short to be worth a memmove call.
-        for e in (first + 1..=slot).rev() {
-            self.tags[e] = self.tags[e - 1];
-            for w in 0..V::WORDS {
-                self.values[e * V::WORDS + w] = self.values[(e - 1) * V::WORDS + w];
-            }
+        // bucket stays ordered from the most recently written. An entry at a time, each a
+        // copy of known length: the spans are too short to be worth a memmove call.
+        for e in (1..=slot.min(WAYS - 1)).rev() {
+            tags[e] = tags[e - 1];
+            let (before, after) = values.split_at_mut(e * V::WORDS);
+            after[..V::WORDS].copy_from_slice(&before[(e - 1) * V::WORDS..]);
         }
-        self.tags[first] = tag;
-        value.pack(&mut self.values[first * V::WORDS..(first + 1) * V::WORDS]);
+        tags[0] = tag;
+        value.pack(&mut values[..V::WORDS]);
         old
     }
 
