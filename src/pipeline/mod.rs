@@ -334,14 +334,18 @@ fn assemble(
             commits::epoch_ms(),
         )
     });
-    let bounds = (opts.until != Until::Stopped).then(|| {
-        Bounds::new(
+    let bounds = match opts.until {
+        Until::Stopped => None,
+        until => Some(Bounds::new(
             opts.start.clone(),
-            opts.until,
+            until,
             &cfg.kafka.topics,
             mark.clone(),
-        )
-    });
+            crate::kafka::probe_config(cfg)
+                .create()
+                .map_err(kafka("creating the replay's offset probe"))?,
+        )),
+    };
     let window = Window::new(WindowConfig {
         linger_ms: cfg.window.linger_ms,
         batch_size: cfg.braze.batch_size,
