@@ -24,8 +24,9 @@ use support::expected::{boolean_profiles, diff, strip_identifiers, Landed};
 use support::mock::{mock_env, MockEnv};
 use support::registry::Registry;
 use support::running::{start, wait_until, Running};
-use support::worker::{clean_records, committed, end_offsets, header, produce, read_all, test_config, API_KEY};
-
+use support::worker::{
+    clean_records, committed, end_offsets, header, produce, read_all, test_config, API_KEY,
+};
 
 fn worker(env: &MockEnv, cfg: &Config) -> Running {
     start(&env.rt, cfg, None, StartAt::Committed, Until::Stopped)

@@ -35,7 +35,6 @@ fn caught_up(cfg: &Config, group: &str, partitions: i32) -> bool {
         == end_offsets(&cfg.kafka.brokers, topic, partitions)
 }
 
-
 fn profile_diff(env: &Env, landed: &[Landed]) -> Vec<String> {
     diff(
         &boolean_profiles(landed, ""),
