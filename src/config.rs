@@ -234,6 +234,9 @@ pub struct BrazeConfig {
     pub requests_per_second: u32,
     pub timeout_ms: u64,
     pub update_existing_only: bool,
+    /// `verify`'s pace on `POST /users/export/ids`, a limit of its own at Braze (250 a
+    /// minute by default).
+    pub export_requests_per_minute: u32,
     /// A file holding the API key (a mounted Kubernetes secret); `BRAZE_API_KEY` wins over it.
     pub api_key_file: Option<String>,
     /// Filled from `BRAZE_API_KEY` or `api_key_file`; never read from the TOML, never printed.
@@ -250,6 +253,7 @@ impl Default for BrazeConfig {
             requests_per_second: 1000,
             timeout_ms: 10_000,
             update_existing_only: false,
+            export_requests_per_minute: 250,
             api_key_file: None,
             api_key: None,
         }
@@ -265,6 +269,10 @@ impl std::fmt::Debug for BrazeConfig {
             .field("requests_per_second", &self.requests_per_second)
             .field("timeout_ms", &self.timeout_ms)
             .field("update_existing_only", &self.update_existing_only)
+            .field(
+                "export_requests_per_minute",
+                &self.export_requests_per_minute,
+            )
             .field("api_key_file", &self.api_key_file)
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
             .finish()
@@ -692,6 +700,12 @@ impl Config {
             bad(
                 "braze.requests_per_second",
                 "braze.requests_per_second = 0 would never send a request: set it to 1 or more (Braze's default limit is 1000 per second per workspace)".into(),
+            );
+        }
+        if b.export_requests_per_minute < 1 {
+            bad(
+                "braze.export_requests_per_minute",
+                "braze.export_requests_per_minute = 0 would never export a user: set it to 1 or more (Braze's default limit for /users/export/ids is 250 a minute)".into(),
             );
         }
         if b.timeout_ms < 1 {
@@ -1472,6 +1486,11 @@ mod tests {
                 "1 or more",
             ),
             ("[braze]\ntimeout_ms = 0", "braze.timeout_ms", "1 or more"),
+            (
+                "[braze]\nexport_requests_per_minute = 0",
+                "braze.export_requests_per_minute",
+                "1 or more",
+            ),
             (
                 "[mapping]\nmode = \"array\"\narray_attribute = \"\"",
                 "mapping.array_attribute",
