@@ -495,14 +495,26 @@ impl Config {
                 ),
             );
         }
-        if k.format == Format::AvroConfluent && !is_http_url(&k.schema_registry_url) {
-            bad(
-                "kafka.schema_registry_url",
-                format!(
-                    "kafka.schema_registry_url = {:?} is not an http(s) URL: format = \"avro-confluent\" needs the schema registry, e.g. \"http://127.0.0.1:8081\"",
-                    mask_url_password(&k.schema_registry_url)
-                ),
-            );
+        if k.format == Format::AvroConfluent {
+            let url = &k.schema_registry_url;
+            // A `/` or `@` left unencoded in a secret moves the host into the user info or
+            // the secret into the path: the requests would go elsewhere, or fail as 401s.
+            let why = if url.contains('@') && (!is_http_url(url) || has_stray_at(url)) {
+                Some("holds credentials that do not parse: percent-encode the key and secret (/ as %2F, @ as %40, : as %3A)")
+            } else if !is_http_url(url) {
+                Some("is not an http(s) URL: format = \"avro-confluent\" needs the schema registry, e.g. \"http://127.0.0.1:8081\"")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                bad(
+                    "kafka.schema_registry_url",
+                    format!(
+                        "kafka.schema_registry_url = {:?} {why}",
+                        mask_url_password(url)
+                    ),
+                );
+            }
         }
         for name in k.properties.keys() {
             let lower = name.to_ascii_lowercase();
@@ -695,6 +707,15 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
 fn is_secret_property(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     SECRET_PROPERTY_MARKERS.iter().any(|m| lower.contains(m))
+}
+
+/// An `@` after the authority: user info cut short by an unencoded `/`, `?` or `#`.
+fn has_stray_at(text: &str) -> bool {
+    reqwest::Url::parse(text.trim()).is_ok_and(|u| {
+        u.path().contains('@')
+            || u.query().is_some_and(|q| q.contains('@'))
+            || u.fragment().is_some_and(|f| f.contains('@'))
+    })
 }
 
 fn is_http_url(text: &str) -> bool {
@@ -1638,6 +1659,28 @@ mod url_masking_tests {
 #[cfg(test)]
 mod secret_tests {
     use super::*;
+
+    #[test]
+    fn registry_credentials_that_do_not_parse_are_refused_with_the_fix() {
+        for url in [
+            "https://KEY:s3cr3t/x@psrc.example.com",
+            "https://KEY:1234/s3cr3t/x@psrc.example.com",
+            "https://KEY:s3cr3t?x@psrc.example.com",
+        ] {
+            let text = format!("[kafka]\nschema_registry_url = \"{url}\"\n");
+            let why = Config::from_toml_str_with(&text, Vec::new(), KeyRequirement::Optional)
+                .expect_err(url)
+                .to_string();
+            assert!(
+                why.contains("percent-encode") && leaks(&why).is_empty(),
+                "{why}"
+            );
+        }
+        let encoded =
+            "[kafka]\nschema_registry_url = \"https://KEY:s3cr3t%2Fx@psrc.example.com\"\n";
+        Config::from_toml_str_with(encoded, Vec::new(), KeyRequirement::Optional)
+            .expect("encoded credentials");
+    }
 
     const SECRETS: &[&str] = &["hunter2", "s3cr3t/x", "tok3n", "Pa55"];
 
