@@ -90,6 +90,9 @@ pub struct BrazeConfig {
     pub update_existing_only: bool,
     /// A file holding the API key (a mounted Kubernetes secret); `BRAZE_API_KEY` wins over it.
     pub api_key_file: Option<String>,
+    /// A PEM file of CA certificates trusted for the endpoint besides the system's roots: a
+    /// TLS-inspecting egress proxy or a private gateway in front of Braze.
+    pub ca_file: Option<String>,
     /// Filled from `BRAZE_API_KEY` or `api_key_file`; never read from the TOML, never printed.
     #[serde(skip)]
     pub api_key: Option<String>,
@@ -105,6 +108,7 @@ impl Default for BrazeConfig {
             timeout_ms: 10_000,
             update_existing_only: false,
             api_key_file: None,
+            ca_file: None,
             api_key: None,
         }
     }
@@ -120,6 +124,7 @@ impl std::fmt::Debug for BrazeConfig {
             .field("timeout_ms", &self.timeout_ms)
             .field("update_existing_only", &self.update_existing_only)
             .field("api_key_file", &self.api_key_file)
+            .field("ca_file", &self.ca_file)
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
             .finish()
     }
@@ -572,6 +577,14 @@ impl Config {
                 );
             }
         }
+        if let Some(file) = &b.ca_file {
+            if let Err(why) = crate::braze::ca_certificates(file) {
+                bad(
+                    "braze.ca_file",
+                    format!("braze.ca_file = {file:?} {why}: set it to a PEM file of the CA certificates that sign the endpoint's certificate, or remove it to trust the system's roots only"),
+                );
+            }
+        }
 
         let m = &self.mapping;
         if m.mode == MappingMode::Array && m.array_attribute.trim().is_empty() {
@@ -792,6 +805,7 @@ impl Schema {
         let mut specimen = Config::default();
         // Optional fields are left out of serialised TOML; give each a value so it is listed.
         specimen.braze.api_key_file = Some(String::new());
+        specimen.braze.ca_file = Some(String::new());
         let sections = match toml::Value::try_from(&specimen) {
             Ok(toml::Value::Table(top)) => top
                 .into_iter()
