@@ -1,0 +1,22 @@
+# make fuzz: each fuzz target of fuzz/ for FUZZ_SECONDS (60) on the nightly toolchain, cargo-fuzz
+# installed on first use. Not in `make test` nor CI: the sanitizer build of the dependency tree
+# (librdkafka included) alone takes longer than a CI run can spare. A crash leaves its input in
+# fuzz/artifacts/<target>/; it becomes a test in tests/fuzz_regressions.rs.
+#
+#   make fuzz FUZZ_SECONDS=600 FUZZ_TARGETS=confluent
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= json avro confluent registry_answer braze_classify
+FUZZ_TOOLCHAIN ?= +nightly
+
+.PHONY: fuzz fuzz-tools
+
+fuzz-tools:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+
+fuzz: fuzz-tools
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t && \
+		$(CARGO) $(FUZZ_TOOLCHAIN) fuzz run $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
