@@ -7,10 +7,12 @@
 #                 dashboard's queries (scripts/check-monitoring.py)
 #   make demo     everything embedded, nothing to install beyond the toolchain
 #   make bench    throughput and memory benchmarks (release build)
+#   make fuzz     each fuzz target for a bounded time (nightly, cargo-fuzz; see mk/fuzz.mk)
 #   make kafka    an Apache Kafka broker on 127.0.0.1:9092 in the foreground
 
 include mk/kafka.mk
 include mk/bench.mk
+include mk/fuzz.mk
 
 CARGO ?= cargo
 

@@ -7,9 +7,8 @@
 //! built binary then runs as a child process, `segment-sync replay --from earliest` with
 //! the default `[window]` settings and a request rate too high to bind, against the Braze
 //! simulator (in this process), until it has caught up and exits. Its peak resident set is
-//! the kernel's account of the reaped child (`wait4`'s `ru_maxrss`, what `VmHWM` in its
-//! `/proc/<pid>/status` says), so neither the broker's copy of the log nor the simulator's
-//! profiles count.
+//! the child's own `VmHWM` (`common::peak_rss_kb`), so neither the broker's copy of the log
+//! nor this process's simulator and producer count.
 //! `cargo bench --bench backlog_memory`
 
 mod common;
@@ -110,9 +109,7 @@ listen = "127.0.0.1:0"
     .expect("write the worker's config");
 
     let started = Instant::now();
-    // Reaped by `wait4`, which also gives its peak memory; `Child::wait` would not.
-    #[allow(clippy::zombie_processes)]
-    let child = Command::new(env!("CARGO_BIN_EXE_segment-sync"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_segment-sync"))
         .args(["replay", "--from", "earliest", "--config"])
         .arg(&config)
         .env("BRAZE_API_KEY", API_KEY)
@@ -121,9 +118,11 @@ listen = "127.0.0.1:0"
         .stdout(Stdio::null())
         .spawn()
         .expect("the segment-sync binary starts");
-    let (status, max_rss_kb) = wait_with_rusage(child.id() as libc::pid_t);
+    let peak = common::peak_rss_kb(child.id());
+    let status = child.wait().expect("replay ends");
     let elapsed = started.elapsed();
-    assert!(status == 0, "replay exited with wait status {status}");
+    let max_rss_kb = peak.join().expect("the memory probe");
+    assert!(status.success(), "replay failed: {status}");
     let stats = sim.state.stats();
     let peak_mb = max_rss_kb as f64 * 1024.0 / 1e6;
     println!(
@@ -139,16 +138,6 @@ listen = "127.0.0.1:0"
     );
     drop(sim);
     verdicts.finish();
-}
-
-/// Reaps the child; returns its wait status and its peak resident set in KiB.
-fn wait_with_rusage(pid: libc::pid_t) -> (libc::c_int, libc::c_long) {
-    let mut status = 0;
-    // SAFETY: wait4 only writes into the status and the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
-    (status, usage.ru_maxrss)
 }
 
 /// For diagnosis only, as in `end_to_end`: `BACKLOG_WORKER_PROPS="k=v,k=v"` adds librdkafka

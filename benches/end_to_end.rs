@@ -365,17 +365,39 @@ fn main() {
         dry.cpu_per_event_us() / plain_cpu
     );
     let mut verdicts = Verdicts::default();
+    // DESIGN.md: at least 0.5 x the plain read's rate (0.8 x is where it is headed), at
+    // most 2 x its CPU an event.
     verdicts.at_least(
         "worker rate / plain consumer rate",
         work.rate() / plain_rate,
-        0.8,
+        0.5,
         "x",
     );
     verdicts.at_most(
         "worker CPU an event / plain consumer CPU an event",
         work.cpu_per_event_us() / plain_cpu,
-        3.0,
+        2.0,
         "x",
+    );
+    // Issue targets beside DESIGN.md's: the tail is the window's linger, the last request and
+    // the caught-up check; the startup is measured against the plain consumer's, which joins
+    // a group the same way.
+    let linger_ms = cfg.window.linger_ms as f64;
+    verdicts.at_most(
+        "tail: last record to committed at the end",
+        work.tail.as_secs_f64() * 1e3,
+        linger_ms + 500.0,
+        "ms",
+    );
+    let plain_startup = plain
+        .iter()
+        .map(|m| m.startup.as_secs_f64())
+        .fold(f64::MAX, f64::min);
+    verdicts.at_most(
+        "startup beyond the plain consumer's group join",
+        (work.startup.as_secs_f64() - plain_startup).max(0.0) * 1e3,
+        1000.0,
+        "ms",
     );
     drop(sim);
     verdicts.finish();

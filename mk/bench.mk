@@ -10,16 +10,18 @@
 #   make bench-braze-rate   share of a Braze rate limit kept busy, and 429s
 #   make bench-writes       attribute writes against the minimum
 #   make bench-e2e          the worker against a plain consumer on a real Kafka broker
+#   make bench-verify       verify of a 1/100 sample of 1,000,000 events: time and memory
 
 CARGO ?= cargo
 BENCH_FLAGS ?=
 
-.PHONY: bench bench-hot-path bench-memory bench-backlog bench-braze-rate bench-writes bench-e2e
+.PHONY: bench bench-hot-path bench-memory bench-backlog bench-braze-rate bench-writes bench-e2e \
+	bench-verify
 
 bench: kafka-jars
 	$(CARGO) bench --no-fail-fast $(BENCH_FLAGS) \
 		--bench hot_path --bench window_memory --bench attribute_writes \
-		--bench braze_rate --bench end_to_end --bench backlog_memory
+		--bench braze_rate --bench end_to_end --bench backlog_memory --bench verify_sample
 
 bench-hot-path:
 	$(CARGO) bench $(BENCH_FLAGS) --bench hot_path
@@ -38,3 +40,6 @@ bench-writes:
 
 bench-e2e: kafka-jars
 	$(CARGO) bench $(BENCH_FLAGS) --bench end_to_end
+
+bench-verify:
+	$(CARGO) bench $(BENCH_FLAGS) --bench verify_sample

@@ -234,8 +234,14 @@ pub struct BrazeConfig {
     pub requests_per_second: u32,
     pub timeout_ms: u64,
     pub update_existing_only: bool,
+    /// `verify`'s pace on `POST /users/export/ids`, a limit of its own at Braze (250 a
+    /// minute by default).
+    pub export_requests_per_minute: u32,
     /// A file holding the API key (a mounted Kubernetes secret); `BRAZE_API_KEY` wins over it.
     pub api_key_file: Option<String>,
+    /// A PEM file of CA certificates trusted for the endpoint besides the system's roots: a
+    /// TLS-inspecting egress proxy or a private gateway in front of Braze.
+    pub ca_file: Option<String>,
     /// Filled from `BRAZE_API_KEY` or `api_key_file`; never read from the TOML, never printed.
     #[serde(skip)]
     pub api_key: Option<String>,
@@ -250,7 +256,9 @@ impl Default for BrazeConfig {
             requests_per_second: 1000,
             timeout_ms: 10_000,
             update_existing_only: false,
+            export_requests_per_minute: 250,
             api_key_file: None,
+            ca_file: None,
             api_key: None,
         }
     }
@@ -265,7 +273,12 @@ impl std::fmt::Debug for BrazeConfig {
             .field("requests_per_second", &self.requests_per_second)
             .field("timeout_ms", &self.timeout_ms)
             .field("update_existing_only", &self.update_existing_only)
+            .field(
+                "export_requests_per_minute",
+                &self.export_requests_per_minute,
+            )
             .field("api_key_file", &self.api_key_file)
+            .field("ca_file", &self.ca_file)
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
             .finish()
     }
@@ -641,14 +654,26 @@ impl Config {
                 ),
             );
         }
-        if k.format == Format::AvroConfluent && !is_http_url(&k.schema_registry_url) {
-            bad(
-                "kafka.schema_registry_url",
-                format!(
-                    "kafka.schema_registry_url = {:?} is not an http(s) URL: format = \"avro-confluent\" needs the schema registry, e.g. \"http://127.0.0.1:8081\"",
-                    mask_url_password(&k.schema_registry_url)
-                ),
-            );
+        if k.format == Format::AvroConfluent {
+            let url = &k.schema_registry_url;
+            // A `/` or `@` left unencoded in a secret moves the host into the user info or
+            // the secret into the path: the requests would go elsewhere, or fail as 401s.
+            let why = if url.contains('@') && (!is_http_url(url) || has_stray_at(url)) {
+                Some("holds credentials that do not parse: percent-encode the key and secret (/ as %2F, @ as %40, : as %3A)")
+            } else if !is_http_url(url) {
+                Some("is not an http(s) URL: format = \"avro-confluent\" needs the schema registry, e.g. \"http://127.0.0.1:8081\"")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                bad(
+                    "kafka.schema_registry_url",
+                    format!(
+                        "kafka.schema_registry_url = {:?} {why}",
+                        mask_url_password(url)
+                    ),
+                );
+            }
         }
         for problem in k.schema_registry_problems() {
             bad(problem.0, problem.1);
@@ -694,6 +719,12 @@ impl Config {
                 "braze.requests_per_second = 0 would never send a request: set it to 1 or more (Braze's default limit is 1000 per second per workspace)".into(),
             );
         }
+        if b.export_requests_per_minute < 1 {
+            bad(
+                "braze.export_requests_per_minute",
+                "braze.export_requests_per_minute = 0 would never export a user: set it to 1 or more (Braze's default limit for /users/export/ids is 250 a minute)".into(),
+            );
+        }
         if b.timeout_ms < 1 {
             bad(
                 "braze.timeout_ms",
@@ -706,6 +737,14 @@ impl Config {
                     "braze.api_key_file",
                     "braze.api_key_file is empty: set it to the path of the key file, or remove it"
                         .into(),
+                );
+            }
+        }
+        if let Some(file) = &b.ca_file {
+            if let Err(why) = crate::braze::ca_certificates(file) {
+                bad(
+                    "braze.ca_file",
+                    format!("braze.ca_file = {file:?} {why}: set it to a PEM file of the CA certificates that sign the endpoint's certificate, or remove it to trust the system's roots only"),
                 );
             }
         }
@@ -849,6 +888,15 @@ fn is_secret_property(name: &str) -> bool {
     SECRET_PROPERTY_MARKERS.iter().any(|m| lower.contains(m))
 }
 
+/// An `@` after the authority: user info cut short by an unencoded `/`, `?` or `#`.
+fn has_stray_at(text: &str) -> bool {
+    reqwest::Url::parse(text.trim()).is_ok_and(|u| {
+        u.path().contains('@')
+            || u.query().is_some_and(|q| q.contains('@'))
+            || u.fragment().is_some_and(|f| f.contains('@'))
+    })
+}
+
 fn is_http_url(text: &str) -> bool {
     match reqwest::Url::parse(text.trim()) {
         Ok(url) => {
@@ -933,6 +981,7 @@ impl Schema {
         ] {
             *file = Some(String::new());
         }
+        specimen.braze.ca_file = Some(String::new());
         let sections = match toml::Value::try_from(&specimen) {
             Ok(toml::Value::Table(top)) => top
                 .into_iter()
@@ -1473,6 +1522,11 @@ mod tests {
             ),
             ("[braze]\ntimeout_ms = 0", "braze.timeout_ms", "1 or more"),
             (
+                "[braze]\nexport_requests_per_minute = 0",
+                "braze.export_requests_per_minute",
+                "1 or more",
+            ),
+            (
                 "[mapping]\nmode = \"array\"\narray_attribute = \"\"",
                 "mapping.array_attribute",
                 "cdp_segments",
@@ -1881,6 +1935,28 @@ mod url_masking_tests {
 #[cfg(test)]
 mod secret_tests {
     use super::*;
+
+    #[test]
+    fn registry_credentials_that_do_not_parse_are_refused_with_the_fix() {
+        for url in [
+            "https://KEY:s3cr3t/x@psrc.example.com",
+            "https://KEY:1234/s3cr3t/x@psrc.example.com",
+            "https://KEY:s3cr3t?x@psrc.example.com",
+        ] {
+            let text = format!("[kafka]\nschema_registry_url = \"{url}\"\n");
+            let why = Config::from_toml_str_with(&text, Vec::new(), KeyRequirement::Optional)
+                .expect_err(url)
+                .to_string();
+            assert!(
+                why.contains("percent-encode") && leaks(&why).is_empty(),
+                "{why}"
+            );
+        }
+        let encoded =
+            "[kafka]\nschema_registry_url = \"https://KEY:s3cr3t%2Fx@psrc.example.com\"\n";
+        Config::from_toml_str_with(encoded, Vec::new(), KeyRequirement::Optional)
+            .expect("encoded credentials");
+    }
 
     const SECRETS: &[&str] = &["hunter2", "s3cr3t/x", "tok3n", "Pa55"];
 

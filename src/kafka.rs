@@ -49,6 +49,20 @@ pub fn consumer_config(cfg: &Config, group_id: &str) -> ClientConfig {
     c
 }
 
+/// A client that only asks for metadata and watermarks, never fetching: its requests get
+/// connections of their own. Read committed, as the group consumer reads, so the high
+/// watermark it answers is the last stable offset.
+pub fn probe_config(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false");
+    for (k, v) in &cfg.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
 /// The dead-letter producer.
 pub fn dead_letter_producer_config(cfg: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();

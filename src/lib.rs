@@ -29,6 +29,8 @@ pub mod dlq;
 pub mod pipeline;
 /// `segment-sync replay`: `--from`, the group, how a run marks its commits.
 pub mod replay;
+/// `segment-sync verify`: the log's last writes against the profiles Braze exports; repair.
+pub mod verify;
 
 /// Configuration: TOML, environment overrides, validation, the masked effective view.
 pub mod config;

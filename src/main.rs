@@ -55,6 +55,14 @@ enum Command {
         #[command(flatten)]
         args: produce::ProduceArgs,
     },
+    /// Read users back from Braze and compare them with the log's last writes: exit 0 in
+    /// sync, 3 when drift was found (one NDJSON line per user on stdout).
+    Verify {
+        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        args: segment_sync::verify::VerifyArgs,
+    },
     /// Validate the configuration and print the effective one, secrets masked.
     CheckConfig {
         #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
@@ -155,6 +163,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let summary = produce::run(&cfg, &args).await?;
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { config, args } => {
+            // Exporting needs the key even when a dry run sends nothing.
+            let cfg = Config::load_with(&config, KeyRequirement::Required)?;
+            let summary = segment_sync::verify::command(cfg, &args, stop_on_signal()).await?;
+            eprintln!("{summary}");
+            Ok(ExitCode::from(summary.exit_code()))
         }
         Command::CheckConfig { config } => match segment_sync::config::check_config(&config) {
             Ok(text) => {

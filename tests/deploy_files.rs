@@ -206,7 +206,8 @@ impl Workload {
     /// What segment-sync itself does with the configuration on this command line.
     fn config(&self) -> Config {
         let sends_to_braze = match self.command() {
-            "run" => true,
+            // verify reads Braze (export) even when --dry-run sends nothing.
+            "run" | "verify" => true,
             "replay" => !self.args.iter().any(|a| a == "--dry-run"),
             _ => false,
         };
@@ -232,6 +233,12 @@ impl Workload {
     /// SIGTERM makes drain and commit before it leaves.
     fn runs_the_pipeline(&self) -> bool {
         matches!(self.command(), "run" | "replay")
+    }
+
+    /// Serves /metrics on server.listen: the pipeline, or `verify --metrics`.
+    fn serves_metrics(&self) -> bool {
+        self.runs_the_pipeline()
+            || (self.command() == "verify" && self.args.iter().any(|a| a == "--metrics"))
     }
 }
 
@@ -301,7 +308,10 @@ fn kubernetes_workloads() -> Vec<Workload> {
     let mut out = Vec::new();
     for file in files_in("deploy", &[".yaml", ".yml"]) {
         for doc in yaml_docs(&file) {
-            let Some(pod) = opt_at(&doc, &["spec", "template"]) else {
+            // A Deployment's or Job's pod template, or a CronJob's.
+            let Some(pod) = opt_at(&doc, &["spec", "template"])
+                .or_else(|| opt_at(&doc, &["spec", "jobTemplate", "spec", "template"]))
+            else {
                 continue;
             };
             for container in list(at(pod, &["spec", "containers"])) {
@@ -406,6 +416,16 @@ fn every_shipped_workload_runs_with_a_configuration_the_worker_accepts() {
                 );
             }
         }
+        if w.command() == "verify" {
+            if let Some(from) = flag(&w.args, "--from") {
+                segment_sync::replay::parse_from(&from)
+                    .unwrap_or_else(|e| panic!("{}: {e}", w.what));
+            }
+            if let Some(sample) = flag(&w.args, "--sample") {
+                segment_sync::verify::Sample::parse_fraction(&sample)
+                    .unwrap_or_else(|e| panic!("{}: {e}", w.what));
+            }
+        }
     }
 }
 
@@ -442,7 +462,7 @@ fn stopping_leaves_the_worker_time_to_drain_and_commit() {
 
 #[test]
 fn probes_and_scrapes_reach_where_the_worker_listens() {
-    for w in workloads().iter().filter(|w| w.runs_the_pipeline()) {
+    for w in workloads().iter().filter(|w| w.serves_metrics()) {
         let cfg = w.config();
         let addr: SocketAddr = cfg.server.listen.parse().expect("validated by Config");
         assert!(
@@ -606,6 +626,8 @@ fn every_variable_the_files_and_docs_name_is_one_the_worker_reads() {
 /// child, so `gather` misses it: those are taken from their descriptions.
 fn metric_names() -> BTreeSet<String> {
     let m = Metrics::new();
+    // `verify` registers its figures beside the worker's.
+    let v = segment_sync::verify::VerifyMetrics::new(&m.registry).expect("verify metrics");
     let labelled = [
         m.events_invalid.desc(),
         m.braze_requests.desc(),
@@ -613,6 +635,8 @@ fn metric_names() -> BTreeSet<String> {
         m.committed_offset.desc(),
         m.consumer_lag.desc(),
         m.last_commit_timestamp.desc(),
+        v.users.desc(),
+        v.export_requests.desc(),
     ];
     m.registry
         .gather()

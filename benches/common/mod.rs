@@ -95,6 +95,29 @@ pub fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// Watches a child process's own peak resident set (`VmHWM`, in KiB) until it exits; join
+/// the handle after reaping it. Polled rather than taken from `wait4`'s `ru_maxrss`, which
+/// would count the pages the child shared with this process before `exec`.
+pub fn peak_rss_kb(pid: u32) -> std::thread::JoinHandle<u64> {
+    let status_file = format!("/proc/{pid}/status");
+    std::thread::spawn(move || {
+        let mut peak_kb = 0u64;
+        while let Ok(status) = std::fs::read_to_string(&status_file) {
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+            match hwm {
+                Some(kb) => peak_kb = peak_kb.max(kb),
+                // A zombie has no memory left to report.
+                None => break,
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak_kb
+    })
+}
+
 /// Collects the pass/fail lines and turns them into the exit status.
 #[derive(Default)]
 pub struct Verdicts {

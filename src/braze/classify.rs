@@ -138,13 +138,15 @@ fn attributes_error(e: &Value) -> Option<(usize, String)> {
     Some((index, kind))
 }
 
-/// The body's `message`, else the start of the raw body, else the bare status.
+/// The body's `message`, else the start of the raw body, else the bare status; at most 200
+/// characters either way, as it goes to the log, `/readyz` and dead-letter headers.
 fn message_of(status: u16, body: &[u8]) -> String {
     if let Some(m) = json_object(body).and_then(|mut o| o.remove("message")) {
-        return match m {
+        let text = match m {
             Value::String(s) => s,
             other => other.to_string(),
         };
+        return text.chars().take(200).collect();
     }
     match start_of(body) {
         Some(text) => text,
@@ -170,6 +172,22 @@ fn start_of(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_message_is_cut_to_200_characters() {
+        let long = "é".repeat(5000);
+        for body in [
+            format!(r#"{{"message":"{long}"}}"#),
+            format!(r#"{{"message":{{"detail":"{long}"}}}}"#),
+        ] {
+            match c(401, &body) {
+                Verdict::ConfigFault { message, .. } => {
+                    assert_eq!(message.chars().count(), 200)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 
     fn c(status: u16, body: &str) -> Verdict {
         classify(status, body.as_bytes(), RateLimitHeaders::default())

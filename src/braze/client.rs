@@ -109,6 +109,15 @@ impl BrazeClient {
             .pool_max_idle_per_host(cfg.max_in_flight.max(1))
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true);
+        if let Some(file) = &cfg.ca_file {
+            let certificates = ca_certificates(file).map_err(|why| BrazeError::CaFile {
+                file: file.clone(),
+                why,
+            })?;
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
         if cfg.timeout_ms > 0 {
             let timeout = Duration::from_millis(cfg.timeout_ms);
             builder = builder
@@ -221,6 +230,19 @@ impl BrazeClient {
                 Ok(answer) => answer,
                 Err(e) => {
                     self.count("error");
+                    if let Some(tls) = untrusted_certificate(&e) {
+                        // Retrying soon cannot help: the trust store or the endpoint is wrong.
+                        let problem = format!(
+                            "braze.endpoint {} presents a certificate that is not trusted ({tls}): \
+                             if a private CA or a TLS-inspecting proxy signs it, set braze.ca_file \
+                             to that CA's PEM file; otherwise check braze.endpoint",
+                            inner.url
+                        );
+                        // Status 0: no HTTP answer.
+                        self.config_fault(0, problem, objects.len());
+                        sleep_config_retry(&mut faults).await;
+                        continue;
+                    }
                     let why = if e.is_timeout() {
                         "timeout"
                     } else {
@@ -417,6 +439,31 @@ fn status_class(status: u16) -> &'static str {
         500..=599 => "5xx",
         _ => "error",
     }
+}
+
+/// The CA certificates of a PEM file, or why there are none; for validation and the client.
+pub(crate) fn ca_certificates(file: &str) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(file).map_err(|e| format!("cannot be read ({e})"))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("holds a certificate that does not parse ({e})"))?;
+    if certificates.is_empty() {
+        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(certificates)
+}
+
+/// The TLS library's words when a request failed because the server's certificate does not
+/// verify: reqwest reports it only as a connection error, deep in the error's sources.
+fn untrusted_certificate(e: &reqwest::Error) -> Option<String> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if text.contains("certificate verify failed") {
+            return Some(text);
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// A configuration fault is not fixed by hammering Braze: 5 s doubling up to 30 s.

@@ -11,6 +11,8 @@ pub enum BrazeError {
     InvalidApiKey,
     #[error("braze.endpoint {endpoint:?} is not usable: {why}")]
     InvalidEndpoint { endpoint: String, why: &'static str },
+    #[error("braze.ca_file = {file:?} {why}")]
+    CaFile { file: String, why: String },
     #[error("cannot build the HTTP client for Braze: {0}")]
     Http(#[from] reqwest::Error),
 }

@@ -10,5 +10,6 @@ mod error;
 pub mod pacing;
 
 pub use classify::{classify, RateLimitHeaders, Verdict};
+pub(crate) use client::ca_certificates;
 pub use client::{BrazeClient, ObjectOutcome, Rejection};
 pub use error::BrazeError;

@@ -40,6 +40,12 @@ impl PaceState {
         } else {
             Duration::from_secs(1) / requests_per_second
         };
+        PaceState::every(base)
+    }
+
+    /// One request per `base` (zero: unlimited), for limits slower than one a second, such
+    /// as Braze's export endpoints' requests per minute.
+    pub fn every(base: Duration) -> PaceState {
         PaceState {
             base,
             next_free: None,
@@ -119,6 +125,13 @@ impl Pacer {
         }
     }
 
+    /// One request per `interval` (see [`PaceState::every`]).
+    pub fn every(interval: Duration) -> Pacer {
+        Pacer {
+            state: Mutex::new(PaceState::every(interval)),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, PaceState> {
         // The state stays consistent even if a holder panicked: every update is one assignment.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -192,6 +205,17 @@ mod tests {
         assert_eq!(
             slots(&mut p, now, 3),
             vec![Duration::ZERO, MS * 100, MS * 200]
+        );
+    }
+
+    #[test]
+    fn a_per_minute_limit_spaces_requests_over_a_second_apart() {
+        // Braze's export limit: 250 a minute.
+        let mut p = PaceState::every(Duration::from_secs(60) / 250);
+        let now = Instant::now();
+        assert_eq!(
+            slots(&mut p, now, 3),
+            vec![Duration::ZERO, MS * 240, MS * 480]
         );
     }
 

@@ -203,6 +203,16 @@ fn describe(schema: &Schema) -> String {
     }
 }
 
+/// A writer schema from the registry's text. apache-avro 0.21 panics on some invalid
+/// names (an `unwrap` in `Name::parse`, found by fuzzing) rather than returning an error: a
+/// schema the registry serves must cost the records written with it, not the worker.
+pub(crate) fn parse_writer(text: &str) -> Result<Schema, String> {
+    match std::panic::catch_unwind(|| Schema::parse_str(text)) {
+        Ok(parsed) => parsed.map_err(|e| format!("writer schema does not parse: {e}")),
+        Err(_) => Err("writer schema does not parse (apache-avro panicked on it)".into()),
+    }
+}
+
 impl Plan {
     /// The plan for bodies written with our own schema (the plain `avro` format).
     pub(crate) fn own() -> Result<Plan, String> {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apache_avro::Schema;
 use rustc_hash::FxHashMap;
 
 use super::avro::Plan;
@@ -90,9 +89,7 @@ impl Confluent {
             RegistryError::NotFound(id) => DecodeError::UnknownSchema(id),
             other => DecodeError::Registry(other),
         })?;
-        Ok(Schema::parse_str(&text)
-            .map_err(|e| format!("writer schema does not parse: {e}"))
-            .and_then(|schema| Plan::compile(&schema)))
+        Ok(super::avro::parse_writer(&text).and_then(|schema| Plan::compile(&schema)))
     }
 }
 

@@ -20,6 +20,48 @@ use crate::event::Event;
 /// writer schema is resolved against, and the schema `encode` writes with.
 pub const SCHEMA: &str = include_str!("../../schemas/segment_membership_change.avsc");
 
+/// Entry points for the fuzz targets in `fuzz/`, compiled only with the `fuzzing` feature:
+/// the parsers that read what the registry answers, reached without making them public.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// libfuzzer-sys's panic hook aborts on every panic, even one `parse_writer` catches:
+    /// apache-avro's are let through to the catch; any other still aborts as a crash.
+    pub fn let_apache_avro_panics_be_caught() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let fuzzer_hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let in_avro = info
+                    .location()
+                    .is_some_and(|l| l.file().contains("apache-avro"));
+                if !in_avro {
+                    fuzzer_hook(info);
+                }
+            }));
+        });
+    }
+
+    /// Resolves `schema` as a writer schema against the event's and decodes `body` with it,
+    /// as the worker does with what the registry gives for an id.
+    pub fn writer_schema_then_body(schema: &str, body: &[u8]) {
+        let Ok(writer) = super::avro::parse_writer(schema) else {
+            return;
+        };
+        if let Ok(plan) = super::avro::Plan::compile(&writer) {
+            let _ = plan.decode(body);
+        }
+    }
+
+    /// The registry's answer to `GET /schemas/ids/1`, then the schema it holds, if any.
+    pub fn registry_answer(status: u16, text: &str, body: &[u8]) {
+        let url = "http://registry.test/schemas/ids/1";
+        if let Ok(schema) = super::registry::schema_answer(1, url, status, text) {
+            writer_schema_then_body(&schema, body);
+        }
+    }
+}
+
 /// Why a payload did not become an `Event`.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {

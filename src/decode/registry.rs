@@ -318,40 +318,53 @@ impl SchemaSource for RegistryClient {
             .header(reqwest::header::ACCEPT, CONTENT_TYPE)
             .send()
             .map_err(|e| RegistryError::Unavailable(format!("GET {url}: {e}")))?;
-        let status = response.status();
+        let status = response.status().as_u16();
         let text = response
             .text()
             .map_err(|e| RegistryError::Unavailable(format!("GET {url}: {e}")))?;
-        if status.as_u16() == 404 {
-            if is_schema_not_found(&text) {
-                return Err(RegistryError::NotFound(id));
-            }
-            let shown: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-            let shown: String = shown.chars().take(200).collect();
-            return Err(RegistryError::WrongUrl(format!(
-                "GET {url} answered 404 without the registry's \"schema not found\" \
+        schema_answer(id, &url, status, &text)
+    }
+}
+
+/// What the registry's answer to `GET {url}` (schema `id`) says: the schema's text or why
+/// there is none. Pure, so that it can be fuzzed without a server.
+pub(crate) fn schema_answer(
+    id: u32,
+    url: &str,
+    status: u16,
+    text: &str,
+) -> Result<String, RegistryError> {
+    if status == 404 {
+        if is_schema_not_found(text) {
+            return Err(RegistryError::NotFound(id));
+        }
+        let shown: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let shown: String = shown.chars().take(200).collect();
+        return Err(RegistryError::WrongUrl(format!(
+            "GET {url} answered 404 without the registry's \"schema not found\" \
                  (error_code 40403): {}",
-                if shown.is_empty() {
-                    "an empty body"
-                } else {
-                    &shown
-                }
-            )));
-        }
-        if !status.is_success() {
-            // Anything but 404 is the deployment's fault (auth, proxy, outage), not the record's.
-            return Err(RegistryError::Unavailable(format!(
-                "GET {url}: {status}: {text}"
-            )));
-        }
-        let answer: SchemaAnswer = serde_json::from_str(&text)
-            .map_err(|e| RegistryError::Unavailable(format!("GET {url}: bad answer: {e}")))?;
-        match answer.schema_type.as_deref() {
-            None | Some("AVRO") => Ok(answer.schema),
-            Some(other) => Err(RegistryError::Rejected(format!(
-                "schema id {id} is a {other} schema, not Avro"
-            ))),
-        }
+            if shown.is_empty() {
+                "an empty body"
+            } else {
+                &shown
+            }
+        )));
+    }
+    if !(200..300).contains(&status) {
+        // Anything but 404 is the deployment's fault (auth, proxy, outage), not the record's.
+        let status = reqwest::StatusCode::from_u16(status)
+            .map_or_else(|_| status.to_string(), |s| s.to_string());
+        return Err(RegistryError::Unavailable(format!(
+            "GET {url}: {status}: {text}"
+        )));
+    }
+    let answer: SchemaAnswer = serde_json::from_str(text)
+        .map_err(|e| RegistryError::Unavailable(format!("GET {url}: bad answer: {e}")))?;
+    match answer.schema_type.as_deref() {
+        None | Some("AVRO") => Ok(answer.schema),
+        Some(other) => Err(RegistryError::Rejected(format!(
+            "schema id {id} is a {other} schema, not Avro"
+        ))),
     }
 }
 

@@ -139,12 +139,33 @@ fn pending_for(
     rejection: &Rejection,
     found: &BTreeMap<i64, Reread>,
 ) -> Box<PendingDlq> {
+    let mut pending = rejected_record(
+        topic,
+        partition,
+        pos.offset(),
+        rejection,
+        found.get(&pos.offset()),
+    );
+    pending.positions.push(pos);
+    pending
+}
+
+/// The dead-letter record of a record Braze refused, from what a re-read found of it (its
+/// coordinates only, and a header saying why, when the log no longer has it). It settles
+/// no position until the caller adds them.
+pub fn rejected_record(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    rejection: &Rejection,
+    found: Option<&Reread>,
+) -> Box<PendingDlq> {
     let reason = DlqReason::Rejected {
         status: rejection.status,
         error_type: rejection.error_type.clone(),
         message: rejection.message.clone(),
     };
-    let (msg, gone) = match found.get(&pos.offset()) {
+    let (msg, gone) = match found {
         Some(Reread::Found(m)) => (Some(m), None),
         Some(Reread::Gone(why)) => (None, Some(why.as_str())),
         None => (None, Some("not returned by the log")),
@@ -153,7 +174,7 @@ fn pending_for(
     let src = SourceRecord {
         topic,
         partition,
-        offset: pos.offset(),
+        offset,
         timestamp: msg.and_then(|m| m.timestamp().to_millis()),
         key: msg.and_then(|m| m.key()),
         value: msg.and_then(|m| m.payload()),
@@ -165,7 +186,7 @@ fn pending_for(
         tracing::warn!(
             topic,
             partition,
-            offset = pos.offset(),
+            offset,
             why,
             "rejected record no longer in the log; dead-lettering its coordinates only"
         );
@@ -174,7 +195,7 @@ fn pending_for(
     }
     Box::new(PendingDlq {
         record,
-        positions: vec![pos],
+        positions: Vec::new(),
         label,
     })
 }

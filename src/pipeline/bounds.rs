@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -37,6 +37,10 @@ pub struct Bounds {
     last_check: Option<Instant>,
     /// Where each partition stood at the last check: (partition, read up to, end).
     standing: Vec<(TopicPartition, i64, i64)>,
+    /// Asks the brokers for partitions and watermarks on connections of its own: on the
+    /// consumer's, the request waits behind each fetch the broker holds open
+    /// (`fetch.wait.max.ms`), which made every check of a few partitions take seconds.
+    probe: BaseConsumer,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,7 +49,13 @@ const CHECK_EVERY: Duration = Duration::from_millis(200);
 impl Bounds {
     /// `mark`: how this run marks its commits (see [`RunMark`]); `None` when it starts from
     /// the group's own offsets.
-    pub fn new(start: StartAt, until: Until, topics: &[String], mark: Option<RunMark>) -> Bounds {
+    pub fn new(
+        start: StartAt,
+        until: Until,
+        topics: &[String],
+        mark: Option<RunMark>,
+        probe: BaseConsumer,
+    ) -> Bounds {
         Bounds {
             start,
             until,
@@ -57,6 +67,7 @@ impl Bounds {
             ends_list: Vec::new(),
             last_check: None,
             standing: Vec::new(),
+            probe,
         }
     }
 
@@ -67,10 +78,10 @@ impl Bounds {
     }
 
     /// Every partition of the topics, from the broker.
-    fn all_partitions(&self, consumer: &GroupConsumer) -> Result<Vec<TopicPartition>, KafkaError> {
+    fn all_partitions(&self) -> Result<Vec<TopicPartition>, KafkaError> {
         let mut all = Vec::new();
         for topic in &self.topics {
-            let md = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+            let md = self.probe.fetch_metadata(Some(topic), TIMEOUT)?;
             for t in md.topics() {
                 for p in t.partitions() {
                     all.push(TopicPartition::new(t.name(), p.id()));
@@ -82,15 +93,18 @@ impl Bounds {
     }
 
     /// Takes every partition's end once, at the first assignment, before anything is read.
-    fn take_start_ends(&mut self, consumer: &GroupConsumer) {
+    fn take_start_ends(&mut self) {
         if self.until != Until::StartOffsets || self.start_ends.is_some() {
             return;
         }
         let mut ends = HashMap::new();
-        match self.all_partitions(consumer) {
+        match self.all_partitions() {
             Ok(all) => {
                 for tp in all {
-                    match consumer.fetch_watermarks(&tp.topic, tp.partition, TIMEOUT) {
+                    match self
+                        .probe
+                        .fetch_watermarks(&tp.topic, tp.partition, TIMEOUT)
+                    {
                         Ok((_, high)) => {
                             ends.insert(tp, high);
                         }
@@ -121,7 +135,7 @@ impl Bounds {
     /// Sets the start offset of partitions this member is assigned for the first time.
     /// Runs inside the rebalance callback, before the assignment takes effect.
     pub fn assigning(&mut self, consumer: &GroupConsumer, tpl: &mut TopicPartitionList) {
-        self.take_start_ends(consumer);
+        self.take_start_ends();
         let new: Vec<TopicPartition> = tpl
             .elements()
             .iter()
@@ -156,14 +170,14 @@ impl Bounds {
                 Ok(StartDecision::Committed) => match committed.get(&tp) {
                     Some((o, _)) => *o,
                     // No commit: auto.offset.reset = earliest.
-                    None => self.watermark(consumer, &tp, false),
+                    None => self.watermark(&tp, false),
                 },
-                Ok(StartDecision::Beginning) => self.watermark(consumer, &tp, false),
-                Ok(StartDecision::End) => self.watermark(consumer, &tp, true),
+                Ok(StartDecision::Beginning) => self.watermark(&tp, false),
+                Ok(StartDecision::End) => self.watermark(&tp, true),
                 Err(e) => {
                     tracing::error!(error = %e, partition = %tp,
                         "start offset lookup failed; starting at the log start");
-                    self.watermark(consumer, &tp, false)
+                    self.watermark(&tp, false)
                 }
             };
             if offset < 0 {
@@ -179,8 +193,11 @@ impl Bounds {
 
     /// The log start (`high` false) or end; -1 when it cannot be read (librdkafka then
     /// starts from the committed offset or `auto.offset.reset`).
-    fn watermark(&self, consumer: &GroupConsumer, tp: &TopicPartition, high: bool) -> i64 {
-        match consumer.fetch_watermarks(&tp.topic, tp.partition, TIMEOUT) {
+    fn watermark(&self, tp: &TopicPartition, high: bool) -> i64 {
+        match self
+            .probe
+            .fetch_watermarks(&tp.topic, tp.partition, TIMEOUT)
+        {
             Ok((l, h)) => {
                 if high {
                     h
@@ -223,7 +240,7 @@ impl Bounds {
             return false;
         }
         self.last_check = Some(Instant::now());
-        let all = match self.all_partitions(consumer) {
+        let all = match self.all_partitions() {
             Ok(all) if !all.is_empty() => all,
             _ => return false,
         };
@@ -244,7 +261,9 @@ impl Bounds {
         let mut standing = Vec::with_capacity(all.len());
         let mut done = true;
         for tp in all {
-            let Ok((low, high)) = consumer.fetch_watermarks(&tp.topic, tp.partition, TIMEOUT)
+            let Ok((low, high)) = self
+                .probe
+                .fetch_watermarks(&tp.topic, tp.partition, TIMEOUT)
             else {
                 return false;
             };

@@ -21,33 +21,18 @@ mod worker;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 
-use crate::braze::BrazeClient;
-use crate::config::{Config, Format};
-use crate::decode::{Decoder, RegistryClient, SchemaSource};
-use crate::dlq::{DlqWriter, Rereader};
+use crate::config::Config;
 use crate::health::Health;
 use crate::kafka::{consumer_config, GroupConsumer, RebalanceHandler, Rebalancing};
-use crate::mapping::Mapping;
 use crate::metrics::Metrics;
-use crate::replay::RunMark;
 pub use crate::start::{StartAt, Until};
-use crate::window::{Window, WindowConfig};
 
-use acks::Ack;
-use assignment::Assignment;
-use bounds::Bounds;
-use commits::Commits;
-use dead_letters::DeadLetters;
-use delivery::{Delivery, Sink};
-use flow::Flow;
-use ingest::Ingest;
 use worker::Worker;
 
 pub struct RunOptions {
@@ -205,13 +190,12 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| cfg.kafka.group_id.clone());
     let dry_run = opts.dry_run.take();
-    let worker = Arc::new(Mutex::new(assemble(
+    let worker = Arc::new(Mutex::new(Worker::assemble(
         cfg, &opts, dry_run, &group_id, &metrics, &health, rt,
     )?));
     let generation = worker
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .assignment
         .generation();
     let handler: Arc<Mutex<dyn RebalanceHandler>> = worker.clone();
     let consumer: GroupConsumer = consumer_config(cfg, &group_id)
@@ -288,98 +272,4 @@ pub fn run(
     // outlives the run or the brokers.
     drop(worker);
     Ok(summary)
-}
-
-/// Builds the parts of one worker.
-fn assemble(
-    cfg: &Config,
-    opts: &RunOptions,
-    dry_run: Option<Box<dyn Write + Send>>,
-    group_id: &str,
-    metrics: &Arc<Metrics>,
-    health: &Arc<Health>,
-    rt: tokio::runtime::Handle,
-) -> Result<Worker, PipelineError> {
-    let registry: Option<Arc<dyn SchemaSource>> = match cfg.kafka.format {
-        Format::AvroConfluent => Some(Arc::new(RegistryClient::from_config(&cfg.kafka)?)),
-        _ => None,
-    };
-    let decoder = Decoder::new(cfg.kafka.format, registry)?;
-    let committing = dry_run.is_none();
-    let sink = match dry_run {
-        Some(out) => Sink::DryRun(out),
-        None => Sink::Braze(BrazeClient::new(
-            &cfg.braze,
-            metrics.clone(),
-            health.clone(),
-        )?),
-    };
-    let (acks_tx, acks_rx) = channel();
-    let dlq_acks = acks_tx.clone();
-    let writer = Arc::new(DlqWriter::new(
-        cfg,
-        Box::new(move |outcome| {
-            // The pipeline is gone only at shutdown, when nothing waits for this any more.
-            let _ = dlq_acks.send(Ack::DeadLetter(outcome));
-        }),
-    )?);
-    let rereader =
-        Rereader::start(cfg, group_id, writer.clone()).map_err(kafka("creating the re-reader"))?;
-    // A replay marks its commits as its run's; the live group's own offsets are its start.
-    let mark = (opts.until != Until::Stopped && opts.start != StartAt::Committed).then(|| {
-        RunMark::new(
-            opts.run_id.clone(),
-            &opts.start,
-            opts.until,
-            commits::epoch_ms(),
-        )
-    });
-    let bounds = (opts.until != Until::Stopped).then(|| {
-        Bounds::new(
-            opts.start.clone(),
-            opts.until,
-            &cfg.kafka.topics,
-            mark.clone(),
-        )
-    });
-    let window = Window::new(WindowConfig {
-        linger_ms: cfg.window.linger_ms,
-        batch_size: cfg.braze.batch_size,
-        max_pending_users: cfg.window.max_pending_users,
-        max_pending_bytes: cfg.window.max_pending_bytes,
-        dedup_memory: cfg.window.dedup_memory,
-        delivered_memory: cfg.window.delivered_memory,
-    });
-    let mapping = Mapping::from_config(cfg);
-    // Built beside the worker's clock, which `Rules::epoch_ms` counts from.
-    let rules = mapping.rules_for(cfg.window.max_future_ms);
-    Ok(Worker {
-        assignment: Assignment::new(),
-        ingest: Ingest::new(decoder, rules, metrics.clone()),
-        delivery: Delivery::new(
-            window,
-            mapping,
-            sink,
-            rt,
-            acks_tx,
-            cfg.braze.max_in_flight,
-            metrics.clone(),
-        ),
-        dead_letters: DeadLetters::new(writer, rereader, metrics.clone(), health.clone()),
-        commits: Commits::new(
-            Duration::from_millis(cfg.window.commit_interval_ms),
-            mark,
-            committing,
-            metrics.clone(),
-        ),
-        flow: Flow::new(),
-        bounds,
-        acks: acks_rx,
-        metrics: metrics.clone(),
-        health: health.clone(),
-        started: Instant::now(),
-        drain_timeout: Duration::from_millis(cfg.window.drain_timeout_ms),
-        shutting_down: false,
-        progress: opts.progress.clone(),
-    })
 }

@@ -23,9 +23,20 @@ use super::bounds::Bounds;
 use super::commits::Commits;
 use super::dead_letters::DeadLetters;
 use super::delivery::Delivery;
+use super::delivery::Sink;
 use super::flow::{Flow, Held};
 use super::ingest::{Ingest, Verdict};
-use super::{Progress, RunSummary};
+use super::{kafka, PipelineError, Progress, RunOptions, RunSummary};
+use crate::braze::BrazeClient;
+use crate::config::{Config, Format};
+use crate::decode::{Decoder, RegistryClient, SchemaSource};
+use crate::dlq::{DlqWriter, Rereader};
+use crate::mapping::Mapping;
+use crate::replay::RunMark;
+use crate::start::{StartAt, Until};
+use crate::window::{Window, WindowConfig};
+use std::io::Write;
+use std::sync::mpsc::channel;
 
 /// What became of a record offered to the pipeline.
 enum Taken {
@@ -36,24 +47,128 @@ enum Taken {
 
 /// One worker's parts. Each owns its state; this struct only passes results between them.
 pub struct Worker {
-    pub(super) assignment: Assignment,
-    pub(super) ingest: Ingest,
-    pub(super) delivery: Delivery,
-    pub(super) dead_letters: DeadLetters,
-    pub(super) commits: Commits,
-    pub(super) flow: Flow,
+    assignment: Assignment,
+    ingest: Ingest,
+    delivery: Delivery,
+    dead_letters: DeadLetters,
+    commits: Commits,
+    flow: Flow,
     /// `None` for the live worker, which runs until stopped.
-    pub(super) bounds: Option<Bounds>,
-    pub(super) acks: Receiver<Ack>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) health: Arc<Health>,
-    pub(super) started: Instant,
-    pub(super) drain_timeout: Duration,
-    pub(super) shutting_down: bool,
-    pub(super) progress: Option<Arc<Progress>>,
+    bounds: Option<Bounds>,
+    acks: Receiver<Ack>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    started: Instant,
+    drain_timeout: Duration,
+    shutting_down: bool,
+    progress: Option<Arc<Progress>>,
 }
 
 impl Worker {
+    /// Builds the parts of one worker.
+    #[allow(clippy::too_many_arguments)]
+    pub fn assemble(
+        cfg: &Config,
+        opts: &RunOptions,
+        dry_run: Option<Box<dyn Write + Send>>,
+        group_id: &str,
+        metrics: &Arc<Metrics>,
+        health: &Arc<Health>,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Worker, PipelineError> {
+        let registry: Option<Arc<dyn SchemaSource>> = match cfg.kafka.format {
+            Format::AvroConfluent => Some(Arc::new(RegistryClient::from_config(&cfg.kafka)?)),
+            _ => None,
+        };
+        let decoder = Decoder::new(cfg.kafka.format, registry)?;
+        let committing = dry_run.is_none();
+        let sink = match dry_run {
+            Some(out) => Sink::DryRun(out),
+            None => Sink::Braze(BrazeClient::new(
+                &cfg.braze,
+                metrics.clone(),
+                health.clone(),
+            )?),
+        };
+        let (acks_tx, acks_rx) = channel();
+        let dlq_acks = acks_tx.clone();
+        let writer = Arc::new(DlqWriter::new(
+            cfg,
+            Box::new(move |outcome| {
+                // The pipeline is gone only at shutdown, when nothing waits for this any more.
+                let _ = dlq_acks.send(Ack::DeadLetter(outcome));
+            }),
+        )?);
+        let rereader = Rereader::start(cfg, group_id, writer.clone())
+            .map_err(kafka("creating the re-reader"))?;
+        // A replay marks its commits as its run's; the live group's own offsets are its start.
+        let mark = (opts.until != Until::Stopped && opts.start != StartAt::Committed).then(|| {
+            RunMark::new(
+                opts.run_id.clone(),
+                &opts.start,
+                opts.until,
+                super::commits::epoch_ms(),
+            )
+        });
+        let bounds = match opts.until {
+            Until::Stopped => None,
+            until => Some(Bounds::new(
+                opts.start.clone(),
+                until,
+                &cfg.kafka.topics,
+                mark.clone(),
+                crate::kafka::probe_config(cfg)
+                    .create()
+                    .map_err(kafka("creating the replay's offset probe"))?,
+            )),
+        };
+        let window = Window::new(WindowConfig {
+            linger_ms: cfg.window.linger_ms,
+            batch_size: cfg.braze.batch_size,
+            max_pending_users: cfg.window.max_pending_users,
+            max_pending_bytes: cfg.window.max_pending_bytes,
+            dedup_memory: cfg.window.dedup_memory,
+            delivered_memory: cfg.window.delivered_memory,
+        });
+        let mapping = Mapping::from_config(cfg);
+        // Built beside the worker's clock, which `Rules::epoch_ms` counts from.
+        let rules = mapping.rules_for(cfg.window.max_future_ms);
+        Ok(Worker {
+            assignment: Assignment::new(),
+            ingest: Ingest::new(decoder, rules, metrics.clone()),
+            delivery: Delivery::new(
+                window,
+                mapping,
+                sink,
+                rt,
+                acks_tx,
+                cfg.braze.max_in_flight,
+                metrics.clone(),
+            ),
+            dead_letters: DeadLetters::new(writer, rereader, metrics.clone(), health.clone()),
+            commits: Commits::new(
+                Duration::from_millis(cfg.window.commit_interval_ms),
+                mark,
+                committing,
+                metrics.clone(),
+            ),
+            flow: Flow::new(),
+            bounds,
+            acks: acks_rx,
+            metrics: metrics.clone(),
+            health: health.clone(),
+            started: Instant::now(),
+            drain_timeout: Duration::from_millis(cfg.window.drain_timeout_ms),
+            shutting_down: false,
+            progress: opts.progress.clone(),
+        })
+    }
+
+    /// For the poll loop to stamp records with (see `Assignment`).
+    pub fn generation(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.assignment.generation()
+    }
+
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }

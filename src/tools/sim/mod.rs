@@ -1,8 +1,10 @@
 //! A Braze `/users/track` simulator, as a library for tests and the demo and as the
 //! `braze-sim` subcommand. It keeps profiles, checks auth, the 75-object limit and the rate
 //! limit (with Braze's headers), validates objects as Braze does, and injects latency, 429s,
-//! 5xx and per-object errors on demand.
+//! 5xx and per-object errors on demand. `/users/export/ids` reads the profiles back, under
+//! a rate limit of its own, for `verify`.
 
+mod export;
 mod limit;
 mod profile;
 mod server;
@@ -13,6 +15,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use export::{EXPORT_RATE_LIMIT, MAX_EXPORT_IDS};
 pub use limit::Decision;
 pub use server::{start, SimHandle};
 pub use state::{Reply, SimState, MAX_OBJECTS};
@@ -71,6 +74,12 @@ pub struct SimStats {
     pub responses_429: u64,
     pub responses_5xx: u64,
     pub responses_401: u64,
+    /// `/users/export/ids` requests answered with users.
+    #[serde(default)]
+    pub export_requests: u64,
+    /// Users found and exported.
+    #[serde(default)]
+    pub users_exported: u64,
 }
 
 /// `segment-sync braze-sim`
@@ -104,6 +113,9 @@ pub struct SimArgs {
     /// Objects whose external_id or email starts with this are rejected.
     #[arg(long)]
     pub reject_prefix: Option<String>,
+    /// `/users/export/ids` requests a minute (Braze's default: 250); 0 = unlimited.
+    #[arg(long, default_value_t = EXPORT_RATE_LIMIT)]
+    pub export_rate_limit: u32,
 }
 
 impl SimArgs {
@@ -128,6 +140,9 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let handle = start(args.config(), args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("braze-sim cannot listen on {}: {e}", args.listen))?;
+    handle
+        .state
+        .set_export_rate_limit(args.export_rate_limit, 60);
     println!("braze-sim listening on {}", handle.url());
     shutdown_signal().await;
     tracing::info!(stats = ?handle.state.stats(), "braze-sim stopping");

@@ -1,5 +1,5 @@
-//! The simulator's HTTP face: Braze's `/users/track` plus routes for tests and operators to
-//! inspect profiles and statistics and to inject faults.
+//! The simulator's HTTP face: Braze's `/users/track` and `/users/export/ids`, plus routes
+//! for tests and operators to inspect and edit profiles, read statistics and inject faults.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -86,8 +87,12 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<SimHandl
 fn router(state: Arc<SimState>) -> Router {
     Router::new()
         .route("/users/track", post(track))
+        .route("/users/export/ids", post(export))
         .route("/profiles", get(profiles))
-        .route("/profiles/{kind}/{id}", get(profile))
+        .route(
+            "/profiles/{kind}/{id}",
+            get(profile).put(put_profile).delete(delete_profile),
+        )
         .route("/stats", get(stats))
         .route("/faults", post(set_faults).get(faults))
         .route("/reset", post(reset))
@@ -100,6 +105,13 @@ async fn track(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Byt
         .and_then(|v| v.to_str().ok());
     let reply = state.track(auth, &body).await;
     respond(reply)
+}
+
+async fn export(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    respond(state.export(auth, &body))
 }
 
 fn respond(reply: Reply) -> Response {
@@ -129,6 +141,27 @@ async fn profile(
             Json(serde_json::json!({"message": "no such profile"})),
         )
             .into_response(),
+    }
+}
+
+/// Replaces a profile's attributes: drift made by hand, for tests and demonstrations.
+async fn put_profile(
+    State(state): State<Arc<SimState>>,
+    Path((kind, id)): Path<(String, String)>,
+    Json(attributes): Json<Map<String, Value>>,
+) -> StatusCode {
+    state.put_profile(&format!("{kind}:{id}"), attributes);
+    StatusCode::NO_CONTENT
+}
+
+async fn delete_profile(
+    State(state): State<Arc<SimState>>,
+    Path((kind, id)): Path<(String, String)>,
+) -> StatusCode {
+    if state.remove_profile(&format!("{kind}:{id}")) {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use serde_json::{json, Map, Value};
 
+use super::export;
 use super::limit::{Decision, FixedWindow};
 use super::profile::apply;
 use super::validate::{validate, Target};
@@ -39,6 +40,8 @@ struct Counters {
     responses_429: AtomicU64,
     responses_5xx: AtomicU64,
     responses_401: AtomicU64,
+    export_requests: AtomicU64,
+    users_exported: AtomicU64,
 }
 
 pub struct SimState {
@@ -47,6 +50,8 @@ pub struct SimState {
     profiles: DashMap<String, Map<String, Value>>,
     faults: Mutex<Faults>,
     limiter: Mutex<FixedWindow>,
+    /// `/users/export/ids` has a limit of its own at Braze; `None`: no limit.
+    export_limiter: Mutex<Option<FixedWindow>>,
     /// Users of requests being processed, with how many requests hold each.
     in_flight: Mutex<HashMap<String, u32>>,
     counters: Counters,
@@ -121,6 +126,10 @@ impl SimState {
             profiles: DashMap::new(),
             faults: Mutex::new(cfg.faults.clone()),
             limiter: Mutex::new(FixedWindow::new(cfg.rate_limit, cfg.rate_window_secs)),
+            export_limiter: Mutex::new(Some(FixedWindow::new(
+                export::EXPORT_RATE_LIMIT,
+                export::EXPORT_RATE_WINDOW_SECS,
+            ))),
             in_flight: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         }
@@ -155,6 +164,8 @@ impl SimState {
             responses_429: get(&c.responses_429),
             responses_5xx: get(&c.responses_5xx),
             responses_401: get(&c.responses_401),
+            export_requests: get(&c.export_requests),
+            users_exported: get(&c.users_exported),
         }
     }
 
@@ -165,6 +176,59 @@ impl SimState {
     /// Replaces the injected faults.
     pub fn set_faults(&self, f: Faults) {
         *lock(&self.faults) = f;
+    }
+
+    /// Replaces a profile's attributes (the identifier is its key, not an attribute): drift
+    /// made by hand, as someone editing a user in Braze's dashboard would.
+    pub fn put_profile(&self, key: &str, attributes: Map<String, Value>) {
+        self.profiles.insert(key.to_string(), attributes);
+    }
+
+    /// Deletes a profile; false when there was none.
+    pub fn remove_profile(&self, key: &str) -> bool {
+        self.profiles.remove(key).is_some()
+    }
+
+    /// `/users/export/ids` allows `limit` requests per `window_secs` (Braze's default: 250 a
+    /// minute); 0 lifts the limit.
+    pub fn set_export_rate_limit(&self, limit: u32, window_secs: u64) {
+        *lock(&self.export_limiter) = (limit > 0).then(|| FixedWindow::new(limit, window_secs));
+    }
+
+    /// `POST /users/export/ids` with this `Authorization` header value and body.
+    pub fn export(&self, authorization: Option<&str>, body: &[u8]) -> Reply {
+        let c = &self.counters;
+        inc(&c.requests);
+        let key = authorization.and_then(|a| a.strip_prefix("Bearer "));
+        if key != Some(self.api_key.as_str()) {
+            inc(&c.responses_401);
+            return message(401, "Invalid API key", None);
+        }
+        let rate = lock(&self.export_limiter).as_mut().map(|l| l.hit(now_ms()));
+        if rate.is_some_and(|d| !d.allowed) {
+            inc(&c.responses_429);
+            return message(429, "API rate limit exceeded", rate);
+        }
+        let request = match export::parse_request(body) {
+            Ok(r) => r,
+            Err(why) => return message(400, &why, rate),
+        };
+        inc(&c.export_requests);
+        let mut users = Vec::new();
+        let mut not_found = Vec::new();
+        for id in &request.external_ids {
+            match self.profiles.get(&format!("external_id:{id}")) {
+                Some(profile) => users.push(export::user_object(id, &profile, &request.fields)),
+                None => not_found.push(id.clone()),
+            }
+        }
+        c.users_exported
+            .fetch_add(users.len() as u64, Ordering::Relaxed);
+        Reply {
+            status: 201,
+            rate,
+            body: export::answer(users, not_found),
+        }
     }
 
     /// Forgets every profile and zeroes the statistics; faults and the rate window stay.
@@ -183,6 +247,8 @@ impl SimState {
             &c.responses_429,
             &c.responses_5xx,
             &c.responses_401,
+            &c.export_requests,
+            &c.users_exported,
         ] {
             a.store(0, Ordering::Relaxed);
         }
@@ -573,6 +639,77 @@ mod tests {
         s.track(AUTH, &req(&["u1", "u1"])).await;
         s.track(AUTH, &req(&["u1"])).await;
         assert_eq!(s.stats().concurrent_user_violations, 1);
+    }
+
+    fn export_body(ids: &[&str]) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "external_ids": ids,
+            "fields_to_export": ["external_id", "custom_attributes"]
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn export_reads_profiles_back_and_lists_unknown_users_apart() {
+        let s = sim(0, Faults::default());
+        s.track(
+            AUTH,
+            &body(vec![
+                json!({"external_id": "u1", "seg_a": true, "email": "a@b.c"}),
+            ]),
+        )
+        .await;
+        let r = s.export(AUTH, &export_body(&["u1", "u2"]));
+        assert_eq!(r.status, 201);
+        assert_eq!(
+            r.body,
+            json!({
+                "message": "success",
+                "users": [{"external_id": "u1", "custom_attributes": {"seg_a": true}}],
+                "invalid_user_ids": ["u2"]
+            })
+        );
+        assert_eq!(
+            s.export(Some("Bearer nope"), &export_body(&["u1"])).status,
+            401
+        );
+        let no_fields = serde_json::to_vec(&json!({"external_ids": ["u1"]})).unwrap();
+        assert_eq!(s.export(AUTH, &no_fields).status, 400);
+        let st = s.stats();
+        assert_eq!((st.export_requests, st.users_exported), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn export_has_a_rate_limit_of_its_own() {
+        let s = sim(0, Faults::default());
+        s.set_export_rate_limit(2, 60);
+        let statuses: Vec<u16> = (0..3)
+            .map(|_| s.export(AUTH, &export_body(&["u1"])).status)
+            .collect();
+        assert_eq!(statuses, vec![201, 201, 429]);
+        let limited = s.export(AUTH, &export_body(&["u1"]));
+        assert_eq!(limited.rate.unwrap().remaining, 0);
+        // /users/track is not held by the export limit.
+        assert_eq!(
+            s.track(AUTH, &body(vec![json!({"external_id": "u"})]))
+                .await
+                .status,
+            201
+        );
+        s.set_export_rate_limit(0, 60);
+        assert_eq!(s.export(AUTH, &export_body(&["u1"])).status, 201);
+    }
+
+    #[tokio::test]
+    async fn profiles_can_be_edited_and_deleted_by_hand() {
+        let s = sim(0, Faults::default());
+        s.put_profile(
+            "external_id:u1",
+            json!({"x": 1}).as_object().unwrap().clone(),
+        );
+        assert_eq!(s.profile("external_id:u1").unwrap()["x"], json!(1));
+        assert!(s.remove_profile("external_id:u1"));
+        assert!(!s.remove_profile("external_id:u1"));
     }
 
     #[tokio::test]
