@@ -42,7 +42,11 @@ pub fn consumer_config(cfg: &Config, group_id: &str) -> ClientConfig {
         .set("enable.partition.eof", "false")
         // librdkafka waits a full second (its default) before fetching again once its local
         // queue is full; the worker drains that queue fast, so that pause would idle it.
-        .set("fetch.queue.backoff.ms", "10");
+        .set("fetch.queue.backoff.ms", "10")
+        // librdkafka prefetches up to 64 MB by default, the largest part of the worker's
+        // memory while it catches up with a backlog (issue 13: ≤ 150 MB); 16 MB is still
+        // about 50,000 events, a fraction of a second of work ahead.
+        .set("queued.max.messages.kbytes", "16384");
     for (k, v) in &cfg.kafka.properties {
         c.set(k, v);
     }
