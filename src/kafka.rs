@@ -266,3 +266,30 @@ pub fn owned_headers<'a>(
     }
     owned
 }
+
+/// `start::decide`'s timestamp lookup, answered by the broker (ListOffsets).
+pub struct TimeLookup<'c, C: ConsumerContext>(pub &'c BaseConsumer<C>);
+
+impl<C: ConsumerContext> crate::start::OffsetLookup for TimeLookup<'_, C> {
+    type Error = KafkaError;
+
+    fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: i32,
+        timestamp_ms: i64,
+    ) -> Result<Option<i64>, KafkaError> {
+        let mut q = TopicPartitionList::new();
+        q.add_partition_offset(topic, partition, rdkafka::Offset::Offset(timestamp_ms))?;
+        let found = self
+            .0
+            .offsets_for_times(q, std::time::Duration::from_secs(10))?;
+        // librdkafka answers the end (-1) when no record is at or after the time.
+        Ok(
+            match found.find_partition(topic, partition).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => Some(o),
+                _ => None,
+            },
+        )
+    }
+}

@@ -7,10 +7,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::kafka::GroupConsumer;
+use crate::kafka::{GroupConsumer, TimeLookup};
 use crate::offsets::TopicPartition;
 use crate::replay::RunMark;
-use crate::start::{decide, OffsetLookup, StartAt, StartDecision, Until};
+use crate::start::{decide, StartAt, StartDecision, Until};
 
 use super::assignment::Assignment;
 
@@ -158,12 +158,7 @@ impl Bounds {
             let decision = match run_commit {
                 // Another member of this run read it this far.
                 Some(o) => Ok(StartDecision::At(o)),
-                None => decide(
-                    &self.start,
-                    &tp.topic,
-                    tp.partition,
-                    &ConsumerLookup(consumer),
-                ),
+                None => decide(&self.start, &tp.topic, tp.partition, &TimeLookup(consumer)),
             };
             let offset = match decision {
                 Ok(StartDecision::At(o)) => o,
@@ -322,30 +317,5 @@ impl Bounds {
     /// The end a progress display counts to: the start's end for `Until::StartOffsets`.
     pub fn start_end(&self, tp: &TopicPartition) -> Option<i64> {
         self.start_ends.as_ref()?.get(tp).copied()
-    }
-}
-
-/// The timestamp lookup of `start::decide`, answered by the broker (ListOffsets).
-struct ConsumerLookup<'c>(&'c GroupConsumer);
-
-impl OffsetLookup for ConsumerLookup<'_> {
-    type Error = KafkaError;
-
-    fn offset_for_time(
-        &self,
-        topic: &str,
-        partition: i32,
-        timestamp_ms: i64,
-    ) -> Result<Option<i64>, KafkaError> {
-        let mut q = TopicPartitionList::new();
-        q.add_partition_offset(topic, partition, Offset::Offset(timestamp_ms))?;
-        let found = self.0.offsets_for_times(q, TIMEOUT)?;
-        // librdkafka answers the end (-1) when no record is at or after the time.
-        Ok(
-            match found.find_partition(topic, partition).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            },
-        )
     }
 }

@@ -17,9 +17,10 @@ use crate::config::{Config, Format};
 use crate::decode::{Decoder, RegistryClient, SchemaSource};
 use crate::dlq::{HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC};
 use crate::event::{Event, Identity, Rules};
+use crate::kafka::TimeLookup;
 use crate::mapping::Mapping;
 use crate::offsets::TopicPartition;
-use crate::start::{decide, OffsetLookup, StartAt, StartDecision};
+use crate::start::{decide, StartAt, StartDecision};
 
 use super::state::Coord;
 use super::VerifyError;
@@ -158,7 +159,7 @@ impl Log {
         start: &StartAt,
         marks: &HashMap<TopicPartition, (i64, i64)>,
     ) -> Result<Offsets, VerifyError> {
-        let lookup = Lookup(&self.reader);
+        let lookup = TimeLookup(&self.reader);
         marks
             .iter()
             .map(|(tp, (low, high))| {
@@ -426,28 +427,4 @@ fn epoch_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// The timestamp lookup of `start::decide`, answered by the broker.
-struct Lookup<'c>(&'c BaseConsumer);
-
-impl OffsetLookup for Lookup<'_> {
-    type Error = KafkaError;
-
-    fn offset_for_time(
-        &self,
-        topic: &str,
-        partition: i32,
-        timestamp_ms: i64,
-    ) -> Result<Option<i64>, KafkaError> {
-        let mut q = TopicPartitionList::new();
-        q.add_partition_offset(topic, partition, Offset::Offset(timestamp_ms))?;
-        let found = self.0.offsets_for_times(q, TIMEOUT)?;
-        Ok(
-            match found.find_partition(topic, partition).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            },
-        )
-    }
 }
