@@ -338,24 +338,7 @@ impl BrazeClient {
 
     async fn post(&self, body: Bytes) -> Result<(u16, RateLimitHeaders, Bytes), reqwest::Error> {
         let inner = &*self.inner;
-        let response = inner
-            .http
-            .post(&inner.url)
-            .header(AUTHORIZATION, inner.auth.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await?;
-        let status = response.status().as_u16();
-        let h = response.headers();
-        let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
-        let headers = RateLimitHeaders::parse(
-            get("x-ratelimit-limit"),
-            get("x-ratelimit-remaining"),
-            get("x-ratelimit-reset"),
-        );
-        let reply = response.bytes().await?;
-        Ok((status, headers, reply))
+        post_json(&inner.http, &inner.url, &inner.auth, body).await
     }
 
     fn count(&self, class: &str) {
@@ -546,6 +529,33 @@ fn without_key(text: &str, key: &str) -> String {
         }
     }
     out
+}
+
+/// POSTs a JSON body to a Braze endpoint: its status, rate-limit headers and body. Shared by
+/// `/users/track` and `verify`'s `/users/export/ids`.
+pub(crate) async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    auth: &HeaderValue,
+    body: Bytes,
+) -> Result<(u16, RateLimitHeaders, Bytes), reqwest::Error> {
+    let response = http
+        .post(url)
+        .header(AUTHORIZATION, auth.clone())
+        .header(CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let h = response.headers();
+    let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    let headers = RateLimitHeaders::parse(
+        get("x-ratelimit-limit"),
+        get("x-ratelimit-remaining"),
+        get("x-ratelimit-reset"),
+    );
+    let reply = response.bytes().await?;
+    Ok((status, headers, reply))
 }
 
 #[cfg(test)]

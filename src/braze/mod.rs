@@ -11,5 +11,6 @@ pub mod pacing;
 
 pub use classify::{classify, RateLimitHeaders, Verdict};
 pub(crate) use client::ca_certificates;
+pub(crate) use client::post_json;
 pub use client::{BrazeClient, ObjectOutcome, Rejection};
 pub use error::BrazeError;

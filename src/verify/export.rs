@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::HeaderValue;
 use serde_json::{Map, Value};
 
 use crate::braze::endpoint;
@@ -251,23 +251,7 @@ impl ExportClient {
         body: bytes::Bytes,
     ) -> Result<(u16, RateLimitHeaders, bytes::Bytes), reqwest::Error> {
         let inner = &*self.inner;
-        let response = inner
-            .http
-            .post(&inner.url)
-            .header(AUTHORIZATION, inner.auth.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await?;
-        let status = response.status().as_u16();
-        let h = response.headers();
-        let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
-        let headers = RateLimitHeaders::parse(
-            get("x-ratelimit-limit"),
-            get("x-ratelimit-remaining"),
-            get("x-ratelimit-reset"),
-        );
-        Ok((status, headers, response.bytes().await?))
+        crate::braze::post_json(&inner.http, &inner.url, &inner.auth, body).await
     }
 }
 
