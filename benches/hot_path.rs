@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use segment_sync::config::{Format, MappingConfig};
 use segment_sync::decode::{Decoder, SchemaSource};
+use segment_sync::event::Event;
 use segment_sync::mapping::{self, Mapping};
 use segment_sync::metrics::Metrics;
-use segment_sync::offsets::{OffsetTracker, Position};
-use segment_sync::window::{Admit, Flush, Window, WindowConfig};
+use segment_sync::offsets::{OffsetTracker, PartitionId, Position};
+use segment_sync::window::{Admit, Flush, Lookup, Window, WindowConfig, PREFETCH_AHEAD};
 
 use common::{Payloads, Verdicts, PARTITIONS};
 
@@ -34,8 +35,9 @@ fn rounds() -> usize {
         .and_then(|r| r.parse().ok())
         .unwrap_or(ROUNDS)
 }
-/// `pipeline::run` polls this many records between two service steps.
+/// `pipeline::run` polls this many records between two service steps, `POLL` at a time.
 const BURST: usize = 512;
+const POLL: usize = 64;
 const MAX_IN_FLIGHT: usize = 8;
 const TOPIC: &str = "cdp.segment-membership";
 
@@ -82,29 +84,59 @@ impl Core {
         }
     }
 
-    /// `now` is read once a burst, as `pipeline::run` does.
-    fn ingest(&mut self, payload: &[u8], partition: i32, now: u64) {
+    /// One poll's burst, as `pipeline::Worker::take_burst` takes it: every record examined
+    /// (partition, decode, validate, what the window will look up), then admitted in order
+    /// with the window's lines loaded `PREFETCH_AHEAD` records ahead. `now` is read once a
+    /// burst, as `pipeline::run` does.
+    fn ingest_burst(&mut self, payloads: &Payloads, burst: std::ops::Range<usize>, now: u64) {
+        let mut examined = Vec::with_capacity(burst.len());
+        for i in burst {
+            let partition = payloads.partitions[i];
+            let pid = self
+                .tracker
+                .partition_id(TOPIC, partition)
+                .expect("assigned");
+            let Ok(event) = self.decoder.decode(payloads.get(i)) else {
+                panic!("a generated valid record did not decode");
+            };
+            self.metrics.events_decoded.inc();
+            let rules = &self.mapping.rules;
+            let identity = event
+                .validate_with(rules, rules.epoch_ms(now))
+                .expect("generated records are valid");
+            let lookup = self.window.lookup(&event, identity);
+            examined.push((pid, partition, lookup, event));
+        }
+        for k in 0..examined.len() {
+            if let Some((_, _, lookup, event)) = examined.get(k + PREFETCH_AHEAD) {
+                self.window.prefetch(lookup, event);
+            }
+            if let Some((_, _, lookup, _)) = examined.get(k + PREFETCH_AHEAD / 2) {
+                self.window.prefetch_key(lookup);
+            }
+            let (pid, partition, lookup, event) = &examined[k];
+            self.admit(*pid, *partition, lookup, event, now);
+        }
+    }
+
+    fn admit(
+        &mut self,
+        pid: PartitionId,
+        partition: i32,
+        lookup: &Lookup,
+        event: &Event<'_>,
+        now: u64,
+    ) {
         self.metrics.events_consumed.inc();
         let offset = self.offsets[partition as usize];
         self.offsets[partition as usize] += 1;
-        let pid = self
-            .tracker
-            .partition_id(TOPIC, partition)
-            .expect("assigned");
         let Some(pos) = self.tracker.track(pid, offset) else {
             return;
         };
-        let Ok(event) = self.decoder.decode(payload) else {
-            panic!("a generated valid record did not decode");
-        };
-        self.metrics.events_decoded.inc();
-        let rules = &self.mapping.rules;
-        let identity = event
-            .validate_with(rules, rules.epoch_ms(now))
-            .expect("generated records are valid");
+        let identity = event.identity().expect("validated");
         match self
             .window
-            .admit(&event, identity, partition, offset, pos, now)
+            .admit_as(lookup, event, identity, partition, offset, pos, now)
         {
             Admit::Pending | Admit::Superseded => {}
             Admit::Duplicate => {
@@ -123,6 +155,9 @@ impl Core {
         let t = Instant::now();
         for (flush, points) in std::mem::take(&mut self.in_flight) {
             for (i, user) in flush.users.iter().enumerate() {
+                if let Some(ahead) = flush.users.get(i + 4) {
+                    self.window.prefetch_user(ahead);
+                }
                 for p in flush.user_positions(user) {
                     self.tracker.settle(*p);
                 }
@@ -170,9 +205,10 @@ fn run_full(format: Format, registry: &Arc<dyn SchemaSource>, payloads: &Payload
     let start = Instant::now();
     for base in (0..payloads.len()).step_by(BURST) {
         core.service(false);
-        let now = core.started.elapsed().as_millis() as u64;
-        for i in base..(base + BURST).min(payloads.len()) {
-            core.ingest(payloads.get(i), payloads.partitions[i], now);
+        let end = (base + BURST).min(payloads.len());
+        for poll in (base..end).step_by(POLL) {
+            let now = core.started.elapsed().as_millis() as u64;
+            core.ingest_burst(payloads, poll..(poll + POLL).min(end), now);
         }
     }
     let elapsed = start.elapsed();

@@ -19,6 +19,8 @@ pub mod event;
 pub mod window;
 /// Pure: the window's bounded memories of event ids seen and of what was sent.
 pub mod recent;
+/// Cache hints that let the window's memory waits overlap across a burst of events.
+pub mod prefetch;
 /// Pure: the Braze mapping of DESIGN.md: flushed users → attributes objects of a request.
 pub mod mapping;
 /// Braze: HTTP client, response classification, pacing, retries and splitting.

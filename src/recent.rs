@@ -82,6 +82,18 @@ impl<V: Packed> Recent<V> {
         )
     }
 
+    /// Starts loading the bucket a `get` or `put` of `hash` will read (see `prefetch`).
+    #[inline]
+    pub fn prefetch(&self, hash: u64) {
+        if let Some(first) = self.bucket(hash) {
+            crate::prefetch::read(self.tags.as_ptr().wrapping_add(first), 1);
+            if V::WORDS > 0 {
+                let values = self.values.as_ptr().wrapping_add(first * V::WORDS);
+                crate::prefetch::read(values, (WAYS * V::WORDS * 8).div_ceil(64));
+            }
+        }
+    }
+
     pub fn get(&self, hash: u64) -> Option<V> {
         let first = self.bucket(hash)?;
         let tag = Self::tag(hash);

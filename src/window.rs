@@ -122,6 +122,13 @@ impl Segments {
         self.names.is_empty()
     }
 
+    fn find(&self, id: &str) -> Option<u32> {
+        let names = &self.names;
+        self.index
+            .find(FxBuildHasher.hash_one(id), |&i| &*names[i as usize] == id)
+            .copied()
+    }
+
     fn intern(&mut self, id: &str) -> u32 {
         let hash = FxBuildHasher.hash_one(id);
         let names = &self.names;
@@ -282,8 +289,23 @@ fn attrs<P>(more: &Option<Box<More<P>>>) -> &[PendingAttr<P>] {
 /// Changes a slot holds without a heap allocation: DESIGN.md's pending user has up to three.
 const INLINE_CHANGES: usize = 3;
 
+/// How many events ahead of the one being admitted a caller calls `Window::prefetch` (and
+/// `prefetch_key` half as far): far enough for main memory to answer (a few hundred
+/// nanoseconds, a few events' work), near enough that the lines are still there when their
+/// event comes.
+pub const PREFETCH_AHEAD: usize = 8;
+
+/// How many users ahead a flush starts loading their slots (see `Window::prefetch_flush`).
+const FLUSH_AHEAD: usize = 8;
+
+/// Cache lines a slot spans, for `Window::prefetch`.
+const SLOT_LINES: usize = std::mem::size_of::<Slot<[u64; 2]>>().div_ceil(64);
+
 struct Slot<P> {
     key: Arc<str>,
+    /// `user_hash(kind, key)`: a flush and a release find the slot's table entry and its
+    /// memories' keys without reading the key, which lives in another cache line.
+    hash: u64,
     kind: IdKind,
     live: bool,
     queued: bool,
@@ -334,6 +356,16 @@ impl<T> Slab<T> {
             }
         }
         index
+    }
+}
+
+impl<T> Slab<T> {
+    /// Where element `i` would be, without reading it (or checking it exists).
+    fn address(&self, i: u32) -> *const T {
+        match self.chunks.get((i >> CHUNK_BITS) as usize) {
+            Some(c) => c.as_ptr().wrapping_add(i as usize & (CHUNK - 1)),
+            None => std::ptr::null(),
+        }
     }
 }
 
@@ -445,6 +477,20 @@ fn attr_bytes(name: &str, value: &AttrValue<'_>) -> usize {
     std::mem::size_of::<PendingAttr<[u64; 2]>>() + name.len() + value
 }
 
+/// See `Window::lookup`.
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup {
+    user: u64,
+    event: u64,
+}
+
+fn identity_key(identity: Identity<'_>) -> (IdKind, &str) {
+    match identity {
+        Identity::ExternalId(v) => (IdKind::ExternalId, v),
+        Identity::Email(v) => (IdKind::Email, v),
+    }
+}
+
 fn user_hash(kind: IdKind, id: &str) -> u64 {
     let mut h = FxHasher::default();
     kind.hash(&mut h);
@@ -542,14 +588,54 @@ impl<P: Copy + PartialEq> Window<P> {
         self.table
             .find(hash, |&i| {
                 let s = &slots[i];
-                s.kind == kind && &*s.key == id
+                s.hash == hash && s.kind == kind && &*s.key == id
             })
             .copied()
+    }
+
+    /// The hashes an event's admission looks up, computed once for `prefetch` and `admit_as`.
+    pub fn lookup(&self, event: &Event<'_>, identity: Identity<'_>) -> Lookup {
+        let (kind, id) = identity_key(identity);
+        Lookup {
+            user: user_hash(kind, id),
+            event: event_id_hash(&event.event_id),
+        }
+    }
+
+    /// Starts loading what admitting this event will read first: its bucket of the event ids
+    /// seen, its (user, segment) bucket of what was sent, its user's slot. Call it some
+    /// events ahead of `admit_as`, then `prefetch_key` a few events later, once the slot has
+    /// arrived. Changes nothing.
+    pub fn prefetch(&self, lookup: &Lookup, event: &Event<'_>) {
+        self.seen.prefetch(lookup.event);
+        if let Some(segment) = self.segments.find(&event.segment_id) {
+            self.delivered.prefetch(segment_key(lookup.user, segment));
+        }
+        let slots = &self.slots;
+        // Every slot whose table tag matches (nearly always the user's alone), without
+        // reading one: the probe only computes their addresses.
+        self.table.find(lookup.user, |&i| {
+            crate::prefetch::read(slots.address(i), SLOT_LINES);
+            false
+        });
+    }
+
+    /// The second step of `prefetch`: the user's key, through the slot loaded since.
+    pub fn prefetch_key(&self, lookup: &Lookup) {
+        let slots = &self.slots;
+        self.table.find(lookup.user, |&i| {
+            let s = &slots[i];
+            if s.hash == lookup.user {
+                crate::prefetch::read(s.key.as_ptr(), 1);
+            }
+            false
+        });
     }
 
     fn create(&mut self, kind: IdKind, id: &str, hash: u64) -> u32 {
         let slot = Slot {
             key: Arc::from(id),
+            hash,
             kind,
             live: true,
             queued: false,
@@ -567,18 +653,14 @@ impl<P: Copy + PartialEq> Window<P> {
             None => self.slots.push(slot),
         };
         let slots = &self.slots;
-        self.table.insert_unique(hash, idx, |&j| {
-            let s = &slots[j];
-            user_hash(s.kind, &s.key)
-        });
+        self.table.insert_unique(hash, idx, |&j| slots[j].hash);
         self.users += 1;
         self.pending_bytes += id.len();
         idx
     }
 
     fn release(&mut self, idx: u32) {
-        let s = &self.slots[idx];
-        let hash = user_hash(s.kind, &s.key);
+        let hash = self.slots[idx].hash;
         if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
             entry.remove();
         }
@@ -613,15 +695,28 @@ impl<P: Copy + PartialEq> Window<P> {
         pos: P,
         now_ms: u64,
     ) -> Admit {
-        if self.seen.put(event_id_hash(&event.event_id), ()).is_some() {
+        let lookup = self.lookup(event, identity);
+        self.admit_as(&lookup, event, identity, partition, offset, pos, now_ms)
+    }
+
+    /// `admit`, with the hashes `lookup` computed for the event (and `identity`) before.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit_as(
+        &mut self,
+        lookup: &Lookup,
+        event: &Event<'_>,
+        identity: Identity<'_>,
+        partition: i32,
+        offset: i64,
+        pos: P,
+        now_ms: u64,
+    ) -> Admit {
+        if self.seen.put(lookup.event, ()).is_some() {
             return Admit::Duplicate;
         }
-        let (kind, id) = match identity {
-            Identity::ExternalId(v) => (IdKind::ExternalId, v),
-            Identity::Email(v) => (IdKind::Email, v),
-        };
+        let (kind, id) = identity_key(identity);
         let order = Order::of(event, partition, offset);
-        let hash = user_hash(kind, id);
+        let hash = lookup.user;
         let segment = self.segments.intern(&event.segment_id);
         let stale = self
             .delivered
@@ -754,10 +849,14 @@ impl<P: Copy + PartialEq> Window<P> {
         // Judged once, so that a request under pressure is a full one.
         let early = force || self.crowded || self.under_pressure();
         self.crowded = false;
+        for &idx in self.queue.iter().take(FLUSH_AHEAD) {
+            crate::prefetch::read(self.slots.address(idx), SLOT_LINES);
+        }
         while flush.users.len() < self.cfg.batch_size {
             let Some(&idx) = self.queue.front() else {
                 break;
             };
+            self.prefetch_flush(FLUSH_AHEAD);
             if !(early || self.is_ready(idx, now_ms)) {
                 break;
             }
@@ -783,8 +882,7 @@ impl<P: Copy + PartialEq> Window<P> {
             );
             self.pending_users -= 1;
             self.pending_changes -= changes.len();
-            let (kind, key) = (slot.kind, slot.key.clone());
-            let hash = user_hash(kind, &key);
+            let (kind, key, hash) = (slot.kind, slot.key.clone(), slot.hash);
             let c0 = flush.changes.len() as u32;
             let a0 = flush.attributes.len() as u32;
             let p0 = flush.positions.len() as u32;
@@ -858,6 +956,28 @@ impl<P: Copy + PartialEq> Window<P> {
         Some(flush)
     }
 
+    /// Starts loading what flushing the user `ahead` places down the queue will read: its
+    /// slot, and for the one half as far, whose slot has arrived, its key and its changes'
+    /// buckets of what was sent.
+    fn prefetch_flush(&self, ahead: usize) {
+        if let Some(&far) = self.queue.get(ahead) {
+            crate::prefetch::read(self.slots.address(far), SLOT_LINES);
+        }
+        if let Some(&near) = self.queue.get(ahead / 2) {
+            let s = &self.slots[near];
+            crate::prefetch::read(s.key.as_ptr(), 1);
+            for c in &s.changes {
+                self.delivered.prefetch(segment_key(s.hash, c.segment()));
+            }
+        }
+    }
+
+    /// Starts loading the slot `complete` will read for this user: call it a few users
+    /// ahead when completing a request's users in turn.
+    pub fn prefetch_user(&self, user: &FlushedUser) {
+        crate::prefetch::read(self.slots.address(user.slot), SLOT_LINES);
+    }
+
     /// A request holding this user has finished. `rejected` forgets what the window believed
     /// was delivered, so a later change is neither stale nor redundant against it.
     pub fn complete(&mut self, flush: &Flush<P>, user: &FlushedUser, rejected: bool) {
@@ -878,6 +998,8 @@ impl<P: Copy + PartialEq> Window<P> {
     }
 
     fn forget_sent(&mut self, flush: &Flush<P>, user: &FlushedUser) {
+        // Not the slot's hash: the slot may hold another user by now. Rare (a rejection, a
+        // request given up), so the key is hashed again.
         let hash = user_hash(user.kind, &user.id);
         for (segment, _) in flush.user_changes(user) {
             self.delivered.forget(segment_key(hash, *segment));

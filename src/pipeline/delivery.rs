@@ -10,7 +10,10 @@ use crate::event::{Event, Identity};
 use crate::mapping::{self, Mapping};
 use crate::metrics::Metrics;
 use crate::offsets::Position;
-use crate::window::{Admit, Flush, Window};
+use crate::window::{Admit, Flush, Lookup, Window};
+
+/// How many users ahead `on_answer` starts loading the slots it will complete.
+const COMPLETE_AHEAD: usize = 4;
 
 use super::acks::Ack;
 
@@ -73,8 +76,24 @@ impl Delivery {
         }
     }
 
+    /// `Window::lookup`: what admitting the event will look up, for `prefetch` and `admit`.
+    pub fn lookup(&self, event: &Event<'_>, identity: Identity<'_>) -> Lookup {
+        self.window.lookup(event, identity)
+    }
+
+    /// `Window::prefetch` and `Window::prefetch_key`: the two steps, a few events apart.
+    pub fn prefetch(&self, lookup: &Lookup, event: &Event<'_>) {
+        self.window.prefetch(lookup, event);
+    }
+
+    pub fn prefetch_key(&self, lookup: &Lookup) {
+        self.window.prefetch_key(lookup);
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
+        lookup: &Lookup,
         event: &Event<'_>,
         identity: Identity<'_>,
         partition: i32,
@@ -83,7 +102,7 @@ impl Delivery {
         now_ms: u64,
     ) -> Admit {
         self.window
-            .admit(event, identity, partition, offset, pos, now_ms)
+            .admit_as(lookup, event, identity, partition, offset, pos, now_ms)
     }
 
     /// Sends what is ready (everything, with `force`) while there is room in flight.
@@ -161,6 +180,9 @@ impl Delivery {
         self.metrics.braze_in_flight.dec();
         let flush = done.flush;
         for (i, user) in flush.users.iter().enumerate() {
+            if let Some(ahead) = flush.users.get(i + COMPLETE_AHEAD) {
+                self.window.prefetch_user(ahead);
+            }
             let positions = flush.user_positions(user);
             match outcomes.get(i) {
                 Some(ObjectOutcome::Rejected(r)) => {

@@ -254,10 +254,9 @@ pub fn run(
             let full = burst.len() == BURST;
             let mut w = lock();
             let now = w.now_ms();
-            for (m, generation) in burst.drain(..) {
-                w.take(&m, generation, now);
-            }
+            w.take_burst(&burst, now);
             drop(w);
+            burst.clear();
             if !full {
                 break;
             }

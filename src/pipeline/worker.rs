@@ -11,11 +11,13 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::TopicPartitionList;
 
+use crate::dlq::DlqReason;
+use crate::event::Event;
 use crate::health::{Fault, Health};
 use crate::kafka::{cached_high_watermark, GroupConsumer, RebalanceHandler, RecordHeaders};
 use crate::metrics::Metrics;
 use crate::offsets::{PartitionId, Position, TopicPartition};
-use crate::window::Admit;
+use crate::window::{Admit, Lookup, PREFETCH_AHEAD};
 
 use super::acks::Ack;
 use super::assignment::Assignment;
@@ -43,6 +45,25 @@ enum Taken {
     Done,
     /// It must wait (and everything behind it) for this reason.
     Wait(String),
+}
+
+/// A record examined (`Worker::examine`), before the window or the dead letters take it.
+enum Examined<'m> {
+    /// Nothing more to do: not ours any more, or past a bounded run's end.
+    Done,
+    Wait(String),
+    Take(Taking<'m>),
+}
+
+struct Taking<'m> {
+    id: PartitionId,
+    fate: Fate<'m>,
+}
+
+enum Fate<'m> {
+    /// A valid event, with what the window will look up for it.
+    Admit(Lookup, Event<'m>),
+    DeadLetter(DlqReason),
 }
 
 /// One worker's parts. Each owns its state; this struct only passes results between them.
@@ -173,22 +194,65 @@ impl Worker {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// A record just polled, at assignment generation `generation`. `now_ms` is read once
-    /// per burst: a clock read per record is measurable here.
-    pub fn take(&mut self, m: &BorrowedMessage<'_>, generation: u64, now_ms: u64) {
-        if self.flow.is_holding() {
-            // Behind a record that waits: in order, after it.
-            self.flow.hold(Held {
-                message: m.detach(),
-                generation,
-            });
-            return;
+    /// Records just polled, each with the assignment generation it was polled at.
+    /// `now_ms` is read once per burst: a clock read per record is measurable here.
+    ///
+    /// The burst is decoded first, up to a record that must wait; then the window takes the
+    /// records in order while the cache lines of those `PREFETCH_AHEAD` places behind are
+    /// loaded (`Window::prefetch`), so that each record's waits on memory overlap with the
+    /// work on the ones before it instead of following it.
+    pub fn take_burst(&mut self, burst: &[(BorrowedMessage<'_>, u64)], now_ms: u64) {
+        let mut examined = Vec::with_capacity(burst.len());
+        let mut wait = None;
+        if !self.flow.is_holding() {
+            for (i, (m, generation)) in burst.iter().enumerate() {
+                match self.examine(m, *generation, now_ms) {
+                    Examined::Done => {}
+                    Examined::Wait(why) => {
+                        wait = Some((i, why));
+                        break;
+                    }
+                    Examined::Take(record) => examined.push((i, record)),
+                }
+            }
         }
-        if let Taken::Wait(why) = self.take_record(m, generation, now_ms) {
+        for k in 0..examined.len() {
+            if let Some((
+                _,
+                Taking {
+                    fate: Fate::Admit(lookup, event),
+                    ..
+                },
+            )) = examined.get(k + PREFETCH_AHEAD)
+            {
+                self.delivery.prefetch(lookup, event);
+            }
+            if let Some((
+                _,
+                Taking {
+                    fate: Fate::Admit(lookup, _),
+                    ..
+                },
+            )) = examined.get(k + PREFETCH_AHEAD / 2)
+            {
+                self.delivery.prefetch_key(lookup);
+            }
+            let (i, record) = &examined[k];
+            self.apply(&burst[*i].0, record, now_ms);
+        }
+        let held_from = match &wait {
+            Some((i, _)) => *i,
+            // Behind a record that waits: in order, after it.
+            None if self.flow.is_holding() => 0,
+            None => burst.len(),
+        };
+        for (m, generation) in &burst[held_from..] {
             self.flow.hold(Held {
                 message: m.detach(),
-                generation,
+                generation: *generation,
             });
+        }
+        if let Some((_, why)) = wait {
             self.wait(why);
         }
     }
@@ -199,47 +263,81 @@ impl Worker {
         self.flow.wait(why);
     }
 
+    /// One record, examined and applied at once (a held record taken again).
     fn take_record<M: Message + RecordHeaders>(
         &mut self,
         m: &M,
         generation: u64,
         now_ms: u64,
     ) -> Taken {
+        match self.examine(m, generation, now_ms) {
+            Examined::Done => {}
+            Examined::Wait(why) => return Taken::Wait(why),
+            Examined::Take(record) => self.apply(m, &record, now_ms),
+        }
+        Taken::Done
+    }
+
+    /// Whose the record is, whether a bounded run wants it, and what it says: nothing here
+    /// touches the window, so a burst is examined ahead of the window taking it.
+    fn examine<'m, M: Message>(&mut self, m: &'m M, generation: u64, now_ms: u64) -> Examined<'m> {
         // A record of a partition revoked (or revoked and assigned again) since it was
         // polled: its next owner, or the new assignment, reads it again.
         let Some(id) = self
             .assignment
             .resolve(m.topic(), m.partition(), generation)
         else {
-            return Taken::Done;
+            return Examined::Done;
         };
         if let Some(b) = &self.bounds {
             if b.past_end(m.topic(), m.partition(), m.offset()) {
                 // Left untracked and uncommitted; the partition is paused from now on.
                 self.flow
                     .finish(TopicPartition::new(m.topic(), m.partition()));
-                return Taken::Done;
+                return Examined::Done;
             }
         }
-        let verdict = self.ingest.examine(m.payload(), now_ms);
-        if let Verdict::Wait(why) = verdict {
-            return Taken::Wait(why);
-        }
-        self.metrics.events_consumed.inc();
-        let Some(pos) = self.assignment.track(id, m.offset()) else {
-            // A second copy of a record read in this assignment: its first copy settles it.
-            self.metrics.events_deduplicated.inc();
-            return Taken::Done;
-        };
-        match verdict {
+        match self.ingest.examine(m.payload(), now_ms) {
+            Verdict::Wait(why) => Examined::Wait(why),
             Verdict::Admit(event) => {
                 let Some(identity) = event.identity() else {
                     unreachable!("ingest admits only events with an identity");
                 };
-                match self
-                    .delivery
-                    .admit(&event, identity, m.partition(), m.offset(), pos, now_ms)
-                {
+                let lookup = self.delivery.lookup(&event, identity);
+                Examined::Take(Taking {
+                    id,
+                    fate: Fate::Admit(lookup, event),
+                })
+            }
+            Verdict::DeadLetter(reason) => Examined::Take(Taking {
+                id,
+                fate: Fate::DeadLetter(reason),
+            }),
+        }
+    }
+
+    /// Tracks an examined record's offset and hands it to the window or the dead letters.
+    fn apply<M: Message + RecordHeaders>(&mut self, m: &M, record: &Taking<'_>, now_ms: u64) {
+        self.metrics.events_consumed.inc();
+        let Some(pos) = self.assignment.track(record.id, m.offset()) else {
+            // A second copy of a record read in this assignment: its first copy settles it.
+            self.metrics.events_deduplicated.inc();
+            return;
+        };
+        match &record.fate {
+            Fate::Admit(lookup, event) => {
+                let Some(identity) = event.identity() else {
+                    unreachable!("ingest admits only events with an identity");
+                };
+                match self.delivery.admit(
+                    lookup,
+                    event,
+                    identity,
+                    m.partition(),
+                    m.offset(),
+                    pos,
+                    now_ms,
+                ) {
                     Admit::Pending | Admit::Superseded => {}
                     Admit::Duplicate => {
                         self.metrics.events_deduplicated.inc();
@@ -251,14 +349,12 @@ impl Worker {
                     }
                 }
             }
-            Verdict::DeadLetter(reason) => {
+            Fate::DeadLetter(reason) => {
                 tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                    reason = ?reason, "record to the dead-letter topic");
-                self.dead_letters.record(m, pos, &reason);
+                reason = ?reason, "record to the dead-letter topic");
+                self.dead_letters.record(m, pos, reason);
             }
-            Verdict::Wait(_) => unreachable!("handled above"),
         }
-        Taken::Done
     }
 
     /// Offers held records again, when their wait is due.
