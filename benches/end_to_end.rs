@@ -312,7 +312,7 @@ fn main() {
         };
         measure(
             &rt,
-            &broker,
+            broker,
             &sim,
             &registry.url,
             format,
