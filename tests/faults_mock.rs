@@ -25,7 +25,8 @@ use support::mock::{mock_env, MockEnv};
 use support::registry::Registry;
 use support::running::{start, wait_until, Running};
 use support::worker::{
-    clean_records, committed, end_offsets, header, produce, read_all, test_config, API_KEY,
+    clean_records, committed, end_offsets, header, produce, produce_with, read_all, test_config,
+    API_KEY,
 };
 
 fn worker(env: &MockEnv, cfg: &Config) -> Running {
@@ -108,6 +109,96 @@ fn a_registry_outage_longer_than_the_poll_interval_holds_records_and_keeps_the_g
     let summary = w.stop();
     assert_eq!(summary.dlq_records, 0, "an outage dead-letters nothing");
     assert_eq!(summary.undecodable, 0);
+    let d = profile_diff(env.sim.state.profiles(), &landed);
+    assert!(d.is_empty(), "{}", d.join("\n"));
+}
+
+/// A record whose schema the registry cannot give arrives in the middle of a poll's burst,
+/// behind records of a schema the worker holds: the burst is decoded ahead of the window
+/// taking it, so this checks that the records before the waiting one are delivered, that it
+/// and every record behind it wait (none delivered ahead of it), and that all of them are
+/// delivered once the registry answers, none dead-lettered.
+#[test]
+fn a_record_that_must_wait_mid_burst_holds_every_record_behind_it() {
+    let env = mock_env(Faults::default(), 0);
+    let topic = "registry-mid-burst";
+    env.cluster.create_topic(topic, 1, 1).unwrap();
+    env.cluster
+        .create_topic("registry-mid-burst.dlq", 1, 1)
+        .unwrap();
+    let registry = Registry::start();
+    assert_eq!(registry.register(SCHEMA), 1);
+    // The same record schema under another id, as a second registered version would be.
+    let second = registry.register(&SCHEMA.replacen('{', "{\"doc\": \"v2\", ", 1));
+    assert_ne!(second, 1);
+    let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    cfg.kafka.format = Format::AvroConfluent;
+    cfg.kafka.schema_registry_url = registry.url.clone();
+    let records = clean_records(202, 73, 150);
+    // The first record brings schema 1 into the worker's cache while the registry is up.
+    let mut landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &records[..1],
+    );
+    let w = worker(&env, &cfg);
+    wait_until(
+        "the first record is committed",
+        Duration::from_secs(30),
+        || all_committed(&cfg, 1),
+    );
+    registry.set_down(true);
+    // 100 records of schema 1, one of schema 2, 100 of schema 1: polled in bursts of 64,
+    // the waiting record is the 37th of the second burst.
+    const WAITING: usize = 101;
+    landed.extend(produce_with(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        &records[1..],
+        &|g: &Generated| {
+            let Record::Valid(e) = &g.record else {
+                unreachable!("clean records are valid")
+            };
+            let id = if std::ptr::eq(g, &records[WAITING]) {
+                second
+            } else {
+                1
+            };
+            (
+                segment_sync::tools::encode::to_confluent(id, e),
+                Some(e.clone()),
+            )
+        },
+    ));
+    let before = boolean_profiles(&landed[..WAITING], "");
+    wait_until(
+        "the records before the waiting one are delivered",
+        Duration::from_secs(30),
+        || diff(&before, &strip_identifiers(env.sim.state.profiles())).is_empty(),
+    );
+    let why = w.health.readiness().unwrap_err();
+    assert!(why.contains("schema registry"), "{why}");
+    // Longer than the linger and the commit interval: nothing behind the waiting record
+    // may reach Braze meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    let d = diff(&before, &strip_identifiers(env.sim.state.profiles()));
+    assert!(d.is_empty(), "{}", d.join("\n"));
+    assert_eq!(
+        env.sim.state.profiles().len(),
+        before.len(),
+        "no user of a record behind the waiting one reached Braze"
+    );
+    registry.set_down(false);
+    wait_until(
+        "everything is delivered and committed",
+        Duration::from_secs(60),
+        || all_committed(&cfg, 1),
+    );
+    let summary = w.stop();
+    assert_eq!(summary.dlq_records, 0, "waiting dead-letters nothing");
     let d = profile_diff(env.sim.state.profiles(), &landed);
     assert!(d.is_empty(), "{}", d.join("\n"));
 }
