@@ -193,6 +193,9 @@ impl PartitionState {
 pub struct OffsetTracker {
     /// Indexed by `PartitionId::slot`; `None` for a revoked partition whose slot is free.
     partitions: Vec<Option<PartitionState>>,
+    /// Per topic, the slot of each partition number (+ 1; 0 for none): every record looks
+    /// its partition up, so the lookup must not grow with the partitions assigned.
+    index: Vec<(Arc<str>, Vec<u32>)>,
     free: Vec<u32>,
     next_epoch: u32,
     unsettled: usize,
@@ -217,6 +220,14 @@ impl OffsetTracker {
                 return PartitionId { slot, epoch };
             }
         }
+        let Ok(number) = usize::try_from(partition) else {
+            // Kafka numbers partitions from 0; no record has a negative one, so its handle
+            // is one nothing is tracked or settled against.
+            return PartitionId {
+                slot: u32::MAX,
+                epoch,
+            };
+        };
         let state = PartitionState::new(Arc::from(topic), partition, epoch);
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -229,6 +240,17 @@ impl OffsetTracker {
                 u32::try_from(self.partitions.len() - 1).unwrap_or(u32::MAX)
             }
         };
+        let slots = match self.index.iter().position(|(t, _)| **t == *topic) {
+            Some(i) => &mut self.index[i].1,
+            None => {
+                self.index.push((Arc::from(topic), Vec::new()));
+                &mut self.index.last_mut().expect("just pushed").1
+            }
+        };
+        if slots.len() <= number {
+            slots.resize(number + 1, 0);
+        }
+        slots[number] = slot + 1;
         PartitionId { slot, epoch }
     }
 
@@ -241,6 +263,9 @@ impl OffsetTracker {
         };
         if let Some(state) = self.partitions[slot as usize].take() {
             self.unsettled -= state.unsettled;
+        }
+        if let Some((_, slots)) = self.index.iter_mut().find(|(t, _)| **t == *topic) {
+            slots[partition as usize] = 0;
         }
         self.free.push(slot);
         true
@@ -320,13 +345,9 @@ impl OffsetTracker {
     // Assignments change rarely and a worker owns few partitions, so a scan beats keeping
     // a map keyed by topic name in step with the slots.
     fn find(&self, topic: &str, partition: i32) -> Option<u32> {
-        self.partitions
-            .iter()
-            .position(|s| {
-                s.as_ref()
-                    .is_some_and(|s| s.partition == partition && &*s.topic == topic)
-            })
-            .and_then(|i| u32::try_from(i).ok())
+        let (_, slots) = self.index.iter().find(|(t, _)| **t == *topic)?;
+        let slot = *slots.get(usize::try_from(partition).ok()?)?;
+        slot.checked_sub(1)
     }
 
     fn state(&self, topic: &str, partition: i32) -> Option<&PartitionState> {
@@ -514,6 +535,35 @@ mod tests {
         assert_eq!(t.committable("t", 0), Some(10));
         t.settle(next);
         assert_eq!(t.committable("t", 0), Some(11));
+    }
+
+    #[test]
+    fn partitions_of_many_topics_are_found_after_revokes_and_reassignments() {
+        let mut t = OffsetTracker::new();
+        for topic in ["a", "b"] {
+            for p in 0..300 {
+                t.assign(topic, p);
+            }
+        }
+        for p in (0..300).step_by(3) {
+            assert!(t.revoke("a", p));
+        }
+        assert!(!t.revoke("a", 0), "revoked already");
+        assert!(!t.revoke("c", 0) && !t.revoke("a", 300), "never assigned");
+        t.assign("c", 7);
+        for p in 0..300 {
+            assert_eq!(t.partition_id("a", p).is_some(), p % 3 != 0, "a[{p}]");
+            let b = t.partition_id("b", p).expect("b is assigned whole");
+            let pos = t.track(b, 10).expect("tracked");
+            t.settle(pos);
+            assert_eq!(t.committable("b", p), Some(11));
+        }
+        assert!(t.partition_id("c", 7).is_some() && t.partition_id("c", 6).is_none());
+        assert!(t.partition_id("a", -1).is_none());
+        // Freed slots are reused by the next assignments without confusing them.
+        let again = t.assign("a", 0);
+        assert_eq!(t.partition_id("a", 0), Some(again));
+        assert_eq!(t.assigned().count(), 200 + 300 + 1 + 1);
     }
 
     #[test]
