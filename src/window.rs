@@ -711,10 +711,13 @@ impl<P: Copy + PartialEq> Window<P> {
         pos: P,
         now_ms: u64,
     ) -> Admit {
+        let (kind, id) = identity_key(identity);
+        // A lookup of another event would file this one under another user's hash.
+        debug_assert_eq!(lookup.user, user_hash(kind, id), "lookup of another user");
+        debug_assert_eq!(lookup.event, event_id_hash(&event.event_id));
         if self.seen.put(lookup.event, ()).is_some() {
             return Admit::Duplicate;
         }
-        let (kind, id) = identity_key(identity);
         let order = Order::of(event, partition, offset);
         let hash = lookup.user;
         let segment = self.segments.intern(&event.segment_id);
