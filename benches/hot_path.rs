@@ -1,8 +1,10 @@
 //! DESIGN.md, "Performance it is built for": decode → window → batch encode on one core at
 //! ≥ 1,300,000 events/s for JSON and for avro-confluent, with a resident window.
 //!
-//! Each event takes the path `pipeline::Worker::take` gives it (partition lookup, offset
-//! tracking, decode, validate, admit, settle what the window drops), and every 512 events
+//! Events take the path `pipeline::Worker::take_burst` gives a poll's burst of 64
+//! (partition lookup, decode, validate and the window's lookups for the whole burst, then
+//! offset tracking and admit in order with the window's lines prefetched ahead, settling what
+//! the window drops), and every 512 events
 //! the service step runs as in `pipeline::run`: acknowledgements of the previous round
 //! settle and complete their users, then up to `max_in_flight` batches are popped and
 //! encoded. Only Kafka and HTTP are left out. `cargo bench --bench hot_path`
