@@ -1022,7 +1022,7 @@ fn assigned_partitions(bytes: &[u8], topic: &str) -> Option<BTreeSet<i32>> {
 
 fn ready(w: &Worker) -> bool {
     http()
-        .get(format!("{}/readyz", w.base))
+        .get(format!("{}/readyz", w.base().unwrap_or("http://0.0.0.0:9")))
         .send()
         .is_ok_and(|r| r.status().is_success())
 }

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use segment_sync::tools::sim::{self, Faults, SimConfig};
 
-use support::procs::{binary, free_port, Proc, Worker, WorkerConfig, API_KEY};
+use support::procs::{binary, Proc, Worker, WorkerConfig, API_KEY};
 
 /// Distinct users, each about 3 KB of identifier and attributes near Braze's limits: some
 /// 180 MB of pending state if nothing held consumption back.
@@ -125,9 +125,8 @@ fn resident_size_stays_flat_under_a_flood_of_large_users_while_braze_is_stalled(
     let mut cfg = WorkerConfig::new(&brokers, topic, &braze.url());
     cfg.properties
         .insert("queued.max.messages.kbytes".into(), PREFETCH_KB.to_string());
-    let listen = format!("127.0.0.1:{}", free_port());
     let config = dir.path().join("worker.toml");
-    let text = cfg.toml(&listen).replace(
+    let text = cfg.toml("127.0.0.1:0").replace(
         "[window]\n",
         &format!("[window]\nmax_pending_bytes = {MAX_PENDING_BYTES}\n"),
     );
@@ -137,10 +136,7 @@ fn resident_size_stays_flat_under_a_flood_of_large_users_while_braze_is_stalled(
         .arg(&config)
         .env("BRAZE_API_KEY", API_KEY)
         .env("RUST_LOG", "info");
-    let mut worker = Worker {
-        proc: Proc::spawn("worker", cmd, dir.path()),
-        base: format!("http://{listen}"),
-    };
+    let mut worker = Worker::new(Proc::spawn("worker", cmd, dir.path()));
     worker.wait_ready(Duration::from_secs(60));
     let pid = worker.proc.pid();
     let idle = rss_kb(pid);

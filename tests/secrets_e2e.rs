@@ -78,19 +78,23 @@ fn secret_properties(cfg: &mut WorkerConfig) {
 
 /// Starts `segment-sync <args> --config <name>.toml` with the Braze key in the environment
 /// and debug logs, so that every line that could show a secret is written.
-fn spawn(dir: &Path, name: &str, cfg: &WorkerConfig, args: &[&str]) -> (Proc, String) {
-    let (config, base) = cfg.write(dir, name);
+fn spawn(dir: &Path, name: &str, cfg: &WorkerConfig, args: &[&str]) -> Proc {
+    let config = cfg.write(dir, name);
     let mut cmd = Command::new(binary());
     cmd.args(args)
         .arg("--config")
         .arg(&config)
         .env("BRAZE_API_KEY", BRAZE_KEY)
         .env("RUST_LOG", "debug");
-    (Proc::spawn(name, cmd, dir), base)
+    Proc::spawn(name, cmd, dir)
 }
 
 /// What a process's HTTP server answers on `/metrics` and `/readyz`.
-fn served(base: &str) -> (String, String) {
+fn served(p: &Proc) -> (String, String) {
+    let Some(base) = p.served_base() else {
+        let none = "(no answer: not serving yet)".to_string();
+        return (none.clone(), none);
+    };
     let get = |path: &str| {
         http()
             .get(format!("{base}{path}"))
@@ -102,10 +106,10 @@ fn served(base: &str) -> (String, String) {
 }
 
 /// Polls `/readyz` until `want` holds for its body, returns the body and `/metrics`.
-fn wait_served(p: &mut Proc, base: &str, what: &str, want: impl Fn(&str) -> bool) -> Vec<String> {
+fn wait_served(p: &mut Proc, what: &str, want: impl Fn(&str) -> bool) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (metrics, ready) = served(base);
+        let (metrics, ready) = served(p);
         if want(&ready) {
             return vec![metrics, ready];
         }
@@ -258,7 +262,7 @@ fn no_secret_in_any_output_of_any_command_on_any_error_path() {
             &format!("KEY:{SLASH_SECRET}@registry.example.com"),
         ),
     ] {
-        let (mut p, _) = spawn(dir, name, &avro(url, &braze.url()), &["check-config"]);
+        let mut p = spawn(dir, name, &avro(url, &braze.url()), &["check-config"]);
         let status = finish(&mut p);
         let out = fs::read_to_string(&p.stdout).unwrap_or_default();
         if matches!(name, "check-refused" | "check-unparsable") {
@@ -287,7 +291,6 @@ fn no_secret_in_any_output_of_any_command_on_any_error_path() {
                 "50",
             ],
         )
-        .0
     };
     let mut good = vec![
         produce("produce-avro", &avro(&plain_url, &braze.url()), "120"),
@@ -333,21 +336,21 @@ fn no_secret_in_any_output_of_any_command_on_any_error_path() {
 
     // run: every record settled, dead letters from Braze's rejections, from bad records and
     // from schema ids the registry does not have (404).
-    let (mut delivering, base) = spawn(
+    let mut delivering = spawn(
         dir,
         "run-delivering",
         &avro(&plain_url, &braze.url()),
         &["run"],
     );
     // replay --dry-run with the token alone: decodes through the registry, writes nothing.
-    let (mut replaying, _) = spawn(
+    let mut replaying = spawn(
         dir,
         "replay-dry-run",
         &avro(&token_url, &braze.url()),
         &["replay", "--from", "earliest", "--dry-run"],
     );
     // Refused before it starts: the unparsable URL.
-    let (mut unparsable, _) = spawn(
+    let mut unparsable = spawn(
         dir,
         "run-unparsable",
         &avro(&unparsable_url, &braze.url()),
@@ -359,10 +362,9 @@ fn no_secret_in_any_output_of_any_command_on_any_error_path() {
         &braze.url(),
     );
     no_registry.group_id = "sec.no-registry".into();
-    let (mut unregistered, unregistered_base) =
-        spawn(dir, "run-no-registry", &no_registry, &["run"]);
+    let mut unregistered = spawn(dir, "run-no-registry", &no_registry, &["run"]);
     // Braze refuses the key: 401.
-    let (mut refused, refused_base) = spawn(
+    let mut refused = spawn(
         dir,
         "run-401",
         &config("sec.json", "json", &token_url, &locked.url()),
@@ -375,8 +377,8 @@ fn no_secret_in_any_output_of_any_command_on_any_error_path() {
         .insert("security.protocol".into(), "SASL_PLAINTEXT".into());
     sasl.properties
         .insert("sasl.mechanism".into(), "PLAIN".into());
-    let (mut no_broker, no_broker_base) = spawn(dir, "run-bad-broker", &sasl, &["run"]);
-    let (mut replay_no_broker, _) = spawn(
+    let mut no_broker = spawn(dir, "run-bad-broker", &sasl, &["run"]);
+    let mut replay_no_broker = spawn(
         dir,
         "replay-bad-broker",
         &sasl,
@@ -386,7 +388,7 @@ fn no_secret_in_any_output_of_any_command_on_any_error_path() {
     let mut sasl_mock = sasl.clone();
     sasl_mock.brokers = brokers.clone();
     sasl_mock.group_id = "sec.sasl".into();
-    let (mut handshake, handshake_base) = spawn(dir, "run-sasl-handshake", &sasl_mock, &["run"]);
+    let mut handshake = spawn(dir, "run-sasl-handshake", &sasl_mock, &["run"]);
     // OAUTHBEARER, with librdkafka's own configuration and security debug lines on: they
     // list every property.
     let mut oauth = sasl_mock.clone();
@@ -397,7 +399,7 @@ fn no_secret_in_any_output_of_any_command_on_any_error_path() {
     oauth
         .properties
         .insert("debug".into(), "conf,security".into());
-    let (mut bearer, bearer_base) = spawn(dir, "run-oauthbearer", &oauth, &["run"]);
+    let mut bearer = spawn(dir, "run-oauthbearer", &oauth, &["run"]);
 
     let deadline = Instant::now() + Duration::from_secs(90);
     while committed(&brokers, "sec.avro.group", "sec.avro", 2)
@@ -412,7 +414,7 @@ fn no_secret_in_any_output_of_any_command_on_any_error_path() {
         );
         thread::sleep(Duration::from_millis(200));
     }
-    let (metrics, ready) = served(&base);
+    let (metrics, ready) = served(&delivering);
     assert_eq!(ready, "ready", "{}", delivering.report());
     bodies.push(("run-delivering /metrics".into(), metrics));
     bodies.push(("run-delivering /readyz".into(), ready));
@@ -428,24 +430,14 @@ fn no_secret_in_any_output_of_any_command_on_any_error_path() {
     let dry = fs::read_to_string(&replaying.stdout).unwrap_or_default();
     assert!(!dry.is_empty(), "the dry run printed nothing");
 
-    for (p, base, what, want) in [
-        (
-            &mut unregistered,
-            &unregistered_base,
-            "registry unreachable",
-            "schema registry",
-        ),
-        (&mut refused, &refused_base, "Braze 401", "401"),
-        (&mut no_broker, &no_broker_base, "bad broker", "not ready"),
-        (
-            &mut handshake,
-            &handshake_base,
-            "SASL handshake",
-            "not ready",
-        ),
-        (&mut bearer, &bearer_base, "OAUTHBEARER", "not ready"),
+    for (p, what, want) in [
+        (&mut unregistered, "registry unreachable", "schema registry"),
+        (&mut refused, "Braze 401", "401"),
+        (&mut no_broker, "bad broker", "not ready"),
+        (&mut handshake, "SASL handshake", "not ready"),
+        (&mut bearer, "OAUTHBEARER", "not ready"),
     ] {
-        let got = wait_served(p, base, what, |r| r.contains(want));
+        let got = wait_served(p, what, |r| r.contains(want));
         bodies.push((format!("{} /metrics", p.name), got[0].clone()));
         bodies.push((format!("{} /readyz", p.name), got[1].clone()));
     }

@@ -13,6 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -30,13 +31,25 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_segment-sync")
 }
 
-/// A free loopback port. The port is released before the child binds it, so another
-/// process could take it meanwhile; on loopback in a test run that does not happen in practice.
+/// A free loopback port. The port is released before anyone binds it, so another process can
+/// take it meanwhile (it happened: a worker's `server.listen` was taken by a neighbour
+/// test's connection). Use it only for an address nothing listens on; a worker binds port 0
+/// and says where (`Proc::served_base`).
 pub fn free_port() -> u16 {
     TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// The `addr` field of a log line: `"addr":"127.0.0.1:1234"` in JSON logs (stderr is a file
+/// here), `addr=127.0.0.1:1234` in text logs.
+fn logged_addr(line: &str) -> Option<&str> {
+    if let Some(i) = line.find("\"addr\":\"") {
+        return line[i + 8..].split('"').next();
+    }
+    let i = line.find("addr=")?;
+    line[i + 5..].split_whitespace().next()
 }
 
 /// A blocking HTTP client with a short timeout: every server here is local.
@@ -140,6 +153,16 @@ impl Proc {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The base URL of the process's HTTP server, from its log line saying where it serves
+    /// (workers listen on port 0); `None` until it has written it.
+    pub fn served_base(&self) -> Option<String> {
+        let log = fs::read_to_string(&self.stderr).ok()?;
+        log.lines()
+            .filter(|l| l.contains("serving /metrics"))
+            .find_map(logged_addr)
+            .map(|addr| format!("http://{addr}"))
     }
 
     /// The last `bytes` of its stderr, for failure messages.
@@ -347,36 +370,48 @@ listen = {listen:?}
         )
     }
 
-    /// Writes the config for a fresh port to `<dir>/<name>.toml`; returns its path and the
-    /// base URL of the worker's HTTP server.
-    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, String) {
-        let listen = format!("127.0.0.1:{}", free_port());
+    /// Writes the config to `<dir>/<name>.toml` and returns its path. The HTTP server
+    /// listens on port 0: `Proc::served_base` says where.
+    pub fn write(&self, dir: &Path, name: &str) -> PathBuf {
         let path = dir.join(format!("{name}.toml"));
-        fs::write(&path, self.toml(&listen)).expect("write the worker config");
-        (path, format!("http://{listen}"))
+        fs::write(&path, self.toml("127.0.0.1:0")).expect("write the worker config");
+        path
     }
 }
 
 /// A `segment-sync run` (or `replay`) child process and its HTTP server.
 pub struct Worker {
     pub proc: Proc,
-    pub base: String,
+    base: OnceLock<String>,
 }
 
 impl Worker {
+    pub fn new(proc: Proc) -> Worker {
+        Worker {
+            proc,
+            base: OnceLock::new(),
+        }
+    }
+
     /// Spawns `segment-sync <args...> --config <file>` without waiting for anything.
     pub fn spawn(dir: &Path, name: &str, cfg: &WorkerConfig, args: &[&str]) -> Worker {
-        let (config, base) = cfg.write(dir, name);
+        let config = cfg.write(dir, name);
         let mut cmd = Command::new(binary());
         cmd.args(args)
             .arg("--config")
             .arg(&config)
             .env("BRAZE_API_KEY", API_KEY)
             .env("RUST_LOG", "info");
-        Worker {
-            proc: Proc::spawn(name, cmd, dir),
-            base,
+        Worker::new(Proc::spawn(name, cmd, dir))
+    }
+
+    /// Its HTTP server's base URL, once it serves.
+    pub fn base(&self) -> Option<&str> {
+        if self.base.get().is_none() {
+            let base = self.proc.served_base()?;
+            let _ = self.base.set(base);
         }
+        self.base.get().map(String::as_str)
     }
 
     /// `segment-sync run`, returned once its `/readyz` answers 200 (partitions assigned).
@@ -394,7 +429,11 @@ impl Worker {
             if self.proc.exited().is_some() {
                 panic!("worker exited before it was ready\n{}", self.proc.report());
             }
-            match client.get(format!("{}/readyz", self.base)).send() {
+            let Some(base) = self.base().map(str::to_string) else {
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            match client.get(format!("{base}/readyz")).send() {
                 Ok(r) if r.status().is_success() => return,
                 Ok(r) => last = r.text().unwrap_or_default(),
                 Err(e) => last = e.to_string(),
@@ -411,7 +450,7 @@ impl Worker {
     /// worker does not answer.
     pub fn metric(&self, name: &str) -> Option<f64> {
         let text = http()
-            .get(format!("{}/metrics", self.base))
+            .get(format!("{}/metrics", self.base()?))
             .send()
             .and_then(|r| r.text())
             .ok()?;
