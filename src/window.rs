@@ -612,11 +612,12 @@ impl<P: Copy + PartialEq> Window<P> {
             self.delivered.prefetch(segment_key(lookup.user, segment));
         }
         let slots = &self.slots;
-        // Every slot whose table tag matches (nearly always the user's alone), without
-        // reading one: the probe only computes their addresses.
+        // The first slot whose table tag matches, nearly always the user's, without reading
+        // it: the probe only computes its address. Stopping there spares the probe the
+        // groups after it, which a search for a match that never comes would walk.
         self.table.find(lookup.user, |&i| {
             crate::prefetch::read(slots.address(i), SLOT_LINES);
-            false
+            true
         });
     }
 
@@ -625,10 +626,11 @@ impl<P: Copy + PartialEq> Window<P> {
         let slots = &self.slots;
         self.table.find(lookup.user, |&i| {
             let s = &slots[i];
-            if s.hash == lookup.user {
+            let mine = s.hash == lookup.user;
+            if mine {
                 crate::prefetch::read(s.key.as_ptr(), 1);
             }
-            false
+            mine
         });
     }
 
