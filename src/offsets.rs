@@ -342,8 +342,7 @@ impl OffsetTracker {
         self.state(topic, partition).map_or(0, |s| s.unsettled)
     }
 
-    // Assignments change rarely and a worker owns few partitions, so a scan beats keeping
-    // a map keyed by topic name in step with the slots.
+    // A worker reads few topics, so they are scanned; partitions are indexed by number.
     fn find(&self, topic: &str, partition: i32) -> Option<u32> {
         let (_, slots) = self.index.iter().find(|(t, _)| **t == *topic)?;
         let slot = *slots.get(usize::try_from(partition).ok()?)?;

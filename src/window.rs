@@ -357,9 +357,7 @@ impl<T> Slab<T> {
         }
         index
     }
-}
 
-impl<T> Slab<T> {
     /// Where element `i` would be, without reading it (or checking it exists).
     fn address(&self, i: u32) -> *const T {
         match self.chunks.get((i >> CHUNK_BITS) as usize) {
