@@ -223,6 +223,79 @@ fn worker_config(
     cfg
 }
 
+/// CPU time of each of this process's threads, from `/proc/self/task`, to tell the
+/// consuming thread's share from librdkafka's and the HTTP client's.
+struct ThreadCpu {
+    /// Thread id → (name, clock ticks of user and system time).
+    ticks: std::collections::HashMap<u32, (String, u64)>,
+}
+
+impl ThreadCpu {
+    fn now() -> ThreadCpu {
+        let mut t = ThreadCpu {
+            ticks: Default::default(),
+        };
+        t.update();
+        t
+    }
+
+    /// Reads every live thread again; threads that ended keep their last reading.
+    fn update(&mut self) {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+            let ticks =
+                fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+            self.ticks
+                .insert(tid, (stat[open + 1..close].to_string(), ticks));
+        }
+    }
+
+    /// Seconds of CPU since `before`, by kind of thread.
+    fn since(&self, before: &ThreadCpu) -> String {
+        // SAFETY: sysconf and getpid have no preconditions.
+        let (hz, main) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK) as f64,
+                libc::getpid() as u32,
+            )
+        };
+        let mut by_kind = [0u64; 4];
+        for (tid, (name, ticks)) in &self.ticks {
+            let spent = ticks.saturating_sub(before.ticks.get(tid).map_or(0, |(_, t)| *t));
+            let kind = if *tid == main {
+                0
+            } else if name.starts_with("rdk:") {
+                1
+            } else if name.starts_with("tokio") {
+                2
+            } else {
+                3
+            };
+            by_kind[kind] += spent;
+        }
+        let s = |k: usize| by_kind[k] as f64 / hz;
+        format!(
+            "consuming thread {:.2} s, librdkafka's threads {:.2} s, tokio (Braze requests) {:.2} s, other {:.2} s",
+            s(0),
+            s(1),
+            s(2),
+            s(3)
+        )
+    }
+}
+
 /// Runs the worker until it has caught up; a sampler thread notes when the first and the
 /// last record were consumed, from the worker's own metrics.
 fn worker(
@@ -243,7 +316,14 @@ fn worker(
             let mut joined = None;
             let mut first = None;
             let mut last = None;
+            let mut threads = ThreadCpu::now();
+            let mut rounds = 0u32;
             while !done.load(Ordering::Relaxed) {
+                // librdkafka's threads end with the run: their last reading is kept.
+                rounds += 1;
+                if rounds % 25 == 0 {
+                    threads.update();
+                }
                 if joined.is_none() && health.assigned.load(Ordering::Relaxed) {
                     joined = Some(Instant::now());
                 }
@@ -256,7 +336,8 @@ fn worker(
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
-            (joined, first, last)
+            threads.update();
+            (joined, first, last, threads)
         })
     };
     // Built from `live` so that options added later keep their defaults here.
@@ -265,6 +346,7 @@ fn worker(
     opts.start = StartAt::Earliest;
     opts.until = Until::CaughtUp;
     opts.dry_run = dry_run.then(|| Box::new(std::io::sink()) as Box<dyn std::io::Write + Send>);
+    let threads0 = ThreadCpu::now();
     let cpu0 = cpu_time();
     let started = Instant::now();
     let summary =
@@ -272,7 +354,8 @@ fn worker(
     let ended = Instant::now();
     let cpu = cpu_time() - cpu0;
     done.store(true, Ordering::Relaxed);
-    let (joined, first, last) = sampler.join().expect("sampler");
+    let (joined, first, last, threads) = sampler.join().expect("sampler");
+    println!("  CPU by thread: {}", threads.since(&threads0));
     let (first, last) = (
         first.expect("the worker consumed"),
         last.expect("the worker consumed everything"),
