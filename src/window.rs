@@ -122,17 +122,16 @@ impl Segments {
         self.names.is_empty()
     }
 
-    fn find(&self, id: &str) -> Option<u32> {
+    /// `hash` is `segment_hash(id)`, computed once an event (`Window::lookup`).
+    fn find(&self, id: &str, hash: u64) -> Option<u32> {
         let names = &self.names;
         self.index
-            .find(FxBuildHasher.hash_one(id), |&i| &*names[i as usize] == id)
+            .find(hash, |&i| &*names[i as usize] == id)
             .copied()
     }
 
-    fn intern(&mut self, id: &str) -> u32 {
-        let hash = FxBuildHasher.hash_one(id);
-        let names = &self.names;
-        if let Some(&i) = self.index.find(hash, |&i| &*names[i as usize] == id) {
+    fn intern(&mut self, id: &str, hash: u64) -> u32 {
+        if let Some(i) = self.find(id, hash) {
             return i;
         }
         let i = self.names.len() as u32;
@@ -142,7 +141,7 @@ impl Segments {
         self.json.push(json.into());
         let names = &self.names;
         self.index
-            .insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*names[j as usize]));
+            .insert_unique(hash, i, |&j| segment_hash(&names[j as usize]));
         i
     }
 
@@ -480,6 +479,7 @@ fn attr_bytes(name: &str, value: &AttrValue<'_>) -> usize {
 pub struct Lookup {
     user: u64,
     event: u64,
+    segment: u64,
 }
 
 fn identity_key(identity: Identity<'_>) -> (IdKind, &str) {
@@ -494,6 +494,10 @@ fn user_hash(kind: IdKind, id: &str) -> u64 {
     kind.hash(&mut h);
     id.hash(&mut h);
     h.finish()
+}
+
+fn segment_hash(id: &str) -> u64 {
+    FxBuildHasher.hash_one(id)
 }
 
 fn event_id_hash(id: &str) -> u64 {
@@ -597,6 +601,7 @@ impl<P: Copy + PartialEq> Window<P> {
         Lookup {
             user: user_hash(kind, id),
             event: event_id_hash(&event.event_id),
+            segment: segment_hash(&event.segment_id),
         }
     }
 
@@ -606,7 +611,7 @@ impl<P: Copy + PartialEq> Window<P> {
     /// arrived. Changes nothing.
     pub fn prefetch(&self, lookup: &Lookup, event: &Event<'_>) {
         self.seen.prefetch(lookup.event);
-        if let Some(segment) = self.segments.find(&event.segment_id) {
+        if let Some(segment) = self.segments.find(&event.segment_id, lookup.segment) {
             self.delivered.prefetch(segment_key(lookup.user, segment));
         }
         let slots = &self.slots;
@@ -715,12 +720,13 @@ impl<P: Copy + PartialEq> Window<P> {
         // A lookup of another event would file this one under another user's hash.
         debug_assert_eq!(lookup.user, user_hash(kind, id), "lookup of another user");
         debug_assert_eq!(lookup.event, event_id_hash(&event.event_id));
+        debug_assert_eq!(lookup.segment, segment_hash(&event.segment_id));
         if self.seen.put(lookup.event, ()).is_some() {
             return Admit::Duplicate;
         }
         let order = Order::of(event, partition, offset);
         let hash = lookup.user;
-        let segment = self.segments.intern(&event.segment_id);
+        let segment = self.segments.intern(&event.segment_id, lookup.segment);
         let stale = self
             .delivered
             .get(segment_key(hash, segment))
