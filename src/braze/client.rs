@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 
+use super::access::Access;
 use super::classify::{classify, RateLimitHeaders, Verdict};
 use super::concurrency::Gate;
 use super::pacing::Pacer;
-use super::{endpoint, BrazeError};
+use super::BrazeError;
 use crate::config::BrazeConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -92,32 +93,16 @@ impl BrazeClient {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Result<BrazeClient, BrazeError> {
-        let key = cfg
-            .api_key
-            .as_deref()
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or(BrazeError::MissingApiKey)?;
-        let mut auth = HeaderValue::from_str(&format!("Bearer {key}"))
-            .map_err(|_| BrazeError::InvalidApiKey)?;
-        auth.set_sensitive(true);
-        let base = endpoint::normalize(&cfg.endpoint)?;
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("segment-sync/", env!("CARGO_PKG_VERSION")))
-            // A redirect means a wrong endpoint; following it would turn the POST into a GET.
-            .redirect(reqwest::redirect::Policy::none())
+        let Access {
+            key,
+            auth,
+            base,
+            http,
+        } = Access::from_config(cfg)?;
+        let mut builder = http
             .pool_max_idle_per_host(cfg.max_in_flight.max(1))
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true);
-        if let Some(file) = &cfg.ca_file {
-            let certificates = ca_certificates(file).map_err(|why| BrazeError::CaFile {
-                file: file.clone(),
-                why,
-            })?;
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
-            }
-        }
         if cfg.timeout_ms > 0 {
             let timeout = Duration::from_millis(cfg.timeout_ms);
             builder = builder
@@ -129,7 +114,7 @@ impl BrazeClient {
                 http: builder.build()?,
                 url: format!("{base}/users/track"),
                 auth,
-                key: key.into(),
+                key,
                 pacer: Pacer::new(cfg.requests_per_second),
                 gate: Gate::new(cfg.max_in_flight),
                 metrics,
@@ -422,17 +407,6 @@ fn status_class(status: u16) -> &'static str {
         500..=599 => "5xx",
         _ => "error",
     }
-}
-
-/// The CA certificates of a PEM file, or why there are none; for validation and the client.
-pub(crate) fn ca_certificates(file: &str) -> Result<Vec<reqwest::Certificate>, String> {
-    let pem = std::fs::read(file).map_err(|e| format!("cannot be read ({e})"))?;
-    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|e| format!("holds a certificate that does not parse ({e})"))?;
-    if certificates.is_empty() {
-        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
-    }
-    Ok(certificates)
 }
 
 /// The TLS library's words when a request failed because the server's certificate does not

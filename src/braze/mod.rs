@@ -2,6 +2,7 @@
 //! of answers, the endpoint rules, and the pacing and adaptive in-flight limit shared by all
 //! requests of one worker.
 
+mod access;
 pub mod classify;
 mod client;
 pub mod concurrency;
@@ -9,8 +10,8 @@ pub mod endpoint;
 mod error;
 pub mod pacing;
 
+pub(crate) use access::{ca_certificates, Access};
 pub use classify::{classify, RateLimitHeaders, Verdict};
-pub(crate) use client::ca_certificates;
 pub(crate) use client::post_json;
 pub use client::{BrazeClient, ObjectOutcome, Rejection};
 pub use error::BrazeError;

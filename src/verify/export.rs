@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use reqwest::header::HeaderValue;
 use serde_json::{Map, Value};
 
-use crate::braze::endpoint;
 use crate::braze::pacing::Pacer;
-use crate::braze::{classify, BrazeError, RateLimitHeaders, Verdict};
+use crate::braze::{classify, Access, BrazeError, RateLimitHeaders, Verdict};
 use crate::config::BrazeConfig;
 
 use super::metrics::VerifyMetrics;
@@ -127,20 +126,11 @@ impl std::fmt::Debug for ExportClient {
 
 impl ExportClient {
     pub fn new(cfg: &BrazeConfig, metrics: Arc<VerifyMetrics>) -> Result<ExportClient, BrazeError> {
-        let key = cfg
-            .api_key
-            .as_deref()
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or(BrazeError::MissingApiKey)?;
-        let mut auth = HeaderValue::from_str(&format!("Bearer {key}"))
-            .map_err(|_| BrazeError::InvalidApiKey)?;
-        auth.set_sensitive(true);
-        let base = endpoint::normalize(&cfg.endpoint)?;
+        let Access {
+            auth, base, http, ..
+        } = Access::from_config(cfg)?;
         let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("segment-sync/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
+        let http = http
             // An export pulls the whole profile together: slower than /users/track.
             .timeout(timeout.max(Duration::from_secs(30)))
             .connect_timeout(timeout.min(Duration::from_secs(5)))
