@@ -7,66 +7,28 @@
 //! exports. What a user is meant to edit (replicas, images, rates, wording) is not pinned.
 //! No Docker engine or cluster is needed.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use prometheus::core::Collector;
-use serde::Deserialize;
 use serde_norway::Value;
 
 use segment_sync::config::{Config, ConfigError, KeyRequirement, API_KEY_ENV, ENV_PREFIX};
 use segment_sync::metrics::Metrics;
 
+use support::files::{files_in, read, root, yaml_docs};
+
 /// After the drain the worker waits up to this long for dead-letter acknowledgements before it
 /// leaves the group.
 const DLQ_FLUSH_MS: u64 = segment_sync::pipeline::DEAD_LETTER_FLUSH.as_millis() as u64;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(rel: &str) -> String {
-    let path = root().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// The files in `dir` (relative to the crate) whose names end with one of `exts`, sorted.
-fn files_in(dir: &str, exts: &[&str]) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(root().join(dir))
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .filter(|n| exts.iter().any(|x| n.ends_with(x)))
-        .map(|n| if dir == "." { n } else { format!("{dir}/{n}") })
-        .collect();
-    out.sort();
-    out
-}
 
 /// What a user reads: the READMEs and guides.
 fn docs() -> Vec<String> {
     [".", "docs", "deploy"]
         .iter()
         .flat_map(|d| files_in(d, &[".md"]))
-        .collect()
-}
-
-/// Every document of a (multi-document) YAML file, `<<:` merges applied as compose and kubectl
-/// apply them; empty documents are skipped.
-fn yaml_docs(rel: &str) -> Vec<Value> {
-    let text = read(rel);
-    serde_norway::Deserializer::from_str(&text)
-        .map(|doc| {
-            let mut v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{rel}: {e}"));
-            v.apply_merge().unwrap_or_else(|e| panic!("{rel}: {e}"));
-            v
-        })
-        .filter(|v| !v.is_null())
         .collect()
 }
 

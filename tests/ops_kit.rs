@@ -10,12 +10,10 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::proto::MetricType;
-use serde::Deserialize;
 use serde_norway::Value;
 
 use segment_sync::config::{Config, ConfigError, KeyRequirement, API_KEY_ENV, ENV_PREFIX};
@@ -23,45 +21,14 @@ use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{StartAt, Until};
 use segment_sync::tools::sim::Faults;
 
+use support::files::{files_in, read, root, yaml_docs};
 use support::mock::mock_env;
 use support::running::{start, wait_until};
 use support::worker::{clean_records, committed, end_offsets, produce, test_config};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(rel: &str) -> String {
-    let path = root().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn files_in(dir: &str, ext: &str) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(root().join(dir))
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .filter(|n| n.ends_with(ext))
-        .map(|n| format!("{dir}/{n}"))
-        .collect();
-    out.sort();
-    out
-}
-
-fn yaml_docs(rel: &str) -> Vec<Value> {
-    serde_norway::Deserializer::from_str(&read(rel))
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{rel}: {e}")))
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
 /// The one document of `kind` among deploy/*.yaml whose file name starts with `prefix`.
 fn manifest(kind: &str, prefix: &str) -> Value {
-    let found: Vec<Value> = files_in("deploy", ".yaml")
+    let found: Vec<Value> = files_in("deploy", &[".yaml"])
         .iter()
         .filter(|f| f.starts_with(&format!("deploy/{prefix}")))
         .flat_map(|f| yaml_docs(f))
@@ -241,7 +208,7 @@ fn dashboard_queries(rel: &str) -> Vec<(String, String)> {
 
 #[test]
 fn the_dashboard_queries_only_metrics_the_worker_exports() {
-    let dashboards = files_in("deploy/grafana", ".json");
+    let dashboards = files_in("deploy/grafana", &[".json"]);
     assert!(!dashboards.is_empty(), "no dashboard in deploy/grafana");
     for file in dashboards {
         let queries = dashboard_queries(&file);
@@ -273,7 +240,7 @@ fn the_dashboard_shows_every_metric_the_guide_documents() {
         documented.len() > 10,
         "the metrics table of docs/operating.md"
     );
-    let shown: BTreeSet<String> = files_in("deploy/grafana", ".json")
+    let shown: BTreeSet<String> = files_in("deploy/grafana", &[".json"])
         .iter()
         .flat_map(|f| dashboard_queries(f))
         .flat_map(|(_, expr)| series_names(&expr))
@@ -489,7 +456,7 @@ fn the_pod_monitor_scrapes_the_workers_port_and_labels_replays_apart() {
 
 #[test]
 fn every_example_passes_check_config() {
-    let examples = files_in("deploy/examples", ".toml");
+    let examples = files_in("deploy/examples", &[".toml"]);
     assert!(examples.len() >= 3, "{examples:?}");
     for file in &examples {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_segment-sync"));

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod expected;
+pub mod files;
 pub mod kafka;
 pub mod mock;
 pub mod procs;
