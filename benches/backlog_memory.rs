@@ -20,16 +20,14 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use segment_sync::config::{Config, Format};
-use segment_sync::tools::produce::{self, ProduceArgs};
-use segment_sync::tools::sim::{self, SimConfig};
+use segment_sync::tools::produce;
 
-use common::Verdicts;
+use common::{Verdicts, API_KEY};
 
 const TOPIC: &str = "bench.backlog";
 const PARTITIONS: i32 = 6;
 const RECORDS: usize = 1_000_000;
 const USERS: usize = 200_000;
-const API_KEY: &str = "bench-key";
 const TARGET_MB: f64 = 150.0;
 
 fn main() {
@@ -41,17 +39,7 @@ fn main() {
     let broker = kafka::KafkaBroker::shared();
     broker.create_topic(TOPIC, PARTITIONS);
     let brokers = broker.bootstrap();
-    let sim = rt
-        .block_on(sim::start(
-            SimConfig {
-                api_key: API_KEY.into(),
-                rate_limit: 0,
-                rate_window_secs: 1,
-                faults: Default::default(),
-            },
-            "127.0.0.1:0".parse().expect("an address"),
-        ))
-        .expect("simulator");
+    let sim = common::simulator(&rt);
 
     let mut cfg = Config::default();
     cfg.kafka.brokers = brokers.clone();
@@ -61,17 +49,7 @@ fn main() {
     let produced = rt
         .block_on(produce::run(
             &cfg,
-            &ProduceArgs {
-                count: RECORDS,
-                users: USERS,
-                segments: 20,
-                repeat_rate: 0.05,
-                out_of_order_rate: 0.02,
-                bad_rate: 0.0,
-                email_only_rate: 0.1,
-                seed: 13,
-                topic: Some(TOPIC.to_string()),
-            },
+            &common::produce_args(RECORDS, USERS, 13, Some(TOPIC)),
         ))
         .expect("produce");
     let backlog: i64 = broker.end_offsets(TOPIC).iter().map(|(_, o)| o).sum();

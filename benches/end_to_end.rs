@@ -34,14 +34,13 @@ use segment_sync::config::{Config, Format};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{self, RunOptions, RunSummary, StartAt, Until};
-use segment_sync::tools::produce::{self, ProduceArgs};
+use segment_sync::tools::produce;
 
-use common::{cpu_time, Verdicts};
+use common::{cpu_time, Verdicts, API_KEY};
 
 const PARTITIONS: i32 = 6;
 const RECORDS: usize = 1_000_000;
 const USERS: usize = 100_000;
-const API_KEY: &str = "bench-key";
 
 /// The simulator as a child process; killed when dropped, and by the kernel if we die.
 struct SimProcess {
@@ -427,17 +426,7 @@ fn measure(
     let produced = rt
         .block_on(produce::run(
             &cfg,
-            &ProduceArgs {
-                count: RECORDS,
-                users: USERS,
-                segments: 20,
-                repeat_rate: 0.05,
-                out_of_order_rate: 0.02,
-                bad_rate: 0.0,
-                email_only_rate: 0.1,
-                seed: 11,
-                topic: Some(topic.clone()),
-            },
+            &common::produce_args(RECORDS, USERS, 11, Some(&topic)),
         ))
         .expect("produce");
     let expected: u64 = broker

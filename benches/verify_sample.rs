@@ -26,16 +26,15 @@ use segment_sync::config::{Config, Format};
 use segment_sync::health::Health;
 use segment_sync::metrics::Metrics;
 use segment_sync::pipeline::{self, RunOptions};
-use segment_sync::tools::produce::{self, ProduceArgs};
-use segment_sync::tools::sim::{self, Faults, SimConfig, EXPORT_RATE_LIMIT, MAX_EXPORT_IDS};
+use segment_sync::tools::produce;
+use segment_sync::tools::sim::{EXPORT_RATE_LIMIT, MAX_EXPORT_IDS};
 
-use common::Verdicts;
+use common::{Verdicts, API_KEY};
 
 const TOPIC: &str = "bench.verify";
 /// The mock cluster keeps at most 5 MB a partition (librdkafka's `rdkafka_mock.c`), then
 /// deletes the oldest records: 64 partitions hold a million events whole.
 const PARTITIONS: i32 = 64;
-const API_KEY: &str = "bench-key";
 const SAMPLE: u64 = 100;
 /// Resident memory the check may use whatever the log's size: its sample's state, the
 /// clients' buffers (librdkafka's prefetch, capped by the reader's settings), the runtime.
@@ -138,17 +137,7 @@ fn main() {
     cluster
         .create_topic(&format!("{TOPIC}.dlq"), 1, 1)
         .expect("the dead-letter topic");
-    let braze = rt
-        .block_on(sim::start(
-            SimConfig {
-                api_key: API_KEY.into(),
-                rate_limit: 0,
-                rate_window_secs: 1,
-                faults: Faults::default(),
-            },
-            "127.0.0.1:0".parse().expect("an address"),
-        ))
-        .expect("the simulator");
+    let braze = common::simulator(&rt);
 
     let mut cfg = Config::default();
     cfg.kafka.brokers = cluster.bootstrap_servers();
@@ -167,17 +156,7 @@ fn main() {
     let produced = rt
         .block_on(produce::run(
             &cfg,
-            &ProduceArgs {
-                count: n,
-                users,
-                segments: 20,
-                repeat_rate: 0.05,
-                out_of_order_rate: 0.02,
-                bad_rate: 0.0,
-                email_only_rate: 0.1,
-                seed: 11,
-                topic: None,
-            },
+            &common::produce_args(n, users, 11, None),
         ))
         .expect("producing the log");
     let summary = pipeline::run(

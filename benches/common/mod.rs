@@ -9,7 +9,44 @@ use std::time::Duration;
 use segment_sync::config::Format;
 use segment_sync::decode::{MemoryRegistry, SCHEMA};
 use segment_sync::tools::generate::{Generator, GeneratorConfig, Record};
-use segment_sync::tools::produce::encode_record;
+use segment_sync::tools::produce::{encode_record, ProduceArgs};
+use segment_sync::tools::sim::{self, SimConfig, SimHandle};
+
+/// The Braze key every benchmark's simulator and worker share.
+pub const API_KEY: &str = "bench-key";
+
+/// `produce`'s arguments for the log the broker benchmarks read: `count` records over
+/// `users` users and 20 segments, the generator's 5% repeats and 2% misordered changes, 10%
+/// of users known by email alone, no bad records; to `topic` (the configured one when
+/// `None`).
+pub fn produce_args(count: usize, users: usize, seed: u64, topic: Option<&str>) -> ProduceArgs {
+    ProduceArgs {
+        count,
+        users,
+        segments: 20,
+        repeat_rate: 0.05,
+        out_of_order_rate: 0.02,
+        bad_rate: 0.0,
+        email_only_rate: 0.1,
+        seed,
+        topic: topic.map(str::to_string),
+    }
+}
+
+/// The Braze simulator in this process on a free loopback port, without a rate limit: the
+/// benchmark measures the worker, not Braze's limit.
+pub fn simulator(rt: &tokio::runtime::Runtime) -> SimHandle {
+    rt.block_on(sim::start(
+        SimConfig {
+            api_key: API_KEY.into(),
+            rate_limit: 0,
+            rate_window_secs: 1,
+            faults: Default::default(),
+        },
+        "127.0.0.1:0".parse().expect("an address"),
+    ))
+    .expect("the simulator starts")
+}
 
 /// The stream every benchmark uses unless it says otherwise: many users, each touched a
 /// handful of times, with the generator's default repeats and misordered changes.
