@@ -399,7 +399,8 @@ fn request_body(objects: &[Bytes]) -> Bytes {
     Bytes::from(body)
 }
 
-fn status_class(status: u16) -> &'static str {
+/// A status as the `class` label of the request counters (`/users/track`'s and `verify`'s).
+pub(crate) fn status_class(status: u16) -> &'static str {
     match status {
         200..=299 => "2xx",
         429 => "429",

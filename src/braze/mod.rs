@@ -12,6 +12,6 @@ pub mod pacing;
 
 pub(crate) use access::{ca_certificates, Access};
 pub use classify::{classify, RateLimitHeaders, Verdict};
-pub(crate) use client::post_json;
+pub(crate) use client::{post_json, status_class};
 pub use client::{BrazeClient, ObjectOutcome, Rejection};
 pub use error::BrazeError;

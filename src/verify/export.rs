@@ -11,7 +11,7 @@ use reqwest::header::HeaderValue;
 use serde_json::{Map, Value};
 
 use crate::braze::pacing::Pacer;
-use crate::braze::{classify, Access, BrazeError, RateLimitHeaders, Verdict};
+use crate::braze::{classify, status_class, Access, BrazeError, RateLimitHeaders, Verdict};
 use crate::config::BrazeConfig;
 
 use super::metrics::VerifyMetrics;
@@ -242,16 +242,6 @@ impl ExportClient {
     ) -> Result<(u16, RateLimitHeaders, bytes::Bytes), reqwest::Error> {
         let inner = &*self.inner;
         crate::braze::post_json(&inner.http, &inner.url, &inner.auth, body).await
-    }
-}
-
-fn status_class(status: u16) -> &'static str {
-    match status {
-        200..=299 => "2xx",
-        429 => "429",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "error",
     }
 }
 

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_norway::Value;
 
+use segment_sync::config::{Config, ConfigError, KeyRequirement};
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -44,4 +46,17 @@ pub fn yaml_docs(rel: &str) -> Vec<Value> {
         })
         .filter(|v| !v.is_null())
         .collect()
+}
+
+/// Panics when `var`, which `file` tells the operator to set, is not a variable the worker
+/// reads. The value may not suit the key's type; only a name the worker ignores is wrong.
+pub fn assert_env_read(file: &str, var: &str) {
+    let r = Config::from_toml_str_with(
+        "",
+        [(var.to_string(), "1".to_string())],
+        KeyRequirement::Optional,
+    );
+    if let Err(e @ ConfigError::UnknownEnv { .. }) = r {
+        panic!("{file} names {var}: {e}");
+    }
 }
