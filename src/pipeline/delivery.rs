@@ -203,6 +203,26 @@ impl Delivery {
         answer
     }
 
+    /// Loads a newly assigned partition's restored versions into the window's memory of
+    /// what was written. Returns how many it kept (the others were older than what it
+    /// remembered, or found it full of what this worker delivered).
+    pub fn restore(&mut self, versions: &crate::versions::Versions) -> usize {
+        let mut kept = 0;
+        for c in versions.changes() {
+            kept += usize::from(self.window.restore_change(
+                c.kind,
+                c.id,
+                c.segment_id,
+                c.change,
+                c.order,
+            ));
+        }
+        for a in versions.attributes() {
+            kept += usize::from(self.window.restore_attribute(a.kind, a.id, a.name, a.order));
+        }
+        kept
+    }
+
     /// Partitions were revoked: their pending changes leave the window (their next owner
     /// reads them again), and so does what the window remembers of them.
     pub fn revoke(&mut self, gone: impl Fn(&Position) -> bool, partitions: &[i32]) {

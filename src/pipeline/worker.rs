@@ -27,6 +27,7 @@ use super::dead_letters::DeadLetters;
 use super::delivery::Delivery;
 use super::delivery::Sink;
 use super::flow::{Flow, Held};
+use super::restore::{Restored, Restorer};
 use super::ingest::{Ingest, Verdict};
 use super::{kafka, PipelineError, Progress, RunOptions, RunSummary};
 use crate::braze::BrazeClient;
@@ -39,6 +40,9 @@ use crate::start::{StartAt, Until};
 use crate::window::{Window, WindowConfig};
 use std::io::Write;
 use std::sync::mpsc::channel;
+
+/// After this long waiting for its restore, a partition is named by `/readyz`.
+const RESTORE_OVERDUE: Duration = Duration::from_secs(60);
 
 /// What became of a record offered to the pipeline.
 enum Taken {
@@ -76,6 +80,9 @@ pub struct Worker {
     flow: Flow,
     /// `None` for the live worker, which runs until stopped.
     bounds: Option<Bounds>,
+    /// Reads newly assigned partitions' histories back; `None` for a replay (which starts
+    /// where it is told) or when `window.restore_records` is 0.
+    restorer: Option<Restorer>,
     acks: Receiver<Ack>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -101,7 +108,7 @@ impl Worker {
             Format::AvroConfluent => Some(Arc::new(RegistryClient::from_config(&cfg.kafka)?)),
             _ => None,
         };
-        let decoder = Decoder::new(cfg.kafka.format, registry)?;
+        let decoder = Decoder::new(cfg.kafka.format, registry.clone())?;
         let committing = dry_run.is_none();
         let sink = match dry_run {
             Some(out) => Sink::DryRun(out),
@@ -154,6 +161,20 @@ impl Worker {
         let mapping = Mapping::from_config(cfg);
         // Built beside the worker's clock, which `Rules::epoch_ms` counts from.
         let rules = mapping.rules_for(cfg.window.max_future_ms);
+        let restorer = if opts.start == StartAt::Committed && cfg.window.restore_records > 0 {
+            Some(
+                Restorer::start(
+                    cfg,
+                    group_id,
+                    Decoder::new(cfg.kafka.format, registry)?,
+                    rules.clone(),
+                    cfg.window.restore_records,
+                )
+                .map_err(kafka("creating the restore reader"))?,
+            )
+        } else {
+            None
+        };
         Ok(Worker {
             assignment: Assignment::new(),
             ingest: Ingest::new(decoder, rules, metrics.clone()),
@@ -175,6 +196,7 @@ impl Worker {
             ),
             flow: Flow::new(),
             bounds,
+            restorer,
             acks: acks_rx,
             metrics: metrics.clone(),
             health: health.clone(),
@@ -377,9 +399,11 @@ impl Worker {
         }
     }
 
-    /// Between polls: acknowledgements, held records, flushes, commits, back-pressure.
+    /// Between polls: acknowledgements, restores done, held records, flushes, commits,
+    /// back-pressure.
     pub fn service(&mut self, consumer: &GroupConsumer) {
         self.take_acks();
+        self.take_restores(consumer);
         self.dead_letters.service();
         self.retake_held();
         let now = self.now_ms();
@@ -397,6 +421,42 @@ impl Worker {
             || !self.health.braze_ok.load(Ordering::Relaxed)
             || self.dead_letters.is_failing();
         self.flow.apply(consumer, hold);
+    }
+
+    /// Loads what the restoring thread read back, and lets those partitions be read.
+    fn take_restores(&mut self, consumer: &GroupConsumer) {
+        let Some(restorer) = self.restorer.as_mut() else {
+            return;
+        };
+        let done = restorer.take_done();
+        let overdue: Vec<String> = restorer
+            .overdue(RESTORE_OVERDUE)
+            .into_iter()
+            .map(ToString::to_string)
+            .collect();
+        for r in done {
+            self.restored(consumer, r);
+        }
+        let fault = (!overdue.is_empty()).then(|| {
+            format!(
+                "partitions waiting over {} s for their restore: {}",
+                RESTORE_OVERDUE.as_secs(),
+                overdue.join(", ")
+            )
+        });
+        self.health.set_fault(Fault::Restore, fault);
+    }
+
+    fn restored(&mut self, consumer: &GroupConsumer, r: Restored) {
+        let started = Instant::now();
+        let kept = self.delivery.restore(&r.versions);
+        let elapsed = r.elapsed + started.elapsed();
+        self.metrics.restore_records.inc_by(r.versions.records());
+        self.metrics.restore_seconds.observe(elapsed.as_secs_f64());
+        tracing::info!(partition = %r.tp, from = r.from, to = r.to,
+            records = r.versions.records(), users = r.versions.users(), kept,
+            seconds = elapsed.as_secs_f64(), "partition restored");
+        self.flow.restored(consumer, &r.tp, true);
     }
 
     pub fn commit(&mut self, consumer: &GroupConsumer, mode: CommitMode) {
@@ -597,15 +657,21 @@ impl RebalanceHandler for Worker {
     }
 
     fn assigned(&mut self, consumer: &GroupConsumer, tpl: &TopicPartitionList) {
+        let mut restoring = Vec::new();
         for e in tpl.elements() {
-            self.assignment
-                .assign(&TopicPartition::new(e.topic(), e.partition()));
+            let tp = TopicPartition::new(e.topic(), e.partition());
+            self.assignment.assign(&tp);
+            if let Some(r) = self.restorer.as_mut() {
+                r.submit(tp.clone(), self.assignment.generation().load(Ordering::Acquire));
+                restoring.push(tp);
+            }
         }
-        tracing::info!(partitions = tpl.count(), "partitions assigned");
+        tracing::info!(partitions = tpl.count(), restoring = restoring.len(), "partitions assigned");
         self.health
             .assigned
             .store(!self.assignment.is_empty(), Ordering::Relaxed);
         self.flow.on_assigned(consumer, tpl);
+        self.flow.restoring(consumer, &restoring);
     }
 
     /// Drain the revoked partitions (bounded), commit them, then let them go: stop any
@@ -662,6 +728,10 @@ impl RebalanceHandler for Worker {
                 .any(|tp| tp.partition == partition && &*tp.topic == topic)
         });
         for tp in &revoked {
+            if let Some(r) = self.restorer.as_mut() {
+                r.cancel(tp);
+            }
+            self.flow.restored(consumer, tp, false);
             self.assignment.revoke(tp);
             self.commits.forget(tp);
             // At shutdown the last values stay for a final scrape.
