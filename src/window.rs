@@ -881,101 +881,144 @@ impl<P: Copy + PartialEq> Window<P> {
                 break;
             }
             self.queue.pop_front();
-            let slot = &mut self.slots[idx];
-            slot.queued = false;
-            if !slot.is_pending() {
-                // Emptied by a revoke while queued.
-                if !slot.in_flight {
-                    self.release(idx);
-                }
-                continue;
-            }
-            let changes = std::mem::take(&mut slot.changes);
-            let More { attrs, extra } = slot.more.take().map_or_else(More::default, |m| *m);
-            // In flight now: bounded by the requests in flight, not by the window.
-            self.pending_bytes = self.pending_bytes.saturating_sub(
-                changes.len() * CHANGE_BYTES
-                    + attrs
-                        .iter()
-                        .map(|a| attr_bytes(&a.name, &a.value))
-                        .sum::<usize>(),
-            );
-            self.pending_users -= 1;
-            self.pending_changes -= changes.len();
-            let (kind, key, hash) = (slot.kind, slot.key.clone(), slot.hash);
-            let c0 = flush.changes.len() as u32;
-            let a0 = flush.attributes.len() as u32;
-            let p0 = flush.positions.len() as u32;
-            for c in &changes {
-                let dk = segment_key(hash, c.segment());
-                let sent = Sent {
-                    order: c.order(),
-                    change: c.change(),
-                    restored: false,
-                };
-                let redundant = self
-                    .delivered
-                    .put(dk, sent)
-                    .is_some_and(|last| !last.restored && last.change == c.change());
-                if redundant {
-                    flush.redundant += 1;
-                } else {
-                    flush.changes.push((c.segment(), c.change()));
-                    flush.orders.push(c.order());
-                }
-            }
-            // Extra attributes cannot be shown redundant (their last values are not kept), so
-            // they are written even when every segment change was. The object settles every
-            // record of the user, those of its redundant changes too; a user with nothing to
-            // write settles them all now.
-            let written = flush.changes.len() as u32 > c0 || !attrs.is_empty();
-            let settle = if written {
-                &mut flush.positions
-            } else {
-                &mut flush.settled_now
-            };
-            settle.extend(changes.iter().map(|c| c.first));
-            settle.extend(extra.iter().map(|&(_, p)| p));
-            if written {
-                for a in attrs {
-                    let dk = delivered_key(kind, &key, &a.name);
-                    let sent = Sent {
-                        order: a.order,
-                        change: Change::Entered,
-                        restored: false,
-                    };
-                    self.delivered.put(dk, sent);
-                    flush.positions.extend(a.positions);
-                    flush.attributes.push((a.name, a.value));
-                    flush.attribute_orders.push(a.order);
-                }
-                if std::mem::take(&mut self.slots[idx].requeued) {
-                    let mut mine = flush.positions.split_off(p0 as usize);
-                    let mut unique: Vec<P> = Vec::with_capacity(mine.len());
-                    for p in mine.drain(..) {
-                        if !unique.contains(&p) {
-                            unique.push(p);
-                        }
-                    }
-                    flush.positions.extend(unique);
-                }
-                flush.users.push(FlushedUser {
-                    slot: idx,
-                    kind,
-                    id: key,
-                    changes: c0..flush.changes.len() as u32,
-                    attributes: a0..flush.attributes.len() as u32,
-                    positions: p0..flush.positions.len() as u32,
-                });
-                self.slots[idx].in_flight = true;
-            } else {
-                self.release(idx);
-            }
+            self.take_user(idx, &mut flush);
         }
         if flush.users.is_empty() && flush.settled_now.is_empty() {
             return None;
         }
         Some(flush)
+    }
+
+    /// Takes up to `batch_size` waiting users that hold a record `pick` accepts, whatever
+    /// their linger, oldest first, and leaves every other user waiting: the drain of a revoke
+    /// sends what the revoked partitions need, and the users of the partitions kept keep
+    /// coalescing. `None` when no such user waits.
+    pub fn pop_batch_holding(&mut self, pick: impl Fn(&P) -> bool) -> Option<Flush<P>> {
+        let mut chosen = Vec::new();
+        for &idx in &self.queue {
+            if chosen.len() >= self.cfg.batch_size {
+                break;
+            }
+            let s = &self.slots[idx];
+            let holds = s.changes.iter().any(|c| pick(&c.first))
+                || s.more.as_deref().is_some_and(|m| {
+                    m.extra.iter().any(|(_, p)| pick(p))
+                        || m.attrs.iter().any(|a| a.positions.iter().any(&pick))
+                });
+            if holds {
+                chosen.push(idx);
+            }
+        }
+        if chosen.is_empty() {
+            return None;
+        }
+        // Rare (a revoke) and bounded by the queue: a scan rather than an index.
+        self.queue.retain(|i| !chosen.contains(i));
+        let mut flush = Flush::default();
+        for idx in chosen {
+            self.take_user(idx, &mut flush);
+        }
+        if flush.users.is_empty() && flush.settled_now.is_empty() {
+            return None;
+        }
+        Some(flush)
+    }
+
+    /// Takes a user just taken off the queue into `flush`: its changes (less those equal to
+    /// what was last delivered), attributes and records. The slot is in flight from now on,
+    /// or released when nothing was left to write.
+    #[inline]
+    fn take_user(&mut self, idx: u32, flush: &mut Flush<P>) {
+        let slot = &mut self.slots[idx];
+        slot.queued = false;
+        if !slot.is_pending() {
+            // Emptied by a revoke while queued.
+            if !slot.in_flight {
+                self.release(idx);
+            }
+            return;
+        }
+        let changes = std::mem::take(&mut slot.changes);
+        let More { attrs, extra } = slot.more.take().map_or_else(More::default, |m| *m);
+        // In flight now: bounded by the requests in flight, not by the window.
+        self.pending_bytes = self.pending_bytes.saturating_sub(
+            changes.len() * CHANGE_BYTES
+                + attrs
+                    .iter()
+                    .map(|a| attr_bytes(&a.name, &a.value))
+                    .sum::<usize>(),
+        );
+        self.pending_users -= 1;
+        self.pending_changes -= changes.len();
+        let (kind, key, hash) = (slot.kind, slot.key.clone(), slot.hash);
+        let c0 = flush.changes.len() as u32;
+        let a0 = flush.attributes.len() as u32;
+        let p0 = flush.positions.len() as u32;
+        for c in &changes {
+            let dk = segment_key(hash, c.segment());
+            let sent = Sent {
+                order: c.order(),
+                change: c.change(),
+                restored: false,
+            };
+            let redundant = self
+                .delivered
+                .put(dk, sent)
+                .is_some_and(|last| !last.restored && last.change == c.change());
+            if redundant {
+                flush.redundant += 1;
+            } else {
+                flush.changes.push((c.segment(), c.change()));
+                flush.orders.push(c.order());
+            }
+        }
+        // Extra attributes cannot be shown redundant (their last values are not kept), so
+        // they are written even when every segment change was. The object settles every
+        // record of the user, those of its redundant changes too; a user with nothing to
+        // write settles them all now.
+        let written = flush.changes.len() as u32 > c0 || !attrs.is_empty();
+        let settle = if written {
+            &mut flush.positions
+        } else {
+            &mut flush.settled_now
+        };
+        settle.extend(changes.iter().map(|c| c.first));
+        settle.extend(extra.iter().map(|&(_, p)| p));
+        if written {
+            for a in attrs {
+                let dk = delivered_key(kind, &key, &a.name);
+                let sent = Sent {
+                    order: a.order,
+                    change: Change::Entered,
+                    restored: false,
+                };
+                self.delivered.put(dk, sent);
+                flush.positions.extend(a.positions);
+                flush.attributes.push((a.name, a.value));
+                flush.attribute_orders.push(a.order);
+            }
+            if std::mem::take(&mut self.slots[idx].requeued) {
+                let mut mine = flush.positions.split_off(p0 as usize);
+                let mut unique: Vec<P> = Vec::with_capacity(mine.len());
+                for p in mine.drain(..) {
+                    if !unique.contains(&p) {
+                        unique.push(p);
+                    }
+                }
+                flush.positions.extend(unique);
+            }
+            flush.users.push(FlushedUser {
+                slot: idx,
+                kind,
+                id: key,
+                changes: c0..flush.changes.len() as u32,
+                attributes: a0..flush.attributes.len() as u32,
+                positions: p0..flush.positions.len() as u32,
+            });
+            self.slots[idx].in_flight = true;
+        } else {
+            self.release(idx);
+        }
     }
 
     /// Starts loading what flushing the user `ahead` places down the queue will read: its
@@ -1718,6 +1761,38 @@ mod tests {
         assert_eq!(
             admit(&mut w, &ev("a", "u1", "s", Change::Exited, 5), 1, 0),
             Admit::Pending
+        );
+    }
+
+    #[test]
+    fn a_revoke_flushes_the_users_of_the_revoked_records_only() {
+        let mut w = Window::new(WindowConfig {
+            batch_size: 2,
+            ..cfg()
+        });
+        // Offsets stand for positions: below 100 on the revoked partition.
+        admit(&mut w, &ev("a", "kept1", "s", Change::Entered, 1), 500, 0);
+        admit(&mut w, &ev("b", "gone1", "s", Change::Entered, 1), 10, 0);
+        admit(&mut w, &ev("c", "kept2", "s", Change::Entered, 1), 501, 0);
+        admit(&mut w, &ev("d", "gone2", "s", Change::Entered, 1), 11, 0);
+        admit(&mut w, &ev("e", "gone3", "s", Change::Entered, 1), 12, 0);
+        // A user with records on both sides goes with the revoked ones.
+        admit(&mut w, &ev("f", "kept1", "t", Change::Entered, 1), 13, 0);
+        let revoked = |p: &i64| *p < 100;
+        let mut sent = Vec::new();
+        while let Some(f) = w.pop_batch_holding(revoked) {
+            assert!(f.users.len() <= 2);
+            sent.extend(written(&w, &f).into_iter().map(|(u, _, _)| u));
+        }
+        sent.sort();
+        sent.dedup();
+        assert_eq!(sent, vec!["gone1", "gone2", "gone3", "kept1"]);
+        // kept2 still lingers: not due at time 0, due after its linger.
+        assert!(w.pop_batch(0, false).is_none());
+        let f = w.pop_batch(cfg().linger_ms, false).unwrap();
+        assert_eq!(
+            written(&w, &f),
+            vec![("kept2".into(), "s".into(), Change::Entered)]
         );
     }
 

@@ -12,6 +12,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use super::access::Access;
 use super::classify::{classify, RateLimitHeaders, Verdict};
 use super::concurrency::Gate;
+use super::split::Bisection;
 use super::pacing::Pacer;
 use super::BrazeError;
 use crate::config::BrazeConfig;
@@ -132,36 +133,42 @@ impl BrazeClient {
     /// long as it takes.
     pub async fn deliver(&self, objects: Vec<Bytes>) -> Vec<ObjectOutcome> {
         let mut outcomes = vec![ObjectOutcome::Delivered; objects.len()];
-        // Depth first, first half first, so a bad object is isolated in log2(n) steps.
-        let mut todo: Vec<(usize, usize)> = vec![(0, objects.len())];
-        while let Some((start, end)) = todo.pop() {
-            let range = start..end;
-            if range.is_empty() {
-                continue;
+        // The parts of a round go together (see `split`): a refused request is settled in
+        // about log2(n) round trips, not one round trip per part.
+        let mut parts = Bisection::new(objects.len());
+        loop {
+            let round = parts.round();
+            if round.is_empty() {
+                break;
             }
-            match self.send(&objects[range.clone()]).await {
-                Settled::Answered { status, rejected } => {
-                    for (i, error_type) in rejected {
-                        outcomes[range.start + i] = ObjectOutcome::Rejected(Rejection {
-                            status,
-                            message: format!("Braze rejected the attributes object: {error_type}"),
-                            error_type,
-                        });
+            let answers =
+                futures::future::join_all(round.iter().map(|r| self.send(&objects[r.clone()])))
+                    .await;
+            for (range, answer) in round.into_iter().zip(answers) {
+                match answer {
+                    Settled::Answered { status, rejected } => {
+                        for (i, error_type) in rejected {
+                            outcomes[range.start + i] = ObjectOutcome::Rejected(Rejection {
+                                status,
+                                message: format!(
+                                    "Braze rejected the attributes object: {error_type}"
+                                ),
+                                error_type,
+                            });
+                        }
+                    }
+                    Settled::Refused { status, message } => {
+                        if !parts.refused(range.clone()) {
+                            outcomes[range.start] = ObjectOutcome::Rejected(Rejection {
+                                status,
+                                error_type: format!("HTTP {status}"),
+                                message,
+                            });
+                        }
                     }
                 }
-                Settled::Refused { status, message } if range.len() == 1 => {
-                    outcomes[range.start] = ObjectOutcome::Rejected(Rejection {
-                        status,
-                        error_type: format!("HTTP {status}"),
-                        message,
-                    });
-                }
-                Settled::Refused { .. } => {
-                    let mid = range.start + range.len() / 2;
-                    todo.push((mid, end));
-                    todo.push((start, mid));
-                }
             }
+            parts.end_round();
         }
         let rejected = outcomes
             .iter()

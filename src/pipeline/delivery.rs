@@ -124,6 +124,30 @@ impl Delivery {
         }
     }
 
+    /// Sends, whatever their linger, the users holding a record `pick` accepts (those of
+    /// partitions being revoked), while there is room in flight; every other user keeps
+    /// waiting for its linger.
+    pub fn flush_holding(
+        &mut self,
+        pick: impl Fn(&Position) -> bool,
+        mut settle: impl FnMut(Position),
+    ) {
+        while self.in_flight.len() < self.max_in_flight {
+            match self.window.pop_batch_holding(&pick) {
+                Some(flush) => {
+                    for p in &flush.settled_now {
+                        settle(*p);
+                    }
+                    self.metrics.events_redundant.inc_by(flush.redundant as u64);
+                    if !flush.users.is_empty() {
+                        self.dispatch(flush);
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+
     fn dispatch(&mut self, flush: Flush<Position>) {
         let encoded = mapping::encode(&self.mapping, self.window.segments(), &flush);
         let id = self.next_request;

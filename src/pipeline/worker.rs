@@ -511,15 +511,25 @@ impl Worker {
         }
     }
 
-    /// Flushes everything and serves acknowledgements until `done` holds or the deadline
-    /// passes. A bounded wait: the drain of a revoke or of the shutdown.
-    pub fn drain(&mut self, deadline: Instant, done: impl Fn(&Worker) -> bool) -> bool {
+    /// Flushes the users holding a record `only` accepts (everyone when `None`), and serves
+    /// acknowledgements until `done` holds or the deadline passes. A bounded wait: the drain
+    /// of a revoke (the revoked partitions' users only: the others keep their linger) or of
+    /// the shutdown (everyone).
+    pub fn drain(
+        &mut self,
+        deadline: Instant,
+        only: Option<&dyn Fn(&Position) -> bool>,
+        done: impl Fn(&Worker) -> bool,
+    ) -> bool {
         loop {
             self.take_acks();
             self.dead_letters.service();
             let now = self.now_ms();
             let assignment = &mut self.assignment;
-            self.delivery.flush(now, true, |p| assignment.settle(p));
+            match only {
+                Some(pick) => self.delivery.flush_holding(pick, |p| assignment.settle(p)),
+                None => self.delivery.flush(now, true, |p| assignment.settle(p)),
+            }
             if done(self) {
                 return true;
             }
@@ -596,7 +606,7 @@ impl Worker {
         }
         self.shutting_down = true;
         let deadline = Instant::now() + self.drain_timeout;
-        if !self.drain(deadline, Worker::settled_everything) {
+        if !self.drain(deadline, None, Worker::settled_everything) {
             tracing::warn!(
                 unsettled = self.assignment.unsettled(),
                 "shutdown deadline passed; committing what settled"
@@ -689,11 +699,16 @@ impl RebalanceHandler for Worker {
         let lost = consumer.assignment_lost();
         tracing::info!(partitions = ?revoked.iter().map(ToString::to_string).collect::<Vec<_>>(),
             lost, "partitions revoked; draining");
+        let ids: Vec<PartitionId> = revoked
+            .iter()
+            .filter_map(|tp| self.assignment.id(tp))
+            .collect();
+        let gone = |p: &Position| ids.contains(&p.partition());
         // At shutdown the run has drained already, under its own deadline; a lost
         // assignment has other owners already, so there is nothing to commit.
         if !lost && !self.shutting_down {
             let deadline = Instant::now() + self.drain_timeout;
-            let drained = self.drain(deadline, |w| {
+            let drained = self.drain(deadline, Some(&gone), |w| {
                 revoked.iter().all(|tp| w.assignment.unsettled_in(tp) == 0)
             });
             if !drained {
@@ -707,11 +722,6 @@ impl RebalanceHandler for Worker {
                 tracing::warn!(error = %e, "commit on revoke failed");
             }
         }
-        let ids: Vec<PartitionId> = revoked
-            .iter()
-            .filter_map(|tp| self.assignment.id(tp))
-            .collect();
-        let gone = |p: &Position| ids.contains(&p.partition());
         let now = self.now_ms();
         let stopped = self.delivery.give_up(gone, now);
         if stopped > 0 {
