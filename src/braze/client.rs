@@ -203,15 +203,21 @@ impl BrazeClient {
                 .metrics
                 .braze_request_duration
                 .observe(latency.as_secs_f64());
-            // A 429, a 5xx or no answer at all asks for fewer requests at once; any other
-            // answer says how fast Braze is.
-            let overloaded = match &answer {
-                Ok((status, _, _)) => *status == 429 || *status >= 500,
-                Err(_) => true,
+            // A 429, a 5xx or no answer at all asks for fewer requests at once; a request
+            // Braze processed (2xx) says how fast it is. Other answers (a 400 or 413 refusing
+            // the request, a 401) come back before any work is done: taken as Braze's speed,
+            // they made every processed request look slow and shrank the limit to one while
+            // a refused batch was split (issue 19), so they say nothing here.
+            let (overloaded, processed) = match &answer {
+                Ok((status, _, _)) => (
+                    *status == 429 || *status >= 500,
+                    (200..300).contains(status),
+                ),
+                Err(_) => (true, false),
             };
             if overloaded {
                 inner.gate.on_overload();
-            } else {
+            } else if processed {
                 inner.gate.on_answer(latency);
             }
             inner
