@@ -232,7 +232,12 @@ impl Delivery {
     /// remembered, or found it full of what this worker delivered).
     pub fn restore(&mut self, versions: &crate::versions::Versions) -> usize {
         let mut kept = 0;
-        for c in versions.changes() {
+        // Oldest first: when the memory cannot hold them all, the restored versions that
+        // give way to later ones are the oldest, and late misordered changes are most often
+        // near the newest.
+        let mut changes: Vec<_> = versions.changes().collect();
+        changes.sort_unstable_by_key(|c| c.order.offset);
+        for c in changes {
             kept += usize::from(self.window.restore_change(
                 c.kind,
                 c.id,
