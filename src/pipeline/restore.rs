@@ -68,13 +68,19 @@ impl Restorer {
             rules,
             records: i64::try_from(records).unwrap_or(i64::MAX),
         };
+        let first_topic = cfg.kafka.topics.first().cloned();
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
         let (results_tx, results_rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("restore".into())
-            .spawn(move || serve(reader, jobs_rx, results_tx, flag))
+            .spawn(move || {
+                if let Some(topic) = first_topic {
+                    reader.warm_up(&topic);
+                }
+                serve(reader, jobs_rx, results_tx, flag)
+            })
             .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
         Ok(Restorer {
             jobs: Some(jobs_tx),
@@ -103,6 +109,11 @@ impl Restorer {
         self.waiting.remove(tp);
     }
 
+
+    /// Some partition waits for its restore: the poll loop should come back soon to take it.
+    pub fn is_busy(&self) -> bool {
+        !self.waiting.is_empty()
+    }
 
     /// Restores finished for partitions still waiting for them.
     pub fn take_done(&mut self) -> Vec<Restored> {
@@ -225,6 +236,17 @@ fn serve(
 }
 
 impl Reader {
+    /// Asks for a committed offset once while the group is still being joined, so the client
+    /// knows the group's coordinator before the first partition is assigned: found only at
+    /// the first request, it added a second to every start, even one with nothing to restore.
+    fn warm_up(&self, topic: &str) {
+        let mut any = TopicPartitionList::new();
+        any.add_partition(topic, 0);
+        if let Err(e) = self.consumer.committed_offsets(any, TIMEOUT) {
+            tracing::debug!(error = %e, "restore reader warm-up");
+        }
+    }
+
     /// One attempt at the partition's range; `Ok(None)` when stopped.
     fn read(
         &mut self,

@@ -83,6 +83,9 @@ pub struct Worker {
     /// Reads newly assigned partitions' histories back; `None` for a replay (which starts
     /// where it is told) or when `window.restore_records` is 0.
     restorer: Option<Restorer>,
+    /// `/readyz` names partitions whose restore is overdue (kept to touch the health lock
+    /// only when that changes).
+    restore_overdue: bool,
     acks: Receiver<Ack>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -197,6 +200,7 @@ impl Worker {
             flow: Flow::new(),
             bounds,
             restorer,
+            restore_overdue: false,
             acks: acks_rx,
             metrics: metrics.clone(),
             health: health.clone(),
@@ -437,7 +441,11 @@ impl Worker {
         for r in done {
             self.restored(consumer, r);
         }
-        let fault = (!overdue.is_empty()).then(|| {
+        if overdue.is_empty() && !self.restore_overdue {
+            return;
+        }
+        self.restore_overdue = !overdue.is_empty();
+        let fault = self.restore_overdue.then(|| {
             format!(
                 "partitions waiting over {} s for their restore: {}",
                 RESTORE_OVERDUE.as_secs(),
@@ -556,7 +564,11 @@ impl Worker {
     }
 
     pub fn poll_timeout(&self) -> Duration {
-        if self.delivery.has_in_flight() || !self.dead_letters.is_idle() || self.flow.is_holding() {
+        if self.delivery.has_in_flight()
+            || !self.dead_letters.is_idle()
+            || self.flow.is_holding()
+            || self.restorer.as_ref().is_some_and(Restorer::is_busy)
+        {
             return Duration::from_millis(2);
         }
         let now = self.now_ms();
