@@ -44,6 +44,8 @@ pub mod health;
 pub mod server;
 /// `tracing` set-up: human-readable on a terminal, JSON otherwise.
 pub mod logging;
+/// How errors are written: a message names its cause, which is not also a `source()`.
+mod error;
 
 /// Not the pipeline: the simulator, the generator and producer, the demo.
 pub mod tools;

@@ -101,7 +101,14 @@ pub struct DlqWriter {
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot create the dead-letter producer: {0}")]
-pub struct DlqWriterError(#[from] KafkaError);
+pub struct DlqWriterError(KafkaError);
+
+// The message names the cause, so it is not also a `source()` (see crate::error).
+impl From<KafkaError> for DlqWriterError {
+    fn from(cause: KafkaError) -> Self {
+        DlqWriterError(cause)
+    }
+}
 
 impl DlqWriter {
     pub fn new(cfg: &Config, notify: Notify) -> Result<DlqWriter, DlqWriterError> {

@@ -149,23 +149,30 @@ impl std::fmt::Display for RunSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("kafka: {context}: {source}")]
+    #[error("kafka: {context}: {error}")]
     Kafka {
         context: &'static str,
-        source: KafkaError,
+        error: KafkaError,
     },
     #[error("braze client: {0}")]
-    Braze(#[from] crate::braze::BrazeError),
+    Braze(crate::braze::BrazeError),
     #[error("decoder: {0}")]
-    Decode(#[from] crate::decode::DecodeError),
+    Decode(crate::decode::DecodeError),
     #[error("dead-letter producer: {0}")]
-    Dlq(#[from] crate::dlq::DlqWriterError),
+    Dlq(crate::dlq::DlqWriterError),
     #[error("schema registry: {0}")]
-    Registry(#[from] crate::decode::RegistrySetupError),
+    Registry(crate::decode::RegistrySetupError),
 }
 
+// Each message above names its cause, so none is also a `source()` (thiserror's `#[from]`
+// would make it one, and `{:#}` at the edge would then print the cause twice).
+crate::error::from_cause!(PipelineError::Braze, crate::braze::BrazeError);
+crate::error::from_cause!(PipelineError::Decode, crate::decode::DecodeError);
+crate::error::from_cause!(PipelineError::Dlq, crate::dlq::DlqWriterError);
+crate::error::from_cause!(PipelineError::Registry, crate::decode::RegistrySetupError);
+
 fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> PipelineError {
-    move |source| PipelineError::Kafka { context, source }
+    move |error| PipelineError::Kafka { context, error }
 }
 
 /// How long the shutdown waits, after the drain, for dead-letter writes librdkafka still
