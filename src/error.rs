@@ -33,3 +33,51 @@ pub(crate) fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::KafkaError;
+
+    use crate::decode::DecodeError;
+    use crate::dlq::DlqWriterError;
+    use crate::pipeline::PipelineError;
+    use crate::verify::VerifyError;
+
+    /// As `main` prints an error: its message, then each source's.
+    fn shown(error: impl std::error::Error + Send + Sync + 'static) -> String {
+        format!("{:#}", anyhow::Error::from(error))
+    }
+
+    #[test]
+    fn a_cause_is_named_once_however_deep() {
+        let kafka = || KafkaError::ClientCreation("no-such-property".into());
+        let json = || serde_json::from_str::<u8>("x").unwrap_err();
+        let cases = [
+            shown(PipelineError::from(DlqWriterError::from(kafka()))),
+            shown(VerifyError::from(DlqWriterError::from(kafka()))),
+            shown(PipelineError::Kafka {
+                context: "creating the consumer",
+                error: kafka(),
+            }),
+        ];
+        for text in &cases {
+            assert_eq!(text.matches("no-such-property").count(), 1, "{text}");
+        }
+        for text in [
+            shown(PipelineError::from(DecodeError::from(json()))),
+            shown(VerifyError::from(DecodeError::from(json()))),
+        ] {
+            assert_eq!(text.matches("expected value").count(), 1, "{text}");
+            assert!(text.starts_with("decoder: invalid JSON event: "), "{text}");
+        }
+    }
+
+    #[test]
+    fn with_causes_spells_out_a_hidden_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(super::with_causes(&e), "outer: inner");
+    }
+}
