@@ -1,4 +1,4 @@
-//! The worker's configuration: the TOML file of DESIGN.md, `SEGMENT_SYNC_<SECTION>_<KEY>`
+//! The worker's configuration: the TOML file of docs/design.md, `SEGMENT_SYNC_<SECTION>_<KEY>`
 //! environment overrides, `BRAZE_API_KEY`, and validation that names the key and the fix.
 
 use std::collections::BTreeMap;

@@ -21,7 +21,7 @@ pub mod window;
 pub mod recent;
 /// Cache hints that let the window's memory waits overlap across a burst of events.
 pub mod prefetch;
-/// Pure: the Braze mapping of DESIGN.md: flushed users → attributes objects of a request.
+/// Pure: the Braze mapping of docs/design.md: flushed users → attributes objects of a request.
 pub mod mapping;
 /// Braze: HTTP client, response classification, pacing, retries and splitting.
 pub mod braze;

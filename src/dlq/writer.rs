@@ -1,5 +1,5 @@
 //! Writes dead-letter records to Kafka and reports what became of each one, so that the
-//! pipeline settles a record's offset only once its copy is acknowledged (DESIGN.md: a
+//! pipeline settles a record's offset only once its copy is acknowledged (docs/design.md: a
 //! rejected record holds the watermark until its dead-letter write is acknowledged).
 //!
 //! A record Kafka can never take (over the producer's `message.max.bytes` or the topic's
