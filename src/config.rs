@@ -1916,7 +1916,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("segment-sync.toml");
         let missing = dir.path().join("no-such-key");
-        let text = format!("[braze]\napi_key_file = {:?}\n", missing.display().to_string());
+        let text = format!(
+            "[braze]\napi_key_file = {:?}\n",
+            missing.display().to_string()
+        );
         std::fs::write(&path, text).unwrap();
         let run = Config::load(&path).unwrap_err().to_string();
         let check = check_config(&path).unwrap_err().to_string();

@@ -101,7 +101,11 @@ fn without_an_api_key_exits_2_with_the_message_run_gives() {
     let out = check_config(&path, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let message = "error: no Braze API key: set BRAZE_API_KEY or braze.api_key_file";
     assert_eq!(stderr.trim_end(), message);
 

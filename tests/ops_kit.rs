@@ -656,7 +656,10 @@ fn make_deps_never_installs_or_enables_a_prometheus_server() {
     let code = install_deps_code();
     let packages = install_deps_packages();
     assert!(packages.len() >= 7, "{packages:?}");
-    assert!(!packages.iter().any(|p| p.contains("prometheus")), "{packages:?}");
+    assert!(
+        !packages.iter().any(|p| p.contains("prometheus")),
+        "{packages:?}"
+    );
     for line in &code {
         assert!(!line.contains("systemctl"), "install-deps.sh: {line}");
         if line.contains("apt-get install") {
