@@ -72,7 +72,8 @@ enum Command {
         #[command(flatten)]
         args: segment_sync::verify::VerifyArgs,
     },
-    /// Validate the configuration and print the effective one, secrets masked.
+    /// Load the configuration as `run` does and refuse what `run` would refuse at start (exit
+    /// 2, the same message); else print the effective configuration, secrets masked.
     CheckConfig {
         #[command(flatten)]
         config: ConfigFile,
