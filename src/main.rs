@@ -182,9 +182,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(summary.exit_code()))
         }
         Command::CheckConfig { config } => {
-            // The same load as `run`'s, and its error takes the same way out (exit 2).
-            let text = segment_sync::config::check_config(&config.path)?;
-            println!("{text}");
+            // `run`'s own checks, in its order; an error takes the same way out (exit 2).
+            let cfg = Config::load(&config.path)?;
+            pipeline::preflight(&cfg, &cfg.kafka.group_id, true)?;
+            println!("{}", cfg.to_masked_toml());
             Ok(ExitCode::SUCCESS)
         }
     }

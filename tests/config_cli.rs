@@ -241,3 +241,40 @@ fn described_options(help: &str) -> Vec<(String, String)> {
     }
     out
 }
+
+#[test]
+fn what_run_refuses_before_it_connects_check_config_refuses_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    // JSON and a free port: `run` gets as far as making its clients.
+    let base = "[kafka]\nformat = \"json\"\n[server]\nlisten = \"127.0.0.1:0\"\n";
+    let cases = [
+        (
+            format!("{base}[kafka.properties]\n\"fetch.wait.max.mz\" = \"100\"\n"),
+            "k",
+            "fetch.wait.max.mz",
+        ),
+        (
+            base.to_string(),
+            "line\nbreak",
+            "characters not allowed in an HTTP header",
+        ),
+    ];
+    for (text, key, named) in cases {
+        let path = write(dir.path(), &text);
+        let env = [("BRAZE_API_KEY", key)];
+        let out = check_config(&path, &env);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{named}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(named),
+            "{stderr}"
+        );
+        let run = segment_sync_with(&["run", "--config"], &path, &env);
+        let run_stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{named}: {run_stderr}");
+        assert!(
+            run_stderr.lines().any(|l| l == stderr.trim_end()),
+            "run said:\n{run_stderr}\ncheck-config said:\n{stderr}"
+        );
+    }
+}
