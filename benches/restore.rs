@@ -175,7 +175,10 @@ fn main() {
     let probe = consumer(&cfg.kafka.brokers, "bench.restore.probe");
     let end = ends(&probe);
     let total: i64 = end.iter().sum();
-    assert_eq!(total, produced.records as i64, "the log holds what was produced");
+    assert_eq!(
+        total, produced.records as i64,
+        "the log holds what was produced"
+    );
     let read = plain_read(&cfg.kafka.brokers, total as u64);
     println!("a plain consumer reads the log in {read:.2?}");
 

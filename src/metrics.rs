@@ -109,7 +109,9 @@ impl Metrics {
             )
             // 100,000 records read back take a fraction of a second; a minute is where
             // /readyz starts to name the partition.
-            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
         )
         .expect("valid metric");
         r.register(Box::new(restore_seconds.clone()))

@@ -31,9 +31,8 @@ impl Names {
         let i = self.names.len() as u32;
         self.names.push(name.into());
         let names = &self.names;
-        self.index.insert_unique(hash, i, |&j| {
-            FxBuildHasher.hash_one(&*names[j as usize])
-        });
+        self.index
+            .insert_unique(hash, i, |&j| FxBuildHasher.hash_one(&*names[j as usize]));
         i
     }
 
@@ -156,16 +155,18 @@ impl Versions {
     }
 
     pub fn changes(&self) -> impl Iterator<Item = ChangeVersion<'_>> {
-        self.changes.iter().map(|(&(user, segment), &(order, change))| {
-            let (kind, id) = &self.users.keys[user as usize];
-            ChangeVersion {
-                kind: *kind,
-                id,
-                segment_id: self.segments.get(segment),
-                change,
-                order,
-            }
-        })
+        self.changes
+            .iter()
+            .map(|(&(user, segment), &(order, change))| {
+                let (kind, id) = &self.users.keys[user as usize];
+                ChangeVersion {
+                    kind: *kind,
+                    id,
+                    segment_id: self.segments.get(segment),
+                    change,
+                    order,
+                }
+            })
     }
 
     pub fn attributes(&self) -> impl Iterator<Item = AttributeVersion<'_>> {

@@ -1197,7 +1197,11 @@ impl<P: Copy + PartialEq> Window<P> {
     }
 
     fn restore_at(&mut self, key: u64, change: Change, order: Order) -> bool {
-        if self.delivered.get(key).is_some_and(|had| had.order >= order) {
+        if self
+            .delivered
+            .get(key)
+            .is_some_and(|had| had.order >= order)
+        {
             return false;
         }
         let sent = Sent {
@@ -1680,7 +1684,17 @@ mod tests {
             offset: 2,
         };
         assert!(w.restore_change(ext, "u3", "s", Change::Exited, late));
-        assert!(!w.restore_change(ext, "u3", "s", Change::Entered, Order { occurred_at: 1_500, offset: 9, ..late }));
+        assert!(!w.restore_change(
+            ext,
+            "u3",
+            "s",
+            Change::Entered,
+            Order {
+                occurred_at: 1_500,
+                offset: 9,
+                ..late
+            }
+        ));
         for (id, seq) in [("a", 8), ("b", 9)] {
             assert_eq!(
                 admit(&mut w, &ev(id, "u1", "s", Change::Exited, seq), 20, 0),
@@ -1710,8 +1724,15 @@ mod tests {
         old.attributes = vec![("tier".into(), AttrValue::String("bronze".into()))];
         assert_eq!(admit(&mut w, &old, 2, 0), Admit::Pending);
         let f = deliver(&mut w);
-        assert!(f.attributes.is_empty(), "the older attribute is not written");
-        assert_eq!(f.changes.len(), 1, "its segment change, with no restored version, is");
+        assert!(
+            f.attributes.is_empty(),
+            "the older attribute is not written"
+        );
+        assert_eq!(
+            f.changes.len(),
+            1,
+            "its segment change, with no restored version, is"
+        );
     }
 
     #[test]
@@ -1725,7 +1746,9 @@ mod tests {
         deliver(&mut w);
         let ext = IdKind::ExternalId;
         let kept = (0..10)
-            .filter(|i| w.restore_change(ext, &format!("r{i}"), "s", Change::Entered, order(10, *i)))
+            .filter(|i| {
+                w.restore_change(ext, &format!("r{i}"), "s", Change::Entered, order(10, *i))
+            })
             .count();
         assert!(kept <= 10);
         // What this worker delivered is still remembered.
@@ -1735,12 +1758,28 @@ mod tests {
         );
         // Three deliveries fill the bucket: every restored version has given way to them.
         for i in 0..3 {
-            admit(&mut w, &ev(&format!("d{i}"), &format!("new{i}"), "s", Change::Entered, 10), 2, 0);
+            admit(
+                &mut w,
+                &ev(
+                    &format!("d{i}"),
+                    &format!("new{i}"),
+                    "s",
+                    Change::Entered,
+                    10,
+                ),
+                2,
+                0,
+            );
         }
         deliver(&mut w);
         for i in 0..10 {
             assert_eq!(
-                admit(&mut w, &ev(&format!("o{i}"), &format!("r{i}"), "s", Change::Exited, 5), 3, 0),
+                admit(
+                    &mut w,
+                    &ev(&format!("o{i}"), &format!("r{i}"), "s", Change::Exited, 5),
+                    3,
+                    0
+                ),
                 Admit::Pending,
                 "r{i} forgotten"
             );

@@ -498,7 +498,13 @@ async fn quick_refusals_do_not_shrink_the_in_flight_limit() {
     let before = c.metrics.braze_concurrency_limit.get();
     // A request split down to its bad object: every refusal is answered at once.
     let ids: Vec<String> = (0..16)
-        .map(|i| if i == 9 { "poison-9".into() } else { format!("u{i}") })
+        .map(|i| {
+            if i == 9 {
+                "poison-9".into()
+            } else {
+                format!("u{i}")
+            }
+        })
         .collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     c.client.deliver(objects(&refs)).await;

@@ -21,11 +21,7 @@ pub struct Bisection {
 impl Bisection {
     pub fn new(objects: usize) -> Bisection {
         Bisection {
-            round: if objects == 0 {
-                Vec::new()
-            } else {
-                vec![0..objects]
-            },
+            round: (objects > 0).then_some(0..objects).into_iter().collect(),
             next: Vec::new(),
         }
     }
@@ -88,7 +84,10 @@ mod tests {
         let (rounds, requests, found) = run(75, &bad);
         assert_eq!(found, bad.to_vec());
         assert!(rounds <= 8, "{rounds} rounds");
-        assert!(requests > rounds * 2, "{requests} requests in {rounds} rounds");
+        assert!(
+            requests > rounds * 2,
+            "{requests} requests in {rounds} rounds"
+        );
     }
 
     #[test]

@@ -109,7 +109,6 @@ impl Restorer {
         self.waiting.remove(tp);
     }
 
-
     /// Some partition waits for its restore: the poll loop should come back soon to take it.
     pub fn is_busy(&self) -> bool {
         !self.waiting.is_empty()
@@ -323,7 +322,10 @@ impl Reader {
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => return Ok(true),
                 Some(Err(e)) => {
-                    if matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::OffsetOutOfRange)) {
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(RDKafkaErrorCode::OffsetOutOfRange)
+                    ) {
                         // auto.offset.reset moves on to what is left; keep reading.
                         continue;
                     }

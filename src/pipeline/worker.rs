@@ -27,8 +27,8 @@ use super::dead_letters::DeadLetters;
 use super::delivery::Delivery;
 use super::delivery::Sink;
 use super::flow::{Flow, Held};
-use super::restore::{Restored, Restorer};
 use super::ingest::{Ingest, Verdict};
+use super::restore::{Restored, Restorer};
 use super::{kafka, PipelineError, Progress, RunOptions, RunSummary};
 use crate::braze::BrazeClient;
 use crate::config::{Config, Format};
@@ -684,11 +684,18 @@ impl RebalanceHandler for Worker {
             let tp = TopicPartition::new(e.topic(), e.partition());
             self.assignment.assign(&tp);
             if let Some(r) = self.restorer.as_mut() {
-                r.submit(tp.clone(), self.assignment.generation().load(Ordering::Acquire));
+                r.submit(
+                    tp.clone(),
+                    self.assignment.generation().load(Ordering::Acquire),
+                );
                 restoring.push(tp);
             }
         }
-        tracing::info!(partitions = tpl.count(), restoring = restoring.len(), "partitions assigned");
+        tracing::info!(
+            partitions = tpl.count(),
+            restoring = restoring.len(),
+            "partitions assigned"
+        );
         self.health
             .assigned
             .store(!self.assignment.is_empty(), Ordering::Relaxed);
