@@ -113,6 +113,16 @@ impl Versions {
         Versions::default()
     }
 
+    /// Room for about `records` records' versions up front: a restore knows its range, and
+    /// growing the tables record by record rehashed them a dozen times.
+    pub fn with_capacity(records: usize) -> Versions {
+        let mut v = Versions::default();
+        v.changes.reserve(records);
+        v.users.index.reserve(records / 4, |_| 0);
+        v.users.keys.reserve(records / 4);
+        v
+    }
+
     /// A valid event read at (partition, offset); `identity` is its validation's answer.
     pub fn add(&mut self, event: &Event<'_>, identity: Identity<'_>, partition: i32, offset: i64) {
         self.records += 1;
