@@ -162,11 +162,7 @@ fn reader_config(cfg: &Config, group_id: &str) -> rdkafka::ClientConfig {
         // Records deleted by retention between the watermark read and the fetch: read from
         // what is left.
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        // One partition is read at a time: at librdkafka's 1 MB a partition a fetch, the read
-        // waited on round trips, not on decoding (a plain consumer of six partitions gets six
-        // times as much a fetch).
-        .set("max.partition.fetch.bytes", "16777216");
+        .set("fetch.wait.max.ms", "10");
     c
 }
 
