@@ -196,33 +196,18 @@ fn serve(
     results: Sender<(u64, Restored)>,
     stop: Arc<AtomicBool>,
 ) {
-    // Partitions assigned together are read together, on one assignment: their fetches
-    // overlap instead of adding up.
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        batch.extend(jobs.try_iter());
+    while let Ok(job) = jobs.recv() {
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
-        loop {
+        let outcome = loop {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            let mut send = |job: &Job, versions: Versions, from: i64, to: i64| {
-                let restored = Restored {
-                    tp: job.tp.clone(),
-                    versions,
-                    from,
-                    to,
-                    elapsed: started.elapsed(),
-                };
-                results.send((job.generation, restored)).is_ok()
-            };
-            match reader.read(&mut batch, &stop, &mut send) {
-                Ok(true) => break,
-                Ok(false) => return,
+            match reader.read(&job.tp, &stop) {
+                Ok(Some(range)) => break range,
+                Ok(None) => return,
                 Err(e) => {
-                    let partitions: Vec<String> = batch.iter().map(|j| j.tp.to_string()).collect();
-                    tracing::warn!(?partitions, error = %e, retry_in = ?backoff,
+                    tracing::warn!(partition = %job.tp, error = %e, retry_in = ?backoff,
                         "restore read failed; trying again");
                     let until = Instant::now() + backoff;
                     while Instant::now() < until {
@@ -234,15 +219,19 @@ fn serve(
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        };
+        let (versions, from, to) = outcome;
+        let restored = Restored {
+            tp: job.tp,
+            versions,
+            from,
+            to,
+            elapsed: started.elapsed(),
+        };
+        if results.send((job.generation, restored)).is_err() {
+            return;
         }
     }
-}
-
-/// One partition being read back.
-struct Range {
-    versions: Versions,
-    from: i64,
-    to: i64,
 }
 
 impl Reader {
@@ -258,161 +247,86 @@ impl Reader {
     }
 
     /// One attempt at the partition's range; `Ok(None)` when stopped.
-    /// One attempt at the partitions' ranges. Each partition is handed to `send` once done
-    /// and leaves `jobs`, so a failed attempt is tried again for the rest only. `Ok(false)`
-    /// when stopped (or the results' receiver is gone).
     fn read(
         &mut self,
-        jobs: &mut Vec<Job>,
+        tp: &TopicPartition,
         stop: &AtomicBool,
-        send: &mut impl FnMut(&Job, Versions, i64, i64) -> bool,
-    ) -> Result<bool, ReadError> {
+    ) -> Result<Option<(Versions, i64, i64)>, ReadError> {
+        let mut versions = Versions::new();
         let mut wanted = TopicPartitionList::new();
-        for j in jobs.iter() {
-            wanted.add_partition(&j.tp.topic, j.tp.partition);
-        }
+        wanted.add_partition(&tp.topic, tp.partition);
         let committed = self.consumer.committed_offsets(wanted, TIMEOUT)?;
-        let mut ranges: BTreeMap<(Arc<str>, i32), Range> = BTreeMap::new();
-        for j in jobs.iter() {
-            let to = match committed
-                .find_partition(&j.tp.topic, j.tp.partition)
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(o)) => o,
-                // Nothing committed: the group starts this partition afresh, with no history.
-                _ => 0,
-            };
-            let from = if to > 0 {
-                let (low, _) = self
-                    .consumer
-                    .fetch_watermarks(&j.tp.topic, j.tp.partition, TIMEOUT)?;
-                to.saturating_sub(self.records).max(low)
-            } else {
-                to
-            };
-            ranges.insert(
-                (j.tp.topic.clone(), j.tp.partition),
-                Range {
-                    versions: Versions::with_capacity(usize::try_from(to - from).unwrap_or(0)),
-                    from,
-                    to,
-                },
-            );
+        let to = match committed
+            .find_partition(&tp.topic, tp.partition)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(o)) => o,
+            // Nothing committed: the group starts this partition afresh, with no history.
+            _ => return Ok(Some((versions, 0, 0))),
+        };
+        let (low, _) = self
+            .consumer
+            .fetch_watermarks(&tp.topic, tp.partition, TIMEOUT)?;
+        let from = to.saturating_sub(self.records).max(low);
+        if from >= to {
+            return Ok(Some((versions, from, to)));
         }
-        let mut assign = TopicPartitionList::new();
-        for ((topic, partition), r) in &ranges {
-            if r.from < r.to {
-                assign.add_partition_offset(topic, *partition, Offset::Offset(r.from))?;
-            }
-        }
-        // Nothing to read for these: done at once.
-        let empty: Vec<(Arc<str>, i32)> = ranges
-            .iter()
-            .filter(|(_, r)| r.from >= r.to)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in empty {
-            if !self.finish(key, &mut ranges, jobs, send) {
-                return Ok(false);
-            }
-        }
-        if ranges.is_empty() {
-            return Ok(true);
-        }
-        self.consumer.assign(&assign)?;
-        let result = self.read_ranges(&mut ranges, jobs, stop, send);
+        versions = Versions::with_capacity(usize::try_from(to - from).unwrap_or(0));
+        let mut range = TopicPartitionList::new();
+        range.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(from))?;
+        self.consumer.assign(&range)?;
+        let result = self.read_range(tp.partition, to, &mut versions, stop);
         let _ = self.consumer.unassign();
-        result
+        Ok(result?.then_some((versions, from, to)))
     }
 
-    /// Hands a finished partition to `send` and forgets it; false when nobody listens.
-    fn finish(
-        &self,
-        key: (Arc<str>, i32),
-        ranges: &mut BTreeMap<(Arc<str>, i32), Range>,
-        jobs: &mut Vec<Job>,
-        send: &mut impl FnMut(&Job, Versions, i64, i64) -> bool,
-    ) -> bool {
-        let Some(r) = ranges.remove(&key) else {
-            return true;
-        };
-        let Some(i) = jobs
-            .iter()
-            .position(|j| j.tp.topic == key.0 && j.tp.partition == key.1)
-        else {
-            return true;
-        };
-        let job = jobs.remove(i);
-        if r.from < r.to {
-            // Read to its end: fetch no more of it.
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&key.0, key.1);
-            let _ = self.consumer.pause(&tpl);
-        }
-        send(&job, r.versions, r.from, r.to)
-    }
-
-    /// Folds each partition's records until the one before its `to` (or the first at or past
-    /// it, or the end of the log: a record below `to` may be a transaction marker that is
-    /// never delivered).
-    fn read_ranges(
+    /// Folds records until the one before `to` (or the first at or past it, or the end of
+    /// the log: a record below `to` may be a transaction marker that is never delivered).
+    /// `Ok(false)` when stopped.
+    fn read_range(
         &mut self,
-        ranges: &mut BTreeMap<(Arc<str>, i32), Range>,
-        jobs: &mut Vec<Job>,
+        partition: i32,
+        to: i64,
+        versions: &mut Versions,
         stop: &AtomicBool,
-        send: &mut impl FnMut(&Job, Versions, i64, i64) -> bool,
     ) -> Result<bool, ReadError> {
         let mut last_progress = Instant::now();
-        while !ranges.is_empty() {
+        loop {
             if stop.load(Ordering::Relaxed) {
                 return Ok(false);
             }
             match self.consumer.poll(POLL) {
                 Some(Ok(m)) => {
                     last_progress = Instant::now();
-                    let key = (Arc::<str>::from(m.topic()), m.partition());
-                    let Some(r) = ranges.get_mut(&key) else {
-                        continue;
-                    };
-                    let offset = m.offset();
-                    if offset < r.to {
-                        // `max_future_ms` is judged against when the record was written, so
-                        // an event dead-lettered as too far ahead then is not valid now.
-                        let at = m
-                            .timestamp()
-                            .to_millis()
-                            .unwrap_or_else(|| self.rules.epoch_ms(0));
-                        match read_payload(&mut self.decoder, &self.rules, m.payload(), at) {
-                            Read::Valid(event) => {
-                                if let Some(identity) = event.identity() {
-                                    r.versions.add(&event, identity, key.1, offset);
-                                }
+                    if m.offset() >= to {
+                        return Ok(true);
+                    }
+                    // `max_future_ms` is judged against when the record was written, so an
+                    // event dead-lettered as too far ahead then is not valid now.
+                    let at = m
+                        .timestamp()
+                        .to_millis()
+                        .unwrap_or_else(|| self.rules.epoch_ms(0));
+                    match read_payload(&mut self.decoder, &self.rules, m.payload(), at) {
+                        Read::Valid(event) => {
+                            if let Some(identity) = event.identity() {
+                                versions.add(&event, identity, partition, m.offset());
                             }
-                            // Dead-lettered when it was read live: no version of anything.
-                            Read::Undecodable(_) | Read::Invalid(_) => {}
-                            Read::Wait(why) => return Err(ReadError::Registry(why)),
                         }
+                        // Dead-lettered when it was read live: no version of anything.
+                        Read::Undecodable(_) | Read::Invalid(_) => {}
+                        Read::Wait(why) => return Err(ReadError::Registry(why)),
                     }
-                    if offset + 1 >= r.to && !self.finish(key, ranges, jobs, send) {
-                        return Ok(false);
+                    if m.offset() + 1 >= to {
+                        return Ok(true);
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(partition))) => {
-                    // The end of the log below `to`. The error names no topic: every range of
-                    // that partition number ends (restoring less is only a write not saved).
-                    let ended: Vec<(Arc<str>, i32)> = ranges
-                        .keys()
-                        .filter(|(_, p)| *p == partition)
-                        .cloned()
-                        .collect();
-                    for key in ended {
-                        if !self.finish(key, ranges, jobs, send) {
-                            return Ok(false);
-                        }
-                    }
-                }
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(true),
                 Some(Err(e)) => {
-                    if matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::OffsetOutOfRange)) {
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(RDKafkaErrorCode::OffsetOutOfRange)
+                    ) {
                         // auto.offset.reset moves on to what is left; keep reading.
                         continue;
                     }
@@ -425,6 +339,5 @@ impl Reader {
                 }
             }
         }
-        Ok(true)
     }
 }
