@@ -1,0 +1,163 @@
+//! What the shape readers share: identities by JSON Pointer, the audience → segment table,
+//! event ids, times.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::config::{Shape, SourceConfig, Unmapped};
+use crate::event::{Change, Event};
+
+use super::{field_error, owned, SourceError};
+
+/// `[source]` as the readers use it, with each shape's defaults applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// JSON Pointers tried in order for the external_id, then for the email.
+    pub(crate) external_id: Vec<String>,
+    pub(crate) email: Vec<String>,
+    segments: HashMap<String, String>,
+    unmapped: Unmapped,
+    pub(crate) user_column: String,
+    pub(crate) segment_column: String,
+    pub(crate) email_column: Option<String>,
+    pub(crate) member_column: Option<String>,
+}
+
+impl Settings {
+    pub fn from_config(c: &SourceConfig) -> Settings {
+        let (id_default, email_default): (&[&str], &[&str]) = match c.shape {
+            Shape::Segment => (&["/userId"], &["/traits/email", "/context/traits/email"]),
+            Shape::Lytics => (&["/data/user_id"], &["/data/email"]),
+            _ => (&[], &[]),
+        };
+        let pointers = |set: &Option<String>, default: &[&str]| match set {
+            Some(p) if p.is_empty() => Vec::new(),
+            Some(p) => vec![p.clone()],
+            None => default.iter().map(|p| p.to_string()).collect(),
+        };
+        Settings {
+            external_id: pointers(&c.external_id, id_default),
+            email: pointers(&c.email, email_default),
+            segments: c
+                .segments
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            unmapped: c.unmapped(),
+            user_column: c.user_column.clone().unwrap_or_default(),
+            segment_column: c.segment_column.clone().unwrap_or_default(),
+            email_column: c.email_column.clone(),
+            member_column: c.member_column.clone(),
+        }
+    }
+
+    /// The segment id an audience is written as; `None`: skip it (unmapped).
+    pub(crate) fn segment_for<'s>(&'s self, audience: &'s str) -> Option<&'s str> {
+        match self.segments.get(audience) {
+            Some(to) => Some(to),
+            None => match self.unmapped {
+                Unmapped::UseId => Some(audience),
+                Unmapped::Skip => None,
+            },
+        }
+    }
+
+    /// (external_id, email) from the configured pointers; `None` for each one absent.
+    pub(crate) fn identity(&self, doc: &Value) -> (Option<String>, Option<String>) {
+        let first = |pointers: &[String]| {
+            pointers
+                .iter()
+                .find_map(|p| doc.pointer(p).and_then(scalar_text))
+                .filter(|s| !s.is_empty())
+        };
+        (first(&self.external_id), first(&self.email))
+    }
+
+    /// The error a record without any identity gets, naming where it was looked for.
+    pub(crate) fn no_identity(&self, shape: Shape) -> SourceError {
+        let list = |p: &[String]| {
+            if p.is_empty() {
+                "(not set)".to_string()
+            } else {
+                p.join(" or ")
+            }
+        };
+        field_error(
+            shape,
+            format!(
+                "no identity: neither the external_id at {} (source.external_id) nor the email at {} (source.email) is a non-empty string",
+                list(&self.external_id),
+                list(&self.email)
+            ),
+        )
+    }
+}
+
+/// A string, or a number written as text (an id column of integers); nothing else.
+pub(crate) fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// RFC 3339 text or epoch milliseconds → epoch milliseconds.
+pub(crate) fn millis(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.timestamp_millis())
+            .or_else(|| s.parse::<i64>().ok()),
+        _ => None,
+    }
+}
+
+/// FNV-1a, 64 bits: stable across builds and machines, so a redelivered record gets the
+/// same event id in every worker.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// An event id for a shape that has none of its own: a hash of what makes the change
+/// itself, so a redelivered record repeats it exactly and a different change never does.
+pub(crate) fn hashed_id(shape: Shape, parts: &[&str]) -> String {
+    format!("{}:{:016x}", shape.name(), fnv1a(parts))
+}
+
+/// One change, owned (the CDP shapes are read into a `Value` first).
+pub(crate) struct Draft<'d> {
+    pub event_id: String,
+    pub external_id: &'d Option<String>,
+    pub email: &'d Option<String>,
+    pub segment_id: &'d str,
+    pub segment_name: Option<&'d str>,
+    pub change: Change,
+    pub occurred_at: i64,
+    pub sequence: Option<i64>,
+}
+
+impl Draft<'_> {
+    pub(crate) fn into_event(self) -> Event<'static> {
+        Event {
+            event_id: self.event_id.into(),
+            external_id: self.external_id.as_deref().map(owned),
+            email: self.email.as_deref().map(owned),
+            segment_id: owned(self.segment_id),
+            segment_name: self.segment_name.map(owned),
+            change: self.change,
+            occurred_at: self.occurred_at,
+            sequence: self.sequence,
+            attributes: Vec::new(),
+        }
+    }
+}

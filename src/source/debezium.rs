@@ -1,0 +1,217 @@
+//! Debezium change events of a membership table (a row per user and segment): the envelope
+//! with or without its `schema`/`payload` wrapper, or the flattened form of the
+//! `ExtractNewRecordState` transform (`__deleted`, `__op`, `__lsn`, `__source_ts_ms`).
+
+use serde_json::{Map, Value};
+
+use crate::config::Shape;
+use crate::event::Change;
+
+use super::common::{hashed_id, millis, scalar_text, Draft, Settings};
+use super::{field_error, Found, SourceError};
+
+const SHAPE: Shape = Shape::Debezium;
+
+/// `None`: a tombstone (the wrapper's null payload after a delete).
+pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Option<Found>, SourceError> {
+    let doc = match doc {
+        Value::Object(o) if o.contains_key("schema") && o.contains_key("payload") => &o["payload"],
+        other => other,
+    };
+    let Value::Object(event) = doc else {
+        if doc.is_null() {
+            return Ok(None);
+        }
+        return Err(field_error(SHAPE, "the record is not a JSON object"));
+    };
+    let row = match event.get("op") {
+        Some(op) => envelope(settings, event, op)?,
+        None => flattened(settings, event)?,
+    };
+    let Some(row) = row else {
+        return Ok(Some(Found::default()));
+    };
+    let column = |name: &str| {
+        row.row
+            .get(name)
+            .and_then(scalar_text)
+            .filter(|s| !s.is_empty())
+    };
+    let external_id = column(&settings.user_column);
+    let email = settings.email_column.as_deref().and_then(column);
+    if external_id.is_none() && email.is_none() {
+        return Err(field_error(
+            SHAPE,
+            format!(
+                "no identity: column {:?} (source.user_column){} is missing or empty in {}",
+                settings.user_column,
+                settings
+                    .email_column
+                    .as_deref()
+                    .map(|c| format!(" and column {c:?} (source.email_column)"))
+                    .unwrap_or_default(),
+                row.name
+            ),
+        ));
+    }
+    let audience = column(&settings.segment_column).ok_or_else(|| {
+        field_error(
+            SHAPE,
+            format!(
+                "column {:?} (source.segment_column) is missing or empty in {}",
+                settings.segment_column, row.name
+            ),
+        )
+    })?;
+    let mut found = Found::default();
+    let Some(segment_id) = settings.segment_for(&audience) else {
+        found.unmapped = 1;
+        return Ok(Some(found));
+    };
+    let identity = external_id.as_deref().or(email.as_deref()).unwrap_or("");
+    let when = row.occurred_at.to_string();
+    let lsn = row.sequence.map(|s| s.to_string()).unwrap_or_default();
+    found.events.push(
+        Draft {
+            event_id: hashed_id(
+                SHAPE,
+                &[identity, &audience, row.change.symbol(), &when, &lsn],
+            ),
+            external_id: &external_id,
+            email: &email,
+            segment_id,
+            segment_name: None,
+            change: row.change,
+            occurred_at: row.occurred_at,
+            sequence: row.sequence,
+        }
+        .into_event(),
+    );
+    Ok(Some(found))
+}
+
+/// The row a change speaks of and what it says.
+struct Row<'v> {
+    row: &'v Map<String, Value>,
+    /// Where the row was, for messages.
+    name: &'static str,
+    change: Change,
+    occurred_at: i64,
+    sequence: Option<i64>,
+}
+
+fn envelope<'v>(
+    settings: &Settings,
+    event: &'v Map<String, Value>,
+    op: &Value,
+) -> Result<Option<Row<'v>>, SourceError> {
+    let op = op
+        .as_str()
+        .ok_or_else(|| field_error(SHAPE, "op is not a string"))?;
+    let (name, deleted) = match op {
+        "c" | "r" | "u" => ("after", false),
+        "d" => ("before", true),
+        // Truncates and logical-decoding messages hold no row of the table.
+        "t" | "m" => return Ok(None),
+        other => {
+            return Err(field_error(
+                SHAPE,
+                format!("op = {other:?} is none of \"c\", \"r\", \"u\", \"d\""),
+            ))
+        }
+    };
+    let Some(Value::Object(row)) = event.get(name) else {
+        return Err(field_error(
+            SHAPE,
+            format!("op = {op:?} but {name} is not an object (for a delete, set the table's REPLICA IDENTITY so that Debezium writes the row)"),
+        ));
+    };
+    let source = event.get("source");
+    let occurred_at = source
+        .and_then(|s| s.get("ts_ms"))
+        .and_then(millis)
+        .or_else(|| event.get("ts_ms").and_then(millis))
+        .ok_or_else(|| field_error(SHAPE, "source.ts_ms is missing or not a number"))?;
+    // PostgreSQL's LSN orders a key's changes; other connectors' positions do not fit in
+    // a sequence, and their order is source.ts_ms, then the offset.
+    let sequence = source
+        .and_then(|s| s.get("lsn"))
+        .and_then(Value::as_i64)
+        .filter(|_| {
+            source
+                .and_then(|s| s.get("connector"))
+                .and_then(Value::as_str)
+                .is_none_or(|c| c == "postgresql")
+        });
+    Ok(Some(Row {
+        row,
+        name,
+        change: change_of(settings, row, deleted)?,
+        occurred_at,
+        sequence,
+    }))
+}
+
+fn flattened<'v>(
+    settings: &Settings,
+    row: &'v Map<String, Value>,
+) -> Result<Option<Row<'v>>, SourceError> {
+    let op = row.get("__op").and_then(Value::as_str);
+    if op.is_none() && !row.contains_key(&settings.user_column) {
+        // Neither an envelope nor a row of the table: a heartbeat, a schema change.
+        return Ok(None);
+    }
+    let deleted = match row.get("__deleted") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s == "true",
+        _ => false,
+    } || op == Some("d");
+    let occurred_at = row
+        .get("__source_ts_ms")
+        .or_else(|| row.get("__ts_ms"))
+        .and_then(millis)
+        .ok_or_else(|| {
+            field_error(
+                SHAPE,
+                "__source_ts_ms is missing or not a number (add source.ts_ms to the transform's add.fields)",
+            )
+        })?;
+    Ok(Some(Row {
+        row,
+        name: "the row",
+        change: change_of(settings, row, deleted)?,
+        occurred_at,
+        sequence: row.get("__lsn").and_then(Value::as_i64),
+    }))
+}
+
+/// A deleted row exits; a present one enters unless `source.member_column` says otherwise.
+fn change_of(
+    settings: &Settings,
+    row: &Map<String, Value>,
+    deleted: bool,
+) -> Result<Change, SourceError> {
+    if deleted {
+        return Ok(Change::Exited);
+    }
+    let Some(column) = &settings.member_column else {
+        return Ok(Change::Entered);
+    };
+    let member = match row.get(column) {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) if n.as_i64() == Some(0) => false,
+        Some(Value::Number(n)) if n.as_i64() == Some(1) => true,
+        Some(Value::String(s)) if s == "true" || s == "false" => s == "true",
+        _ => {
+            return Err(field_error(
+                SHAPE,
+                format!("column {column:?} (source.member_column) is missing or not a boolean"),
+            ))
+        }
+    };
+    Ok(if member {
+        Change::Entered
+    } else {
+        Change::Exited
+    })
+}

@@ -1,0 +1,380 @@
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::config::Unmapped;
+use crate::event::Change;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/tests/fixtures/sources/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn source(shape: Shape, edit: impl FnOnce(&mut SourceConfig)) -> Source {
+    let mut c = SourceConfig {
+        shape,
+        ..SourceConfig::default()
+    };
+    edit(&mut c);
+    Source::new(&c, Format::Json, None).expect("json needs no registry")
+}
+
+/// (segment, change, external_id, email, occurred_at) of every change, sorted by segment.
+fn changes(read: Read<'_>) -> Vec<(String, Change, Option<String>, Option<String>, i64)> {
+    let mut out: Vec<_> = read
+        .into_events()
+        .into_iter()
+        .map(|e| {
+            (
+                e.segment_id.to_string(),
+                e.change,
+                e.external_id.map(|s| s.to_string()),
+                e.email.map(|s| s.to_string()),
+                e.occurred_at,
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn ms(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .expect("time")
+        .timestamp_millis()
+}
+
+fn adobe() -> Source {
+    source(Shape::AdobeRtcdp, |c| {
+        c.external_id = Some("/identityMap/crmId/0/id".into());
+        c.email = Some("/personalEmail/address".into());
+    })
+}
+
+#[test]
+fn adobe_profile_gives_a_change_per_audience_existing_entering() {
+    let value = fixture("adobe-rtcdp.json");
+    let got = changes(adobe().read(Some(&value)).expect("reads"));
+    let at = ms("2026-11-04T10:15:31Z");
+    let who = (
+        Some("crm-1001".to_string()),
+        Some("ana.silva@example.com".to_string()),
+    );
+    assert_eq!(
+        got,
+        vec![
+            (
+                "354e086f-2e11-49a2-9e39-e5d9a76be683".into(),
+                Change::Entered,
+                who.0.clone(),
+                who.1.clone(),
+                at
+            ),
+            (
+                "5b998cb9-9488-4ec3-8d95-fa8338ced490".into(),
+                Change::Entered,
+                who.0.clone(),
+                who.1.clone(),
+                at
+            ),
+            (
+                "9d3b51a0-7e2c-4c43-bf63-0b8dcbd2d8aa".into(),
+                Change::Exited,
+                who.0,
+                who.1,
+                at
+            ),
+        ]
+    );
+}
+
+#[test]
+fn adobe_mapping_renames_and_skips_the_audiences_it_does_not_name() {
+    let value = fixture("adobe-rtcdp.json");
+    let mut s = source(Shape::AdobeRtcdp, |c| {
+        c.external_id = Some("/identityMap/crmId/0/id".into());
+        c.segments = BTreeMap::from([(
+            "5b998cb9-9488-4ec3-8d95-fa8338ced490".to_string(),
+            "high_value".to_string(),
+        )]);
+    });
+    match s.read(Some(&value)).expect("reads") {
+        Read::Many { events, unmapped } => {
+            assert_eq!(unmapped, 2);
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0].segment_id, "high_value");
+            assert_eq!(
+                events[0].segment_name.as_deref(),
+                Some("High value customers")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Told to write the others under their ids, it does.
+    let mut s = source(Shape::AdobeRtcdp, |c| {
+        c.external_id = Some("/identityMap/crmId/0/id".into());
+        c.segments = BTreeMap::from([("x".to_string(), "y".to_string())]);
+        c.unmapped = Some(Unmapped::UseId);
+    });
+    assert_eq!(s.read(Some(&value)).expect("reads").into_events().len(), 3);
+}
+
+#[test]
+fn adobe_profile_without_membership_is_another_kind_and_a_bad_status_is_named() {
+    let mut s = adobe();
+    let r = s.read(Some(
+        br#"{"identityMap":{"crmId":[{"id":"a"}]},"person":{}}"#,
+    ));
+    assert!(matches!(r, Ok(Read::Ignored(Ignored::OtherKind))), "{r:?}");
+    let bad = br#"{"identityMap":{"crmId":[{"id":"a"}]},"segmentMembership":{"ups":{"aud":{"status":"queued","lastQualificationTime":"2026-11-04T10:15:31Z"}}}}"#;
+    let e = s.read(Some(bad)).expect_err("queued is not a status");
+    assert!(
+        e.to_string().contains("segmentMembership.ups.aud.status"),
+        "{e}"
+    );
+    let nobody = br#"{"segmentMembership":{"ups":{"aud":{"status":"realized","lastQualificationTime":"2026-11-04T10:15:31Z"}}}}"#;
+    let e = s.read(Some(nobody)).expect_err("no identity");
+    assert!(e.to_string().contains("/identityMap/crmId/0/id"), "{e}");
+}
+
+#[test]
+fn adobe_event_ids_repeat_for_the_same_record_and_differ_for_another_time() {
+    let value = fixture("adobe-rtcdp.json");
+    let ids = |v: &[u8]| -> Vec<String> {
+        let mut ids: Vec<String> = adobe()
+            .read(Some(v))
+            .expect("reads")
+            .into_events()
+            .into_iter()
+            .map(|e| e.event_id.to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let first = ids(&value);
+    assert_eq!(first, ids(&value));
+    let later = String::from_utf8(value.clone())
+        .expect("utf-8")
+        .replace("2026-11-04T10:15:31Z", "2026-11-05T10:15:31Z");
+    assert!(ids(later.as_bytes()).iter().all(|id| !first.contains(id)));
+}
+
+#[test]
+fn segment_identify_and_track_calls_become_changes_with_their_message_ids() {
+    let mut s = source(Shape::Segment, |_| {});
+    let identify = fixture("segment-identify.json");
+    let Read::One(e) = s.read(Some(&identify)).expect("reads") else {
+        panic!("one change")
+    };
+    assert_eq!(e.segment_id, "high_value_customers");
+    assert_eq!(e.change, Change::Entered);
+    assert_eq!(e.external_id.as_deref(), Some("crm-1001"));
+    assert_eq!(e.email.as_deref(), Some("ana.silva@example.com"));
+    assert_eq!(
+        e.event_id,
+        "personas_1ZxT8cVhYNv2dT0nXgGkmJ7wqQz:high_value_customers"
+    );
+    assert_eq!(e.occurred_at, ms("2026-11-04T10:15:31.284Z"));
+    let track = fixture("segment-track.json");
+    let Read::One(e) = s.read(Some(&track)).expect("reads") else {
+        panic!("one change")
+    };
+    assert_eq!(
+        (e.segment_id.as_ref(), e.change),
+        ("cart_abandoners", Change::Exited)
+    );
+    // Email only in context.traits (a track call has no traits of its own).
+    assert_eq!(e.email.as_deref(), Some("ana.silva@example.com"));
+}
+
+#[test]
+fn segment_page_calls_and_other_track_events_are_other_kinds() {
+    let mut s = source(Shape::Segment, |_| {});
+    let page = fixture("segment-page.json");
+    assert!(matches!(
+        s.read(Some(&page)),
+        Ok(Read::Ignored(Ignored::OtherKind))
+    ));
+    let other = br#"{"type":"track","event":"Order Completed","userId":"u","timestamp":"2026-11-04T10:15:31Z"}"#;
+    assert!(matches!(
+        s.read(Some(other)),
+        Ok(Read::Ignored(Ignored::OtherKind))
+    ));
+    let plain = br#"{"type":"identify","userId":"u","traits":{"vip":true},"timestamp":"2026-11-04T10:15:31Z"}"#;
+    assert!(matches!(
+        s.read(Some(plain)),
+        Ok(Read::Ignored(Ignored::OtherKind))
+    ));
+}
+
+#[test]
+fn segment_identify_with_two_audience_traits_gives_two_changes() {
+    let mut s = source(Shape::Segment, |_| {});
+    let two =
+        br#"{"type":"identify","userId":"u1","messageId":"m1","timestamp":"2026-11-04T10:15:31Z",
+        "context":{"personas":{"computation_class":"audience"}},
+        "traits":{"email":"u1@example.com","vip":true,"churn_risk":false}}"#;
+    let got = changes(s.read(Some(two)).expect("reads"));
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1),
+        ("churn_risk", Change::Exited)
+    );
+    assert_eq!((got[1].0.as_str(), got[1].1), ("vip", Change::Entered));
+}
+
+#[test]
+fn segment_audience_track_without_audience_key_is_named() {
+    let mut s = source(Shape::Segment, |_| {});
+    let bad = br#"{"type":"track","event":"Audience Entered","userId":"u","timestamp":"2026-11-04T10:15:31Z","context":{"personas":{"computation_class":"audience"}},"properties":{}}"#;
+    let e = s.read(Some(bad)).expect_err("no key");
+    assert!(e.to_string().contains("properties.audience_key"), "{e}");
+}
+
+#[test]
+fn lytics_enter_exit_and_the_far_future_exit_that_means_still_a_member() {
+    let mut s = source(Shape::Lytics, |_| {});
+    let value = fixture("lytics.json");
+    let who = (
+        Some("crm-1001".to_string()),
+        Some("ana.silva@example.com".to_string()),
+    );
+    assert_eq!(
+        changes(s.read(Some(&value)).expect("reads")),
+        vec![
+            (
+                "cart_abandoners".into(),
+                Change::Exited,
+                who.0.clone(),
+                who.1.clone(),
+                ms("2026-11-04T10:16:12Z")
+            ),
+            (
+                "high_value_customers".into(),
+                Change::Entered,
+                who.0,
+                who.1,
+                ms("2026-11-04T10:15:31Z")
+            ),
+        ]
+    );
+    let still = br#"{"data":{"user_id":"u","segment_events":[{"event":"exit","slug":"s","enter":"2026-01-01T00:00:00Z","exit":"2099-12-31T00:00:00Z"}]}}"#;
+    let Read::One(e) = s.read(Some(still)).expect("reads") else {
+        panic!("one")
+    };
+    assert_eq!(e.change, Change::Entered);
+    let bad = br#"{"data":{"user_id":"u","segment_events":[{"event":"left","slug":"s","exit":"2026-01-01T00:00:00Z"}]}}"#;
+    let e = s.read(Some(bad)).expect_err("left");
+    assert!(
+        e.to_string().contains("data.segment_events[0].event"),
+        "{e}"
+    );
+}
+
+fn debezium(member: bool) -> Source {
+    source(Shape::Debezium, |c| {
+        c.user_column = Some("user_id".into());
+        c.segment_column = Some("segment_id".into());
+        c.email_column = Some("email".into());
+        if member {
+            c.member_column = Some("is_member".into());
+        }
+    })
+}
+
+#[test]
+fn debezium_insert_with_its_schema_wrapper_enters_with_the_lsn_as_sequence() {
+    let value = fixture("debezium-envelope.json");
+    let Read::One(e) = debezium(false).read(Some(&value)).expect("reads") else {
+        panic!("one")
+    };
+    assert_eq!(e.external_id.as_deref(), Some("crm-1001"));
+    assert_eq!(e.segment_id, "high_value_customers");
+    assert_eq!(e.change, Change::Entered);
+    assert_eq!(e.sequence, Some(24023184));
+    assert_eq!(e.occurred_at, 1793873731120);
+}
+
+#[test]
+fn debezium_delete_exits_from_before_and_its_tombstone_is_ignored() {
+    let value = fixture("debezium-delete.json");
+    let Read::One(e) = debezium(false).read(Some(&value)).expect("reads") else {
+        panic!("one")
+    };
+    assert_eq!(
+        (e.segment_id.as_ref(), e.change),
+        ("cart_abandoners", Change::Exited)
+    );
+    assert!(matches!(
+        debezium(false).read(None),
+        Ok(Read::Ignored(Ignored::Tombstone))
+    ));
+    let wrapped_null = br#"{"schema":null,"payload":null}"#;
+    assert!(matches!(
+        debezium(false).read(Some(wrapped_null)),
+        Ok(Read::Ignored(Ignored::Tombstone))
+    ));
+}
+
+#[test]
+fn debezium_flattened_update_follows_the_member_column() {
+    let value = fixture("debezium-flattened.json");
+    let Read::One(e) = debezium(true).read(Some(&value)).expect("reads") else {
+        panic!("one")
+    };
+    assert_eq!(e.change, Change::Exited);
+    assert_eq!(e.sequence, Some(24023900));
+    let Read::One(e) = debezium(false).read(Some(&value)).expect("reads") else {
+        panic!("one")
+    };
+    assert_eq!(
+        e.change,
+        Change::Entered,
+        "without a member column an update enters"
+    );
+}
+
+#[test]
+fn debezium_mysql_has_no_sequence_and_orders_by_commit_time() {
+    let value = fixture("debezium-mysql.json");
+    let Read::One(e) = debezium(true).read(Some(&value)).expect("reads") else {
+        panic!("one")
+    };
+    assert_eq!(e.sequence, None);
+    assert_eq!(e.occurred_at, 1793874000000);
+    assert_eq!(e.change, Change::Entered);
+}
+
+#[test]
+fn debezium_row_without_the_user_column_is_named() {
+    let row = br#"{"op":"c","after":{"segment_id":"s"},"source":{"ts_ms":1,"connector":"postgresql","lsn":5}}"#;
+    let e = debezium(false).read(Some(row)).expect_err("no user");
+    assert!(e.to_string().contains("\"user_id\""), "{e}");
+}
+
+#[test]
+fn the_change_shape_reads_as_before_and_a_missing_value_is_an_error() {
+    let mut s = source(Shape::Change, |_| {});
+    let value = br#"{"event_id":"e1","external_id":"u1","segment_id":"s","change":"ENTERED","occurred_at":5}"#;
+    let Read::One(e) = s.read(Some(value)).expect("reads") else {
+        panic!("one")
+    };
+    assert_eq!(e.event_id, "e1");
+    assert!(matches!(s.read(None), Err(SourceError::NoValue)));
+}
+
+#[test]
+fn not_json_is_undecodable_in_every_cdp_shape() {
+    for shape in Shape::ALL.into_iter().filter(|s| *s != Shape::Change) {
+        let e = source(shape, |_| {})
+            .read(Some(b"\x00not json"))
+            .expect_err("not json");
+        assert_eq!(
+            e.class_name(),
+            "segment_sync::decode::JsonError",
+            "{shape:?}"
+        );
+    }
+}
