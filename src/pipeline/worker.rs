@@ -31,10 +31,11 @@ use super::ingest::{Ingest, Verdict};
 use super::{kafka, PipelineError, Progress, RunOptions, RunSummary};
 use crate::braze::BrazeClient;
 use crate::config::{Config, Format};
-use crate::decode::{Decoder, RegistryClient, SchemaSource};
+use crate::decode::{RegistryClient, SchemaSource};
 use crate::dlq::{DlqWriter, Rereader};
 use crate::mapping::Mapping;
 use crate::replay::RunMark;
+use crate::source::Source;
 use crate::start::{StartAt, Until};
 use crate::window::{Window, WindowConfig};
 use std::io::Write;
@@ -63,6 +64,10 @@ struct Taking<'m> {
 enum Fate<'m> {
     /// A valid event, with what the window will look up for it.
     Admit(Lookup, Event<'m>),
+    /// A record holding several valid changes: it settles when the last of them settles.
+    AdmitMany(Vec<(Lookup, Event<'m>)>),
+    /// Nothing to apply: settle it.
+    Ignore,
     DeadLetter(DlqReason),
 }
 
@@ -101,7 +106,7 @@ impl Worker {
             Format::AvroConfluent => Some(Arc::new(RegistryClient::from_config(&cfg.kafka)?)),
             _ => None,
         };
-        let decoder = Decoder::new(cfg.kafka.format, registry)?;
+        let source = Source::from_config(cfg, registry)?;
         let committing = dry_run.is_none();
         let sink = match dry_run {
             Some(out) => Sink::DryRun(out),
@@ -156,7 +161,7 @@ impl Worker {
         let rules = mapping.rules_for(cfg.window.max_future_ms);
         Ok(Worker {
             assignment: Assignment::new(),
-            ingest: Ingest::new(decoder, rules, metrics.clone()),
+            ingest: Ingest::new(source, rules, metrics.clone()),
             delivery: Delivery::new(
                 window,
                 mapping,
@@ -309,6 +314,25 @@ impl Worker {
                     fate: Fate::Admit(lookup, event),
                 })
             }
+            Verdict::AdmitMany(events) => {
+                let fate = events
+                    .into_iter()
+                    .map(|event| {
+                        let Some(identity) = event.identity() else {
+                            unreachable!("ingest admits only events with an identity");
+                        };
+                        (self.delivery.lookup(&event, identity), event)
+                    })
+                    .collect();
+                Examined::Take(Taking {
+                    id,
+                    fate: Fate::AdmitMany(fate),
+                })
+            }
+            Verdict::Ignore => Examined::Take(Taking {
+                id,
+                fate: Fate::Ignore,
+            }),
             Verdict::DeadLetter(reason) => Examined::Take(Taking {
                 id,
                 fate: Fate::DeadLetter(reason),
@@ -325,34 +349,65 @@ impl Worker {
             return;
         };
         match &record.fate {
-            Fate::Admit(lookup, event) => {
-                let Some(identity) = event.identity() else {
-                    unreachable!("ingest admits only events with an identity");
-                };
-                match self.delivery.admit(
-                    lookup,
-                    event,
-                    identity,
-                    m.partition(),
-                    m.offset(),
-                    pos,
-                    now_ms,
-                ) {
-                    Admit::Pending | Admit::Superseded => {}
-                    Admit::Duplicate => {
-                        self.metrics.events_deduplicated.inc();
-                        self.assignment.settle(pos);
-                    }
-                    Admit::Stale => {
-                        self.metrics.events_stale.inc();
-                        self.assignment.settle(pos);
-                    }
+            Fate::Admit(lookup, event) => self.admit(m, lookup, event, pos, now_ms),
+            Fate::AdmitMany(changes) => {
+                if !self.assignment.split(pos, changes.len()) {
+                    let reason = DlqReason::Invalid {
+                        message: format!(
+                            "the record holds {} changes, more than the {} one record may hold",
+                            changes.len(),
+                            crate::offsets::MAX_PARTS
+                        ),
+                    };
+                    self.dead_letters.record(m, pos, &reason);
+                    return;
+                }
+                for (i, (lookup, event)) in changes.iter().enumerate() {
+                    let Some(part) = pos.with_part(i + 1) else {
+                        unreachable!("split checked that every part fits");
+                    };
+                    self.admit(m, lookup, event, part, now_ms);
                 }
             }
+            Fate::Ignore => self.assignment.settle(pos),
             Fate::DeadLetter(reason) => {
                 tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
                 reason = ?reason, "record to the dead-letter topic");
                 self.dead_letters.record(m, pos, reason);
+            }
+        }
+    }
+
+    /// One change to the window: `pos` is its record's, or its own part of a record with
+    /// several.
+    fn admit<M: Message>(
+        &mut self,
+        m: &M,
+        lookup: &Lookup,
+        event: &Event<'_>,
+        pos: Position,
+        now_ms: u64,
+    ) {
+        let Some(identity) = event.identity() else {
+            unreachable!("ingest admits only events with an identity");
+        };
+        match self.delivery.admit(
+            lookup,
+            event,
+            identity,
+            m.partition(),
+            m.offset(),
+            pos,
+            now_ms,
+        ) {
+            Admit::Pending | Admit::Superseded => {}
+            Admit::Duplicate => {
+                self.metrics.events_deduplicated.inc();
+                self.assignment.settle(pos);
+            }
+            Admit::Stale => {
+                self.metrics.events_stale.inc();
+                self.assignment.settle(pos);
             }
         }
     }
@@ -385,6 +440,7 @@ impl Worker {
         let now = self.now_ms();
         let assignment = &mut self.assignment;
         self.delivery.flush(now, false, |p| assignment.settle(p));
+        self.dead_letter_rejected();
         if self.commits.due() {
             self.commit(consumer, CommitMode::Async);
             self.delivery.update_gauges();
@@ -433,21 +489,36 @@ impl Worker {
                 for (positions, rejection) in answer.rejected {
                     let mut by_partition: HashMap<PartitionId, Vec<Position>> = HashMap::new();
                     for p in positions {
-                        by_partition.entry(p.partition()).or_default().push(p);
+                        // A change of a record with several waits for the others.
+                        if self.assignment.reject(p, rejection.clone()).is_some() {
+                            by_partition.entry(p.partition()).or_default().push(p);
+                        }
                     }
                     for (pid, positions) in by_partition {
                         // A partition revoked meanwhile: its next owner reads these again.
                         if let Some(tp) = self.assignment.name(pid) {
-                            self.dead_letters.rejected(tp, positions, rejection.clone());
+                            self.dead_letters
+                                .rejected(tp, positions, rejection.clone(), None);
                         }
                     }
                 }
+                self.dead_letter_rejected();
             }
             Ack::DeadLetter(outcome) => {
                 let assignment = &mut self.assignment;
                 self.dead_letters
                     .on_outcome(outcome, |p| assignment.settle(p));
             }
+        }
+    }
+
+    /// Records with several changes that were refused in part, once all their changes have
+    /// an outcome: to the dead-letter topic, once each.
+    fn dead_letter_rejected(&mut self) {
+        for r in self.assignment.take_rejected() {
+            tracing::warn!(partition = %r.tp, offset = r.record.offset(), "a record with several changes had some refused; to the dead-letter topic");
+            self.dead_letters
+                .rejected(r.tp, vec![r.record], r.rejection, Some(r.lines));
         }
     }
 
@@ -460,6 +531,7 @@ impl Worker {
             let now = self.now_ms();
             let assignment = &mut self.assignment;
             self.delivery.flush(now, true, |p| assignment.settle(p));
+            self.dead_letter_rejected();
             if done(self) {
                 return true;
             }
