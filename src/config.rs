@@ -18,7 +18,9 @@ pub struct Config {
 }
 
 /// `[source] shape`: how a record's decoded value becomes changes (DESIGN.md, "Sources").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Shape {
     /// This project's `SegmentMembershipChange`, one change per record.

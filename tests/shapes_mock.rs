@@ -96,23 +96,39 @@ fn raw(value: &str) -> ShapedRecord {
 fn other_and_broken(shape: Shape) -> (ShapedRecord, ShapedRecord, &'static str) {
     match shape {
         Shape::AdobeRtcdp => (
-            raw(r#"{"identityMap":{"crmId":[{"id":"user-77777"}]},"person":{"name":{"firstName":"A"}}}"#),
-            raw(r#"{"identityMap":{"crmId":[{"id":"user-77777"}]},"segmentMembership":{"ups":{"a1":{"status":"pending","lastQualificationTime":"2026-01-01T00:00:00Z"}}}}"#),
+            raw(
+                r#"{"identityMap":{"crmId":[{"id":"user-77777"}]},"person":{"name":{"firstName":"A"}}}"#,
+            ),
+            raw(
+                r#"{"identityMap":{"crmId":[{"id":"user-77777"}]},"segmentMembership":{"ups":{"a1":{"status":"pending","lastQualificationTime":"2026-01-01T00:00:00Z"}}}}"#,
+            ),
             "segmentMembership.ups.a1.status",
         ),
         Shape::Segment => (
-            raw(r#"{"type":"track","event":"Order Completed","userId":"user-77777","messageId":"o1","timestamp":"2026-01-01T00:00:00Z"}"#),
-            raw(r#"{"type":"track","event":"Audience Entered","userId":"user-77777","messageId":"b1","timestamp":"2026-01-01T00:00:00Z","context":{"personas":{"computation_class":"audience"}},"properties":{}}"#),
+            raw(
+                r#"{"type":"track","event":"Order Completed","userId":"user-77777","messageId":"o1","timestamp":"2026-01-01T00:00:00Z"}"#,
+            ),
+            raw(
+                r#"{"type":"track","event":"Audience Entered","userId":"user-77777","messageId":"b1","timestamp":"2026-01-01T00:00:00Z","context":{"personas":{"computation_class":"audience"}},"properties":{}}"#,
+            ),
             "properties.audience_key",
         ),
         Shape::Lytics => (
-            raw(r#"{"data":{"user_id":"user-77777","email":"x@example.com"},"meta":{"object":"user"}}"#),
-            raw(r#"{"data":{"user_id":"user-77777","segment_events":[{"event":"enter","enter":"2026-01-01T00:00:00Z"}]}}"#),
+            raw(
+                r#"{"data":{"user_id":"user-77777","email":"x@example.com"},"meta":{"object":"user"}}"#,
+            ),
+            raw(
+                r#"{"data":{"user_id":"user-77777","segment_events":[{"event":"enter","enter":"2026-01-01T00:00:00Z"}]}}"#,
+            ),
             "data.segment_events[0].slug",
         ),
         Shape::Debezium => (
-            raw(r#"{"op":"t","before":null,"after":null,"source":{"connector":"postgresql","ts_ms":1,"lsn":1}}"#),
-            raw(r#"{"op":"c","before":null,"after":{"user_id":"user-77777","is_member":true},"source":{"connector":"postgresql","ts_ms":1,"lsn":1}}"#),
+            raw(
+                r#"{"op":"t","before":null,"after":null,"source":{"connector":"postgresql","ts_ms":1,"lsn":1}}"#,
+            ),
+            raw(
+                r#"{"op":"c","before":null,"after":{"user_id":"user-77777","is_member":true},"source":{"connector":"postgresql","ts_ms":1,"lsn":1}}"#,
+            ),
             "segment_id",
         ),
         Shape::Change => unreachable!("the change shape has its own tests"),
@@ -167,8 +183,15 @@ fn round_trip(shape: Shape, topic: &str) {
     let want = boolean_profiles(&landed, "cdp_");
     let got = strip_identifiers(env.sim.state.profiles());
     let d = diff(&want, &got);
-    assert!(d.is_empty(), "{shape:?}: profiles differ:\n{}", d.join("\n"));
-    assert!(summary.duplicates > 0, "redeliveries were dropped: {summary}");
+    assert!(
+        d.is_empty(),
+        "{shape:?}: profiles differ:\n{}",
+        d.join("\n")
+    );
+    assert!(
+        summary.duplicates > 0,
+        "redeliveries were dropped: {summary}"
+    );
     assert_eq!(
         committed(&cfg.kafka.brokers, &cfg.kafka.group_id, topic, PARTITIONS),
         end_offsets(&cfg.kafka.brokers, topic, PARTITIONS),
@@ -192,7 +215,11 @@ fn round_trip(shape: Shape, topic: &str) {
         );
     }
     let dlq = read_all(&cfg.kafka.brokers, &cfg.kafka.dlq_topic, 1);
-    assert_eq!(dlq.len(), 1, "{shape:?}: only the broken record is dead-lettered");
+    assert_eq!(
+        dlq.len(),
+        1,
+        "{shape:?}: only the broken record is dead-lettered"
+    );
     let message = header(&dlq[0], "__connect.errors.exception.message").unwrap();
     assert!(message.contains(field), "{shape:?}: {message}");
     verify_finds_no_drift(&env, &cfg);
@@ -242,7 +269,11 @@ fn a_record_with_several_changes_braze_refuses_is_dead_lettered_once_with_every_
     let n = origins.len();
     origins.sort();
     origins.dedup();
-    assert_eq!(origins.len(), n, "each record is dead-lettered at most once");
+    assert_eq!(
+        origins.len(),
+        n,
+        "each record is dead-lettered at most once"
+    );
     assert!(n > 0, "{summary}");
     let mut several = 0;
     for m in &dlq {
