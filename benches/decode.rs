@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use segment_sync::config::{Format, Shape};
-use segment_sync::source::Source;
-use segment_sync::tools::shapes::source_config;
 use segment_sync::decode::{Decoder, MemoryRegistry, SCHEMA};
+use segment_sync::source::Source;
 use segment_sync::tools::generate::{Generator, GeneratorConfig};
 use segment_sync::tools::produce::encode_record;
+use segment_sync::tools::shapes::source_config;
 
 fn main() {
     let registry = Arc::new(MemoryRegistry::new());
@@ -72,10 +72,16 @@ fn bytes_per_second(source: &mut Source, payloads: &[Vec<u8>]) -> f64 {
 
 /// A vendor fixture made into many records: the user's id varied, so no two are alike.
 fn vendor_records(file: &str, id: &str) -> Vec<Vec<u8>> {
-    let path = format!("{}/tests/fixtures/sources/{file}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/fixtures/sources/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     (0..2000)
-        .map(|i| text.replace(id, &format!("crm-{:04}", 1000 + i)).into_bytes())
+        .map(|i| {
+            text.replace(id, &format!("crm-{:04}", 1000 + i))
+                .into_bytes()
+        })
         .collect()
 }
 
@@ -106,7 +112,10 @@ fn shapes(records: &[segment_sync::tools::generate::Record]) {
         let rate = bytes_per_second(&mut source, &payloads);
         let size = payloads.iter().map(Vec::len).sum::<usize>() / payloads.len();
         verdicts.at_least(
-            &format!("{} reading {file} ({size} bytes), share of change's bytes/s", shape.name()),
+            &format!(
+                "{} reading {file} ({size} bytes), share of change's bytes/s",
+                shape.name()
+            ),
             rate / baseline,
             0.5,
             "x",

@@ -1514,7 +1514,10 @@ mod tests {
 
     #[test]
     fn source_shapes_take_their_keys_and_adobe_needs_an_identity() {
-        let e = err("[kafka]\nformat = \"json\"\n[source]\nshape = \"adobe-rtcdp\"\n", &[]);
+        let e = err(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"adobe-rtcdp\"\n",
+            &[],
+        );
         assert!(e.contains("source.external_id or source.email"), "{e}");
         let c = load(
             "[kafka]\nformat = \"json\"\n[source]\nshape = \"adobe-rtcdp\"\nexternal_id = \"/identityMap/crmId/0/id\"\n[source.segments]\n\"5b99\" = \"high_value\"\n",
@@ -1523,14 +1526,31 @@ mod tests {
         .unwrap();
         assert_eq!(c.source.shape, Shape::AdobeRtcdp);
         assert_eq!(c.source.segments["5b99"], "high_value");
-        assert_eq!(c.source.unmapped(), Unmapped::Skip, "a table makes skip the default");
-        let c = load("[kafka]\nformat = \"json\"\n[source]\nshape = \"lytics\"\n", &[]).unwrap();
+        assert_eq!(
+            c.source.unmapped(),
+            Unmapped::Skip,
+            "a table makes skip the default"
+        );
+        let c = load(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"lytics\"\n",
+            &[],
+        )
+        .unwrap();
         assert_eq!(c.source.unmapped(), Unmapped::UseId);
-        let e = err("[kafka]\nformat = \"json\"\n[source]\nshape = \"debezium\"\n", &[]);
-        assert!(e.contains("source.user_column") && e.contains("source.segment_column"), "{e}");
+        let e = err(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"debezium\"\n",
+            &[],
+        );
+        assert!(
+            e.contains("source.user_column") && e.contains("source.segment_column"),
+            "{e}"
+        );
         let e = err("[source]\nshape = \"segment\"\n", &[]);
         assert!(e.contains("kafka.format = \"json\""), "{e}");
-        let e = err("[kafka]\nformat = \"json\"\n[source]\nshape = \"segment\"\nemail = \"traits.email\"\n", &[]);
+        let e = err(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"segment\"\nemail = \"traits.email\"\n",
+            &[],
+        );
         assert!(e.contains("not a JSON Pointer"), "{e}");
         let c = load(
             "[kafka]\nformat = \"json\"\n",

@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::config::{Shape, SourceConfig, Unmapped};
 use crate::event::{Change, Event};
 
+use super::sparse::Paths;
 use super::{field_error, owned, SourceError};
 
 /// `[source]` as the readers use it, with each shape's defaults applied.
@@ -22,6 +23,8 @@ pub struct Settings {
     pub(crate) segment_column: String,
     pub(crate) email_column: Option<String>,
     pub(crate) member_column: Option<String>,
+    /// What the shape's reader looks at; everything else is skipped while parsing.
+    paths: Paths,
 }
 
 impl Settings {
@@ -36,9 +39,75 @@ impl Settings {
             Some(p) => vec![p.clone()],
             None => default.iter().map(|p| p.to_string()).collect(),
         };
+        let external_id = pointers(&c.external_id, id_default);
+        let email = pointers(&c.email, email_default);
+        let mut paths = Paths::default();
+        for p in external_id.iter().chain(&email) {
+            paths.want(p);
+        }
+        match c.shape {
+            Shape::Change => {}
+            Shape::AdobeRtcdp => {
+                paths.want("/segmentMembership/ups");
+            }
+            Shape::Segment => {
+                for p in [
+                    "/type",
+                    "/event",
+                    "/messageId",
+                    "/timestamp",
+                    "/originalTimestamp",
+                    "/receivedAt",
+                    "/sentAt",
+                    "/properties/audience_key",
+                    "/context/personas/computation_class",
+                    "/context/personas/computation_key",
+                    "/traits",
+                ] {
+                    paths.want(p);
+                }
+            }
+            Shape::Lytics => {
+                paths.want("/data/segment_events").want("/meta/timestamp");
+            }
+            Shape::Debezium => {
+                let columns = [
+                    &c.user_column,
+                    &c.segment_column,
+                    &c.email_column,
+                    &c.member_column,
+                ];
+                for envelope in ["", "/payload"] {
+                    for field in [
+                        "op",
+                        "ts_ms",
+                        "source/ts_ms",
+                        "source/lsn",
+                        "source/connector",
+                    ] {
+                        paths.want(&format!("{envelope}/{field}"));
+                    }
+                    for row in ["before", "after"] {
+                        // A null row is kept as null; a row, as the columns read.
+                        paths.want_presence(&format!("{envelope}/{row}"));
+                        for column in columns.iter().copied().flatten() {
+                            paths.want(&format!("{envelope}/{row}/{}", escape(column)));
+                        }
+                    }
+                }
+                paths.want_presence("/schema");
+                for field in ["__op", "__deleted", "__lsn", "__source_ts_ms", "__ts_ms"] {
+                    paths.want(&format!("/{field}"));
+                }
+                for column in columns.iter().copied().flatten() {
+                    paths.want(&format!("/{}", escape(column)));
+                }
+            }
+        }
         Settings {
-            external_id: pointers(&c.external_id, id_default),
-            email: pointers(&c.email, email_default),
+            paths,
+            external_id,
+            email,
             segments: c
                 .segments
                 .iter()
@@ -50,6 +119,11 @@ impl Settings {
             email_column: c.email_column.clone(),
             member_column: c.member_column.clone(),
         }
+    }
+
+    /// The parts of a record's JSON text the shape reads.
+    pub(crate) fn parse(&self, text: &str) -> Result<Value, serde_json::Error> {
+        self.paths.parse(text)
     }
 
     /// The segment id an audience is written as; `None`: skip it (unmapped).
@@ -92,6 +166,11 @@ impl Settings {
             ),
         )
     }
+}
+
+/// A column name as one JSON Pointer token.
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
 }
 
 /// A string, or a number written as text (an id column of integers); nothing else.

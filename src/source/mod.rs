@@ -15,6 +15,7 @@ mod common;
 mod debezium;
 mod lytics;
 mod segment;
+mod sparse;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -197,7 +198,10 @@ pub fn read_shape<'a>(
             _ => Err(SourceError::NoValue),
         };
     };
-    let doc: serde_json::Value = serde_json::from_slice(value).map_err(DecodeError::Json)?;
+    // Checked for UTF-8 once, whole, as the change decoder does: cheaper than string by string.
+    let text = std::str::from_utf8(value)
+        .map_err(|e| DecodeError::Json(<serde_json::Error as serde::de::Error>::custom(e)))?;
+    let doc = settings.parse(text).map_err(DecodeError::Json)?;
     let (found, empty) = match shape {
         Shape::Change => unreachable!("the change shape is decoded, not read"),
         Shape::AdobeRtcdp => (adobe::read(settings, &doc)?, Ignored::OtherKind),
