@@ -1,7 +1,7 @@
 //! Adobe Real-Time CDP streaming destination: one profile per record, its audiences in
 //! `segmentMembership.ups.<audience id>` = `{status, lastQualificationTime}`.
 
-use serde_json::Value;
+use super::sparse::Json;
 
 use crate::config::Shape;
 use crate::event::Change;
@@ -11,7 +11,7 @@ use super::{field_error, Found, SourceError};
 
 const SHAPE: Shape = Shape::AdobeRtcdp;
 
-pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceError> {
+pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceError> {
     let Some(membership) = doc.get("segmentMembership") else {
         // A profile update without audiences, or not a profile at all.
         return Ok(Found::default());
@@ -19,7 +19,7 @@ pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceErro
     let Some(ups) = membership.get("ups") else {
         return Ok(Found::default());
     };
-    let Value::Object(audiences) = ups else {
+    let Json::Obj(audiences) = ups else {
         return Err(field_error(SHAPE, "segmentMembership.ups is not an object"));
     };
     let (external_id, email) = settings.identity(doc);
@@ -30,7 +30,7 @@ pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceErro
     let mut found = Found::default();
     for (audience, entry) in audiences {
         let field = |name: &str| format!("segmentMembership.ups.{audience}.{name}");
-        let status = entry.get("status").and_then(Value::as_str).ok_or_else(|| {
+        let status = entry.get("status").and_then(Json::as_str).ok_or_else(|| {
             field_error(
                 SHAPE,
                 format!("{} is missing or not a string", field("status")),
@@ -71,7 +71,7 @@ pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceErro
                 external_id: &external_id,
                 email: &email,
                 segment_id,
-                segment_name: entry.get("name").and_then(Value::as_str),
+                segment_name: entry.get("name").and_then(Json::as_str),
                 change,
                 occurred_at,
                 sequence: None,

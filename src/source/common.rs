@@ -3,12 +3,11 @@
 
 use std::collections::HashMap;
 
-use serde_json::Value;
 
 use crate::config::{Shape, SourceConfig, Unmapped};
 use crate::event::{Change, Event};
 
-use super::sparse::Paths;
+use super::sparse::{tokens, Json, Paths};
 use super::{field_error, owned, SourceError};
 
 /// `[source]` as the readers use it, with each shape's defaults applied.
@@ -17,6 +16,9 @@ pub struct Settings {
     /// JSON Pointers tried in order for the external_id, then for the email.
     pub(crate) external_id: Vec<String>,
     pub(crate) email: Vec<String>,
+    /// The same pointers as tokens, looked up without unescaping them again.
+    external_id_tokens: Vec<Vec<String>>,
+    email_tokens: Vec<Vec<String>>,
     segments: HashMap<String, String>,
     unmapped: Unmapped,
     pub(crate) user_column: String,
@@ -105,6 +107,8 @@ impl Settings {
             }
         }
         Settings {
+            external_id_tokens: external_id.iter().map(|p| tokens(p)).collect(),
+            email_tokens: email.iter().map(|p| tokens(p)).collect(),
             paths,
             external_id,
             email,
@@ -122,7 +126,7 @@ impl Settings {
     }
 
     /// The parts of a record's JSON text the shape reads.
-    pub(crate) fn parse(&self, text: &str) -> Result<Value, serde_json::Error> {
+    pub(crate) fn parse<'a>(&self, text: &'a str) -> Result<Json<'a>, serde_json::Error> {
         self.paths.parse(text)
     }
 
@@ -138,14 +142,14 @@ impl Settings {
     }
 
     /// (external_id, email) from the configured pointers; `None` for each one absent.
-    pub(crate) fn identity(&self, doc: &Value) -> (Option<String>, Option<String>) {
-        let first = |pointers: &[String]| {
+    pub(crate) fn identity(&self, doc: &Json<'_>) -> (Option<String>, Option<String>) {
+        let first = |pointers: &[Vec<String>]| {
             pointers
                 .iter()
-                .find_map(|p| doc.pointer(p).and_then(scalar_text))
+                .find_map(|p| doc.at(p).and_then(scalar_text))
                 .filter(|s| !s.is_empty())
         };
-        (first(&self.external_id), first(&self.email))
+        (first(&self.external_id_tokens), first(&self.email_tokens))
     }
 
     /// The error a record without any identity gets, naming where it was looked for.
@@ -174,19 +178,20 @@ fn escape(token: &str) -> String {
 }
 
 /// A string, or a number written as text (an id column of integers); nothing else.
-pub(crate) fn scalar_text(v: &Value) -> Option<String> {
+pub(crate) fn scalar_text(v: &Json<'_>) -> Option<String> {
     match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+        Json::Str(s) => Some(s.to_string()),
+        Json::Int(n) => Some(n.to_string()),
+        Json::Float(n) => Some(n.to_string()),
         _ => None,
     }
 }
 
 /// RFC 3339 text or epoch milliseconds → epoch milliseconds.
-pub(crate) fn millis(v: &Value) -> Option<i64> {
+pub(crate) fn millis(v: &Json<'_>) -> Option<i64> {
     match v {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+        Json::Int(n) => Some(*n),
+        Json::Str(s) => chrono::DateTime::parse_from_rfc3339(s)
             .ok()
             .map(|t| t.timestamp_millis())
             .or_else(|| s.parse::<i64>().ok()),

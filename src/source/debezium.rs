@@ -2,7 +2,7 @@
 //! with or without its `schema`/`payload` wrapper, or the flattened form of the
 //! `ExtractNewRecordState` transform (`__deleted`, `__op`, `__lsn`, `__source_ts_ms`).
 
-use serde_json::{Map, Value};
+use super::sparse::Json;
 
 use crate::config::Shape;
 use crate::event::Change;
@@ -13,12 +13,12 @@ use super::{field_error, Found, SourceError};
 const SHAPE: Shape = Shape::Debezium;
 
 /// `None`: a tombstone (the wrapper's null payload after a delete).
-pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Option<Found>, SourceError> {
-    let doc = match doc {
-        Value::Object(o) if o.contains_key("schema") && o.contains_key("payload") => &o["payload"],
-        other => other,
+pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Option<Found>, SourceError> {
+    let doc = match (doc.get("schema"), doc.get("payload")) {
+        (Some(_), Some(payload)) => payload,
+        _ => doc,
     };
-    let Value::Object(event) = doc else {
+    let event @ Json::Obj(_) = doc else {
         if doc.is_null() {
             return Ok(None);
         }
@@ -91,8 +91,8 @@ pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Option<Found>, So
 }
 
 /// The row a change speaks of and what it says.
-struct Row<'v> {
-    row: &'v Map<String, Value>,
+struct Row<'v, 'a> {
+    row: &'v Json<'a>,
     /// Where the row was, for messages.
     name: &'static str,
     change: Change,
@@ -100,11 +100,11 @@ struct Row<'v> {
     sequence: Option<i64>,
 }
 
-fn envelope<'v>(
+fn envelope<'v, 'a>(
     settings: &Settings,
-    event: &'v Map<String, Value>,
-    op: &Value,
-) -> Result<Option<Row<'v>>, SourceError> {
+    event: &'v Json<'a>,
+    op: &Json<'a>,
+) -> Result<Option<Row<'v, 'a>>, SourceError> {
     let op = op
         .as_str()
         .ok_or_else(|| field_error(SHAPE, "op is not a string"))?;
@@ -120,7 +120,7 @@ fn envelope<'v>(
             ))
         }
     };
-    let Some(Value::Object(row)) = event.get(name) else {
+    let Some(row @ Json::Obj(_)) = event.get(name) else {
         return Err(field_error(
             SHAPE,
             format!("op = {op:?} but {name} is not an object (for a delete, set the table's REPLICA IDENTITY so that Debezium writes the row)"),
@@ -136,11 +136,11 @@ fn envelope<'v>(
     // a sequence, and their order is source.ts_ms, then the offset.
     let sequence = source
         .and_then(|s| s.get("lsn"))
-        .and_then(Value::as_i64)
+        .and_then(Json::as_i64)
         .filter(|_| {
             source
                 .and_then(|s| s.get("connector"))
-                .and_then(Value::as_str)
+                .and_then(Json::as_str)
                 .is_none_or(|c| c == "postgresql")
         });
     Ok(Some(Row {
@@ -152,18 +152,18 @@ fn envelope<'v>(
     }))
 }
 
-fn flattened<'v>(
+fn flattened<'v, 'a>(
     settings: &Settings,
-    row: &'v Map<String, Value>,
-) -> Result<Option<Row<'v>>, SourceError> {
-    let op = row.get("__op").and_then(Value::as_str);
-    if op.is_none() && !row.contains_key(&settings.user_column) {
+    row: &'v Json<'a>,
+) -> Result<Option<Row<'v, 'a>>, SourceError> {
+    let op = row.get("__op").and_then(Json::as_str);
+    if op.is_none() && row.get(&settings.user_column).is_none() {
         // Neither an envelope nor a row of the table: a heartbeat, a schema change.
         return Ok(None);
     }
     let deleted = match row.get("__deleted") {
-        Some(Value::Bool(b)) => *b,
-        Some(Value::String(s)) => s == "true",
+        Some(Json::Bool(b)) => *b,
+        Some(Json::Str(s)) => s == "true",
         _ => false,
     } || op == Some("d");
     let occurred_at = row
@@ -181,14 +181,14 @@ fn flattened<'v>(
         name: "the row",
         change: change_of(settings, row, deleted)?,
         occurred_at,
-        sequence: row.get("__lsn").and_then(Value::as_i64),
+        sequence: row.get("__lsn").and_then(Json::as_i64),
     }))
 }
 
 /// A deleted row exits; a present one enters unless `source.member_column` says otherwise.
 fn change_of(
     settings: &Settings,
-    row: &Map<String, Value>,
+    row: &Json<'_>,
     deleted: bool,
 ) -> Result<Change, SourceError> {
     if deleted {
@@ -198,10 +198,10 @@ fn change_of(
         return Ok(Change::Entered);
     };
     let member = match row.get(column) {
-        Some(Value::Bool(b)) => *b,
-        Some(Value::Number(n)) if n.as_i64() == Some(0) => false,
-        Some(Value::Number(n)) if n.as_i64() == Some(1) => true,
-        Some(Value::String(s)) if s == "true" || s == "false" => s == "true",
+        Some(Json::Bool(b)) => *b,
+        Some(Json::Int(0)) => false,
+        Some(Json::Int(1)) => true,
+        Some(Json::Str(s)) if s == "true" || s == "false" => s == "true",
         _ => {
             return Err(field_error(
                 SHAPE,

@@ -1,7 +1,7 @@
 //! Lytics audience export: `{"data": {"user_id", "email", "segment_events": [{"event":
 //! "enter" | "exit", "slug", "enter", "exit"}]}, "meta": {...}}`.
 
-use serde_json::Value;
+use super::sparse::Json;
 
 use crate::config::Shape;
 use crate::event::Change;
@@ -15,14 +15,14 @@ const SHAPE: Shape = Shape::Lytics;
 /// instant on (2099-01-01T00:00:00Z) means "still a member".
 const STILL_MEMBER_FROM_MS: i64 = 4_070_908_800_000;
 
-pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceError> {
+pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceError> {
     let Some(data) = doc.get("data") else {
         return Ok(Found::default());
     };
     let Some(events) = data.get("segment_events") else {
         return Ok(Found::default());
     };
-    let Value::Array(events) = events else {
+    let Json::Arr(events) = events else {
         return Err(field_error(SHAPE, "data.segment_events is not an array"));
     };
     let (external_id, email) = settings.identity(doc);
@@ -30,20 +30,20 @@ pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceErro
         return Err(settings.no_identity(SHAPE));
     }
     let identity = external_id.as_deref().or(email.as_deref()).unwrap_or("");
-    let fallback_time = doc.pointer("/meta/timestamp").and_then(millis);
+    let fallback_time = doc.get("meta").and_then(|m| m.get("timestamp")).and_then(millis);
     let mut found = Found::default();
     for (i, e) in events.iter().enumerate() {
         let field = |name: &str| format!("data.segment_events[{i}].{name}");
         let slug = e
             .get("slug")
-            .and_then(Value::as_str)
+            .and_then(Json::as_str)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| field_error(SHAPE, format!("{} is missing or empty", field("slug"))))?;
         let enter = e.get("enter").and_then(millis);
         let exit = e.get("exit").and_then(millis);
         let still_member = exit.is_some_and(|t| t >= STILL_MEMBER_FROM_MS);
         let event = match e.get("event") {
-            None | Some(Value::Null) => None,
+            None | Some(Json::Null) => None,
             Some(v) => Some(v.as_str().ok_or_else(|| {
                 field_error(SHAPE, format!("{} is not a string", field("event")))
             })?),

@@ -3,7 +3,7 @@
 //! or a `track` `Audience Entered` / `Audience Exited` with `properties.audience_key`; both
 //! with `context.personas.computation_class = "audience"`.
 
-use serde_json::Value;
+use super::sparse::Json;
 
 use crate::config::Shape;
 use crate::event::Change;
@@ -13,21 +13,21 @@ use super::{field_error, Found, SourceError};
 
 const SHAPE: Shape = Shape::Segment;
 
-pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceError> {
-    let personas = doc.pointer("/context/personas");
+pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceError> {
+    let personas = doc.get("context").and_then(|c| c.get("personas"));
     let is_audience = personas
         .and_then(|p| p.get("computation_class"))
-        .and_then(Value::as_str)
+        .and_then(Json::as_str)
         == Some("audience");
     let key = personas
         .and_then(|p| p.get("computation_key"))
-        .and_then(Value::as_str)
+        .and_then(Json::as_str)
         .filter(|k| !k.is_empty());
     // (audience key, change) of every audience the call speaks of.
     let mut changes: Vec<(&str, Change)> = Vec::new();
-    match doc.get("type").and_then(Value::as_str) {
+    match doc.get("type").and_then(Json::as_str) {
         Some("identify") if is_audience => {
-            let Some(Value::Object(traits)) = doc.get("traits") else {
+            let Some(traits @ Json::Obj(members)) = doc.get("traits") else {
                 return Err(field_error(
                     SHAPE,
                     "an audience identify has no traits object",
@@ -35,7 +35,7 @@ pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceErro
             };
             match key {
                 Some(key) => {
-                    let member = traits.get(key).and_then(Value::as_bool).ok_or_else(|| {
+                    let member = traits.get(key).and_then(Json::as_bool).ok_or_else(|| {
                         field_error(
                             SHAPE,
                             format!(
@@ -48,9 +48,9 @@ pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceErro
                 // Without the key every boolean trait is an audience: Engage writes only
                 // audiences (and identifiers) in its identify calls.
                 None => changes.extend(
-                    traits
+                    members
                         .iter()
-                        .filter_map(|(k, v)| Some((k.as_str(), entered(v.as_bool()?)))),
+                        .filter_map(|(k, v)| Some((k.as_ref(), entered(v.as_bool()?)))),
                 ),
             }
             if changes.is_empty() {
@@ -58,14 +58,15 @@ pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceErro
             }
         }
         Some("track") => {
-            let change = match doc.get("event").and_then(Value::as_str) {
+            let change = match doc.get("event").and_then(Json::as_str) {
                 Some("Audience Entered") => Change::Entered,
                 Some("Audience Exited") => Change::Exited,
                 _ => return Ok(Found::default()),
             };
             let audience = doc
-                .pointer("/properties/audience_key")
-                .and_then(Value::as_str)
+                .get("properties")
+                .and_then(|p| p.get("audience_key"))
+                .and_then(Json::as_str)
                 .filter(|k| !k.is_empty())
                 .or(key)
                 .ok_or_else(|| {
@@ -86,7 +87,7 @@ pub(crate) fn read(settings: &Settings, doc: &Value) -> Result<Found, SourceErro
         .ok_or_else(|| field_error(SHAPE, "timestamp is missing or not an RFC 3339 time"))?;
     let message_id = doc
         .get("messageId")
-        .and_then(Value::as_str)
+        .and_then(Json::as_str)
         .filter(|m| !m.is_empty());
     let identity = external_id.as_deref().or(email.as_deref()).unwrap_or("");
     let when = occurred_at.to_string();
