@@ -64,10 +64,9 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceE
             found.unmapped += 1;
             continue;
         };
-        let when = occurred_at.to_string();
         found.events.push(
             Draft {
-                event_id: hashed_id(SHAPE, &[identity, audience, status, &when]),
+                event_id: hashed_id(SHAPE, &[identity, audience, status], &[occurred_at]),
                 external_id: &external_id,
                 email: &email,
                 segment_id,

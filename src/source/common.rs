@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-
 use crate::config::{Shape, SourceConfig, Unmapped};
 use crate::event::{Change, Event};
 
@@ -201,21 +200,27 @@ pub(crate) fn millis(v: &Json<'_>) -> Option<i64> {
 
 /// FNV-1a, 64 bits: stable across builds and machines, so a redelivered record gets the
 /// same event id in every worker.
-fn fnv1a(parts: &[&str]) -> u64 {
+fn fnv1a(parts: &[&str], numbers: &[i64]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in part.bytes().chain(std::iter::once(0xff)) {
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes.iter().chain(std::iter::once(&0xff)) {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
+    };
+    for part in parts {
+        eat(part.as_bytes());
+    }
+    for n in numbers {
+        eat(&n.to_le_bytes());
     }
     h
 }
 
 /// An event id for a shape that has none of its own: a hash of what makes the change
 /// itself, so a redelivered record repeats it exactly and a different change never does.
-pub(crate) fn hashed_id(shape: Shape, parts: &[&str]) -> String {
-    format!("{}:{:016x}", shape.name(), fnv1a(parts))
+pub(crate) fn hashed_id(shape: Shape, parts: &[&str], numbers: &[i64]) -> String {
+    format!("{}:{:016x}", shape.name(), fnv1a(parts, numbers))
 }
 
 /// One change, owned (the CDP shapes are read into a `Value` first).

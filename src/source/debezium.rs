@@ -69,13 +69,12 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Option<Found>,
         return Ok(Some(found));
     };
     let identity = external_id.as_deref().or(email.as_deref()).unwrap_or("");
-    let when = row.occurred_at.to_string();
-    let lsn = row.sequence.map(|s| s.to_string()).unwrap_or_default();
     found.events.push(
         Draft {
             event_id: hashed_id(
                 SHAPE,
-                &[identity, &audience, row.change.symbol(), &when, &lsn],
+                &[identity, &audience, row.change.symbol()],
+                &[row.occurred_at, row.sequence.unwrap_or(i64::MIN)],
             ),
             external_id: &external_id,
             email: &email,
@@ -186,11 +185,7 @@ fn flattened<'v, 'a>(
 }
 
 /// A deleted row exits; a present one enters unless `source.member_column` says otherwise.
-fn change_of(
-    settings: &Settings,
-    row: &Json<'_>,
-    deleted: bool,
-) -> Result<Change, SourceError> {
+fn change_of(settings: &Settings, row: &Json<'_>, deleted: bool) -> Result<Change, SourceError> {
     if deleted {
         return Ok(Change::Exited);
     }

@@ -30,7 +30,10 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceE
         return Err(settings.no_identity(SHAPE));
     }
     let identity = external_id.as_deref().or(email.as_deref()).unwrap_or("");
-    let fallback_time = doc.get("meta").and_then(|m| m.get("timestamp")).and_then(millis);
+    let fallback_time = doc
+        .get("meta")
+        .and_then(|m| m.get("timestamp"))
+        .and_then(millis);
     let mut found = Found::default();
     for (i, e) in events.iter().enumerate() {
         let field = |name: &str| format!("data.segment_events[{i}].{name}");
@@ -89,10 +92,9 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceE
             found.unmapped += 1;
             continue;
         };
-        let when = occurred_at.to_string();
         found.events.push(
             Draft {
-                event_id: hashed_id(SHAPE, &[identity, slug, change.symbol(), &when]),
+                event_id: hashed_id(SHAPE, &[identity, slug, change.symbol()], &[occurred_at]),
                 external_id: &external_id,
                 email: &email,
                 segment_id,

@@ -90,7 +90,6 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceE
         .and_then(Json::as_str)
         .filter(|m| !m.is_empty());
     let identity = external_id.as_deref().or(email.as_deref()).unwrap_or("");
-    let when = occurred_at.to_string();
     let mut found = Found::default();
     for (audience, change) in changes {
         let Some(segment_id) = settings.segment_for(audience) else {
@@ -99,7 +98,11 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceE
         };
         let event_id = match message_id {
             Some(m) => format!("{m}:{audience}"),
-            None => hashed_id(SHAPE, &[identity, audience, change.symbol(), &when]),
+            None => hashed_id(
+                SHAPE,
+                &[identity, audience, change.symbol()],
+                &[occurred_at],
+            ),
         };
         found.events.push(
             Draft {

@@ -267,7 +267,10 @@ mod tests {
     #[test]
     fn only_the_wanted_places_are_kept_and_the_rest_is_still_checked() {
         let mut p = Paths::default();
-        p.want("/a/b").want("/list/1/id").want("/we~1ird").want_presence("/schema");
+        p.want("/a/b")
+            .want("/list/1/id")
+            .want("/we~1ird")
+            .want_presence("/schema");
         let doc = r#"{"a":{"b":{"deep":[1,"x\"y"]},"c":"x"},"list":[{"id":"0"},{"id":"1","n":2}],
             "we/ird":true,"schema":{"huge":[1,2,3]},"skip":{"x":[{"y":"z"}]}}"#;
         let v = p.parse(doc).expect("parses");
@@ -275,15 +278,39 @@ mod tests {
         assert_eq!(
             v,
             Json::Obj(vec![
-                (s("a"), Json::Obj(vec![(s("b"), Json::Obj(vec![(s("deep"), Json::Arr(vec![Json::Int(1), Json::Str(Cow::Owned("x\"y".into()))]))]))])),
-                (s("list"), Json::Arr(vec![Json::Null, Json::Obj(vec![(s("id"), Json::Str(s("1")))])])),
+                (
+                    s("a"),
+                    Json::Obj(vec![(
+                        s("b"),
+                        Json::Obj(vec![(
+                            s("deep"),
+                            Json::Arr(vec![Json::Int(1), Json::Str(Cow::Owned("x\"y".into()))])
+                        )])
+                    )])
+                ),
+                (
+                    s("list"),
+                    Json::Arr(vec![
+                        Json::Null,
+                        Json::Obj(vec![(s("id"), Json::Str(s("1")))])
+                    ])
+                ),
                 (s("we/ird"), Json::Bool(true)),
                 (s("schema"), Json::Null),
             ])
         );
-        assert_eq!(v.at(&tokens("/list/1/id")).and_then(Json::as_str), Some("1"));
-        assert_eq!(v.at(&tokens("/we~1ird")).and_then(Json::as_bool), Some(true));
-        assert!(p.parse(r#"{"skip":{"x":[}}"#).is_err(), "skipped parts are still JSON");
+        assert_eq!(
+            v.at(&tokens("/list/1/id")).and_then(Json::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            v.at(&tokens("/we~1ird")).and_then(Json::as_bool),
+            Some(true)
+        );
+        assert!(
+            p.parse(r#"{"skip":{"x":[}}"#).is_err(),
+            "skipped parts are still JSON"
+        );
         assert!(p.parse(r#"{"a":1} x"#).is_err(), "trailing bytes");
     }
 }
