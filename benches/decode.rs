@@ -1,7 +1,7 @@
-//! Decode throughput on one core, for the targets of DESIGN.md ("Performance it is built
-//! for"): `cargo bench --bench decode`. Then each CDP shape's reader on records of the
-//! vendor's own size (tests/fixtures/sources), held to at least half the bytes a second of
-//! the project's own JSON change.
+//! Decode throughput on one core, for the targets of docs/design.md ("Performance targets"):
+//! `cargo bench --bench decode`. Then each CDP shape's reader on records of the vendor's own
+//! size (tests/fixtures/sources), held to at least half the bytes a second of the project's
+//! own JSON change.
 
 mod common;
 

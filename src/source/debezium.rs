@@ -145,7 +145,7 @@ fn envelope<'v, 'a>(
     Ok(Some(Row {
         row,
         name,
-        change: change_of(settings, row, deleted)?,
+        change: change_of(settings, row, deleted, op == "u")?,
         occurred_at,
         sequence,
     }))
@@ -178,18 +178,25 @@ fn flattened<'v, 'a>(
     Ok(Some(Row {
         row,
         name: "the row",
-        change: change_of(settings, row, deleted)?,
+        // Without `__op` an insert cannot be told from an update.
+        change: change_of(settings, row, deleted, op.is_none_or(|op| op == "u"))?,
         occurred_at,
         sequence: row.get("__lsn").and_then(Json::as_i64),
     }))
 }
 
-/// A deleted row exits; a present one enters unless `source.member_column` says otherwise.
-fn change_of(settings: &Settings, row: &Json<'_>, deleted: bool) -> Result<Change, SourceError> {
+/// A deleted row exits; an inserted or snapshot row enters; an updated one (`update`)
+/// enters unless `source.member_column` says otherwise.
+fn change_of(
+    settings: &Settings,
+    row: &Json<'_>,
+    deleted: bool,
+    update: bool,
+) -> Result<Change, SourceError> {
     if deleted {
         return Ok(Change::Exited);
     }
-    let Some(column) = &settings.member_column else {
+    let Some(column) = settings.member_column.as_ref().filter(|_| update) else {
         return Ok(Change::Entered);
     };
     let member = match row.get(column) {
