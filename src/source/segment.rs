@@ -83,7 +83,7 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceE
     }
     let occurred_at = ["timestamp", "originalTimestamp", "receivedAt", "sentAt"]
         .iter()
-        .find_map(|k| doc.get(*k).and_then(millis))
+        .find_map(|k| doc.get(k).and_then(millis))
         .ok_or_else(|| field_error(SHAPE, "timestamp is missing or not an RFC 3339 time"))?;
     let message_id = doc
         .get("messageId")
