@@ -7,7 +7,11 @@ use super::sparse::Json;
 use crate::config::Shape;
 use crate::event::Change;
 
-use super::common::{hashed_id, millis, scalar_text, Draft, Settings};
+use std::borrow::Cow;
+
+use crate::event::Event;
+
+use super::common::{hashed_id, millis, scalar_text, Settings};
 use super::{field_error, Found, SourceError};
 
 const SHAPE: Shape = Shape::Debezium;
@@ -68,24 +72,32 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Option<Found>,
         found.unmapped = 1;
         return Ok(Some(found));
     };
-    let identity = external_id.as_deref().or(email.as_deref()).unwrap_or("");
-    found.events.push(
-        Draft {
-            event_id: hashed_id(
-                SHAPE,
-                &[identity, &audience, row.change.symbol()],
-                &[row.occurred_at, row.sequence.unwrap_or(i64::MIN)],
-            ),
-            external_id: &external_id,
-            email: &email,
-            segment_id,
-            segment_name: None,
-            change: row.change,
-            occurred_at: row.occurred_at,
-            sequence: row.sequence,
-        }
-        .into_event(),
+    let event_id = hashed_id(
+        SHAPE,
+        &[
+            external_id.as_deref().or(email.as_deref()).unwrap_or(""),
+            &audience,
+            row.change.symbol(),
+        ],
+        &[row.occurred_at, row.sequence.unwrap_or(i64::MIN)],
     );
+    // One change a record: its strings are moved into the event, not copied again.
+    let segment_id = if segment_id == audience {
+        audience
+    } else {
+        segment_id.to_string()
+    };
+    found.events.push(Event {
+        event_id: event_id.into(),
+        external_id: external_id.map(Cow::Owned),
+        email: email.map(Cow::Owned),
+        segment_id: Cow::Owned(segment_id),
+        segment_name: None,
+        change: row.change,
+        occurred_at: row.occurred_at,
+        sequence: row.sequence,
+        attributes: Vec::new(),
+    });
     Ok(Some(found))
 }
 

@@ -166,7 +166,8 @@ impl<'de> Visitor<'de> for Sparse<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
-        let mut out = Vec::new();
+        // Room for what is wanted here, so a record's members cost one allocation.
+        let mut out = Vec::with_capacity(self.0.map_or(4, |n| n.children.len().min(16)));
         while let Some(Key(key)) = map.next_key()? {
             let child = match self.0 {
                 None => Seed(None),
