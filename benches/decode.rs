@@ -133,7 +133,10 @@ fn shapes(records: &[segment_sync::tools::generate::Record]) {
             baseline / 1e6
         );
         verdicts.at_least(
-            &format!("{} reading {file} ({size} bytes), share of change's bytes/s", shape.name()),
+            &format!(
+                "{} reading {file} ({size} bytes), share of change's bytes/s",
+                shape.name()
+            ),
             rate / baseline,
             0.5,
             "x",

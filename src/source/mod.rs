@@ -176,6 +176,8 @@ impl Source {
     /// One record's value (`None`: a record without one) → its changes. Each change is
     /// ordered by `window::Order::of(event, partition, offset)` with the record's
     /// coordinates, like every other change: the changes of one record share them.
+    /// Inlined: for `change` this is the decoder's call on the worker's hot path.
+    #[inline]
     pub fn read<'a>(&mut self, value: Option<&'a [u8]>) -> Result<Read<'a>, SourceError> {
         if self.shape == Shape::Change {
             let value = value.ok_or(SourceError::NoValue)?;
