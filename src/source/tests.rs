@@ -381,3 +381,40 @@ fn not_json_is_undecodable_in_every_cdp_shape() {
         );
     }
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every fixture cut short or with a byte changed: each shape reads it, ignores it or
+    /// names what is wrong, and never panics (the fuzz targets explore further).
+    fn mangled(name: &str, cut: usize, at: usize, byte: u8) -> Vec<u8> {
+        let mut v = fixture(name);
+        let at = at % v.len();
+        v[at] = byte;
+        v.truncate(v.len() - cut % v.len());
+        v
+    }
+
+    proptest! {
+        #[test]
+        fn mangled_vendor_records_never_panic(cut in 0usize..64, at in 0usize..4096, byte in any::<u8>()) {
+            for (shape, name) in [
+                (Shape::AdobeRtcdp, "adobe-rtcdp.json"),
+                (Shape::Segment, "segment-identify.json"),
+                (Shape::Segment, "segment-track.json"),
+                (Shape::Lytics, "lytics.json"),
+                (Shape::Debezium, "debezium-envelope.json"),
+                (Shape::Debezium, "debezium-flattened.json"),
+            ] {
+                let mut s = source(shape, |c| *c = crate::tools::shapes::source_config(shape));
+                let value = mangled(name, cut, at, byte);
+                if let Ok(read) = s.read(Some(&value)) {
+                    for e in read.into_events() {
+                        let _ = e.validate();
+                    }
+                }
+            }
+        }
+    }
+}
