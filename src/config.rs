@@ -14,6 +14,7 @@ pub struct Config {
     pub mapping: MappingConfig,
     pub window: WindowConfig,
     pub server: ServerConfig,
+    pub replay: ReplayConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,6 +361,38 @@ impl Default for WindowConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
+}
+
+/// How `replay` folds the range it reads (DESIGN.md, "Backfills write the final state").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// Bytes the fold's state may hold before it spills to `spill_dir` by user hash.
+    pub fold_memory: usize,
+    /// Where the fold spills; the system's temporary directory when unset.
+    pub spill_dir: Option<String>,
+}
+
+/// Below this, a few large users would spill the fold at nearly every record.
+pub const MIN_FOLD_MEMORY: usize = 1 << 20;
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            fold_memory: 64 << 20,
+            spill_dir: None,
+        }
+    }
+}
+
+impl ReplayConfig {
+    /// `spill_dir`, or the system's temporary directory.
+    pub fn spill_dir(&self) -> PathBuf {
+        match self.spill_dir.as_deref().filter(|d| !d.trim().is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => std::env::temp_dir(),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -821,6 +854,25 @@ impl Config {
                 bad(
                     key,
                     format!("{key} = 0 is out of range: set it to 1 or more"),
+                );
+            }
+        }
+
+        let r = &self.replay;
+        if r.fold_memory < MIN_FOLD_MEMORY {
+            bad(
+                "replay.fold_memory",
+                format!(
+                    "replay.fold_memory = {} is below {MIN_FOLD_MEMORY} (1 MiB): the fold would spill at nearly every record; raise it",
+                    r.fold_memory
+                ),
+            );
+        }
+        if let Some(dir) = r.spill_dir.as_deref().filter(|d| !d.trim().is_empty()) {
+            if !Path::new(dir).is_dir() {
+                bad(
+                    "replay.spill_dir",
+                    format!("replay.spill_dir = {dir:?} is not a directory: create it or point it at one with room for the fold's spill"),
                 );
             }
         }
