@@ -374,7 +374,7 @@ pub struct ReplayConfig {
 }
 
 /// Below this, a few large users would spill the fold at nearly every record.
-pub const MIN_FOLD_MEMORY: usize = 1 << 20;
+pub const MIN_FOLD_MEMORY: usize = 64 << 10;
 
 impl Default for ReplayConfig {
     fn default() -> Self {
@@ -863,7 +863,7 @@ impl Config {
             bad(
                 "replay.fold_memory",
                 format!(
-                    "replay.fold_memory = {} is below {MIN_FOLD_MEMORY} (1 MiB): the fold would spill at nearly every record; raise it",
+                    "replay.fold_memory = {} is below {MIN_FOLD_MEMORY} (64 KiB): the fold would spill at nearly every record; raise it",
                     r.fold_memory
                 ),
             );
