@@ -1034,6 +1034,7 @@ impl Schema {
             *file = Some(String::new());
         }
         specimen.braze.ca_file = Some(String::new());
+        specimen.replay.spill_dir = Some(String::new());
         let sections = match toml::Value::try_from(&specimen) {
             Ok(toml::Value::Table(top)) => top
                 .into_iter()

@@ -861,9 +861,7 @@ mod tests {
         let (mut objects, mut writes) = (0, 0);
         let mut seen_users = BTreeSet::new();
         loop {
-            let flush = fold
-                .next_request(|_| true, |p| returned.push(p))
-                .unwrap();
+            let flush = fold.next_request(|_| true, |p| returned.push(p)).unwrap();
             let Some(flush) = flush else { break };
             assert!(flush.users.len() <= 75);
             for u in &flush.users {

@@ -36,7 +36,12 @@ fn json_payload(g: &Generated) -> (Vec<u8>, Option<Event<'static>>) {
 
 /// `changes` records of `users` users over 8 segments, users drawn at random so that one
 /// user's changes are spread over the whole log; a few repeats and misordered changes.
-fn history(topic: &str, users: usize, changes: usize, seed: u64) -> (&'static KafkaBroker, tempfile::TempDir, Vec<Landed>) {
+fn history(
+    topic: &str,
+    users: usize,
+    changes: usize,
+    seed: u64,
+) -> (&'static KafkaBroker, tempfile::TempDir, Vec<Landed>) {
     let broker = KafkaBroker::shared();
     broker.create_topic(topic, 3);
     broker.create_topic(&format!("{topic}.dlq"), 1);
@@ -81,7 +86,10 @@ fn replay(dir: &Path, name: &str, cfg: &WorkerConfig, replay_toml: &str, args: &
 fn exit_ok(p: &mut Proc) {
     match p.wait_exit(REPLAY_EXIT) {
         Some(s) if s.success() => {}
-        other => panic!("{} did not exit 0 ({other:?})\n{}", p.name, p.report()),
+        other => {
+            let name = p.name.clone();
+            panic!("{name} did not exit 0 ({other:?})\n{}", p.report())
+        }
     }
 }
 
@@ -97,7 +105,7 @@ fn summary_figure(p: &Proc, label: &str) -> u64 {
 /// Replays the history into a fresh simulator and checks the floor: one object per user,
 /// one data point per (user, segment) and extra attribute, the log's last state.
 fn backfill_at_the_floor(topic: &str, replay_toml: &str, spills: bool) {
-    let (_broker, dir, landed) = history(topic, 1500, 15_000, 2207);
+    let (_broker, dir, landed) = history(topic, 500, 20_000, 2207);
     let dir = dir.path();
     let want = boolean_profiles(&landed, "");
     let floor_writes: usize = want.values().map(|p| p.len()).sum();
@@ -152,7 +160,7 @@ fn backfill_writes_each_user_once_with_the_logs_last_state() {
 
 #[test]
 fn backfill_spilling_to_disk_writes_the_same_floor() {
-    // 64 KiB: far below what 1,500 users' state holds, so the fold spills many times.
+    // 64 KiB: far below what 500 users' state holds, so the fold spills many times.
     let spill = tempfile::tempdir().expect("spill dir");
     let toml = format!(
         "fold_memory = 65536\nspill_dir = {:?}\n",

@@ -242,7 +242,12 @@ impl Bounds {
         self.check(consumer, assignment, true)
     }
 
-    fn check(&mut self, consumer: &GroupConsumer, assignment: &Assignment, mine_only: bool) -> bool {
+    fn check(
+        &mut self,
+        consumer: &GroupConsumer,
+        assignment: &Assignment,
+        mine_only: bool,
+    ) -> bool {
         if self.last_check.is_some_and(|t| t.elapsed() < CHECK_EVERY) {
             return false;
         }

@@ -350,11 +350,10 @@ impl Worker {
                 let fold = self.fold.as_mut().expect("matched above");
                 let assignment = &mut self.assignment;
                 let mut superseded = 0u64;
-                let folded =
-                    fold.absorb(event, identity, m.partition(), m.offset(), pos, |p| {
-                        superseded += 1;
-                        assignment.settle(p);
-                    });
+                let folded = fold.absorb(event, identity, m.partition(), m.offset(), pos, |p| {
+                    superseded += 1;
+                    assignment.settle(p);
+                });
                 self.metrics.events_redundant.inc_by(superseded);
                 if let Err(e) = folded {
                     self.fail(format!("the replay's fold: {e}"));
@@ -417,7 +416,9 @@ impl Worker {
                 |p| assignment.name(p.partition()).is_some(),
                 |p| superseded.push(p),
             );
-            self.metrics.events_redundant.inc_by(superseded.len() as u64);
+            self.metrics
+                .events_redundant
+                .inc_by(superseded.len() as u64);
             for p in superseded {
                 self.assignment.settle(p);
             }
