@@ -1646,6 +1646,27 @@ mod tests {
     }
 
     #[test]
+    fn replay_fold_keys_are_read_and_checked() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.replay.fold_memory, 64 << 20);
+        assert_eq!(c.replay.spill_dir(), std::env::temp_dir());
+        let dir = std::env::temp_dir().display().to_string();
+        let c = load(
+            &format!("[replay]\nfold_memory = 8388608\nspill_dir = {dir:?}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.replay.fold_memory, 8 << 20);
+        assert_eq!(c.replay.spill_dir(), PathBuf::from(&dir));
+        let c = load("", &[("SEGMENT_SYNC_REPLAY_FOLD_MEMORY", "1048576")]).unwrap();
+        assert_eq!(c.replay.fold_memory, 1 << 20);
+        let e = err("[replay]\nfold_memory = 1000\n", &[]);
+        assert!(e.contains("replay.fold_memory"), "{e}");
+        let e = err("[replay]\nspill_dir = \"/no/such/dir/for/the/fold\"\n", &[]);
+        assert!(e.contains("replay.spill_dir"), "{e}");
+    }
+
+    #[test]
     fn several_problems_are_all_listed() {
         let e = err("[braze]\nbatch_size = 100\ntimeout_ms = 0\n", &[]);
         assert!(e.starts_with("2 problems"), "{e}");
