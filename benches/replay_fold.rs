@@ -215,7 +215,6 @@ fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
     let default_memory = ReplayConfig::default().fold_memory;
     let mut v = Verdicts::default();
-    let mut base_cpu = Duration::ZERO;
     for (i, h) in HISTORIES.iter().enumerate() {
         let (users, pairs) = floor(h);
         let whole = child(i, default_memory);
@@ -244,7 +243,7 @@ fn main() {
             "x",
         );
         if i == 0 {
-            base_cpu = whole.cpu;
+            let base_cpu = whole.cpu;
             v.at_most(
                 "1,000,000 changes of 200,000 users folded and encoded: CPU",
                 whole.cpu.as_secs_f64(),

@@ -105,6 +105,8 @@ pub struct RunSummary {
     /// A bounded run reached its end; false when it was stopped first (and always for the
     /// live worker).
     pub caught_up: bool,
+    /// Why the run could not go on (a replay's fold could not spill), when it stopped so.
+    pub failed: Option<String>,
     /// A bounded run stopped before its end: (topic, partition, read up to, end).
     pub stopped_at: Vec<(String, i32, i64, i64)>,
     pub elapsed: Duration,

@@ -713,6 +713,7 @@ impl Worker {
             data_points: m.braze_attributes_written.get(),
             dlq_records: dlq,
             fold: self.fold.as_ref().map(Fold::stats),
+            failed: self.failed.clone(),
             committed: self.commits.committed(),
             caught_up,
             stopped_at,
