@@ -22,7 +22,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use segment_sync::config::{MappingConfig, ReplayConfig};
+use segment_sync::config::{MappingConfig, ReplayConfig, WindowConfig};
 use segment_sync::event::{Change, Event, Identity};
 use segment_sync::fold::{Fold, FoldConfig};
 use segment_sync::mapping::{self, Mapping};
@@ -79,6 +79,7 @@ fn run_case(history: usize, fold_memory: usize) {
         memory: fold_memory,
         spill_dir: spill.path().to_path_buf(),
         batch_size: 75,
+        sent_memory: WindowConfig::default().delivered_memory,
     });
     let mut user = String::new();
     let mut settled = 0u64;
@@ -133,7 +134,11 @@ fn run_case(history: usize, fold_memory: usize) {
         out.write_all(&line).unwrap();
         bytes += line.len() as u64;
         objects += encoded.objects.len() as u64;
-        writes += encoded.data_points.iter().map(|&p| u64::from(p)).sum::<u64>();
+        writes += encoded
+            .data_points
+            .iter()
+            .map(|&p| u64::from(p))
+            .sum::<u64>();
         in_requests += flush.positions.len() as u64;
     }
     let cpu = cpu_time() - start;

@@ -22,6 +22,7 @@ use hashbrown::{Equivalent, HashMap};
 use rustc_hash::FxBuildHasher;
 
 use crate::event::{AttrValue, Change, Event, Identity};
+use crate::recent::{Packed, Recent};
 use crate::window::{Flush, IdKind, Order, Segments, MAX_ENTRIES_PER_USER};
 
 /// How many files a spilling fold writes users to: each file then holds about 1/64 of the
@@ -62,6 +63,10 @@ pub struct FoldConfig {
     pub spill_dir: PathBuf,
     /// Objects a request carries (`braze.batch_size`).
     pub batch_size: usize,
+    /// How many (user, segment) and (user, attribute) writes sent are remembered
+    /// (`window.delivered_memory`), so that a change read in a later stage (the tail read
+    /// after sending) that is older than what an earlier stage sent is not sent over it.
+    pub sent_memory: usize,
 }
 
 /// What the fold read and sent, for the replay's summary.
@@ -78,6 +83,8 @@ pub struct FoldStats {
     pub requests: u64,
     /// Segment changes and extra attributes in the objects sent.
     pub writes: u64,
+    /// Changes of a later stage older than what an earlier stage sent: settled, not sent.
+    pub stale: u64,
     pub bytes_spilled: u64,
 }
 
@@ -206,6 +213,40 @@ fn user_hash(kind: IdKind, id: &str) -> u64 {
     FxBuildHasher.hash_one(UserRef { kind, id })
 }
 
+/// The sent memory's key for a user's segment: the fold's segment indexes last the run.
+fn segment_key(user: u64, segment: u32) -> u64 {
+    let mixed = (user ^ u64::from(segment).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    mixed ^ (mixed >> 31)
+}
+
+/// The sent memory's key for a user's extra attribute, apart from its segments' keys.
+fn attribute_key(user: u64, name: &str) -> u64 {
+    FxBuildHasher.hash_one((0xA7u8, user, name))
+}
+
+/// An order sent, as the sent memory keeps it.
+#[derive(Clone, Copy)]
+struct SentOrder(Order);
+
+impl Packed for SentOrder {
+    const WORDS: usize = 4;
+    fn pack(&self, out: &mut [u64]) {
+        out[0] = self.0.sequence as u64;
+        out[1] = self.0.occurred_at as u64;
+        out[2] = self.0.partition as u32 as u64;
+        out[3] = self.0.offset as u64;
+    }
+    fn unpack(w: &[u64]) -> SentOrder {
+        SentOrder(Order {
+            sequence: w[0] as i64,
+            occurred_at: w[1] as i64,
+            partition: w[2] as u32 as i32,
+            offset: w[3] as i64,
+        })
+    }
+}
+
 type Users<P> = HashMap<UserKey, User<P>, FxBuildHasher>;
 
 /// The users of one read of the range, in memory and in spill files.
@@ -318,6 +359,8 @@ struct Sending<P> {
 pub struct Fold<P> {
     cfg: FoldConfig,
     segments: Segments,
+    /// The order last sent for a (user, segment) or (user, attribute), across stages.
+    sent: Recent<SentOrder>,
     stage: Stage<P>,
     sending: Option<Sending<P>>,
     stats: FoldStats,
@@ -327,6 +370,7 @@ pub struct Fold<P> {
 impl<P: Spill> Fold<P> {
     pub fn new(cfg: FoldConfig) -> Fold<P> {
         Fold {
+            sent: Recent::new(cfg.sent_memory),
             cfg,
             segments: Segments::default(),
             stage: Stage::new(),
@@ -509,6 +553,45 @@ impl<P: Spill> Fold<P> {
                     Some((key, mut user)) => {
                         user.entries.retain(|e| alive(&e.pos));
                         user.attrs.retain(|a| alive(&a.pos));
+                        // Not newer than what an earlier stage sent: left out, as the
+                        // window drops a stale change.
+                        let h = user_hash(key.kind, &key.id);
+                        let sent = &mut self.sent;
+                        let mut stale: smallvec::SmallVec<[P; 4]> = smallvec::SmallVec::new();
+                        user.entries.retain(|e| {
+                            let k = segment_key(h, e.segment());
+                            match sent.get(k) {
+                                Some(SentOrder(o)) if o >= e.order() => {
+                                    stale.push(e.pos);
+                                    false
+                                }
+                                _ => {
+                                    sent.put(k, SentOrder(e.order()));
+                                    true
+                                }
+                            }
+                        });
+                        user.attrs.retain(|a| {
+                            let k = attribute_key(h, &a.name);
+                            match sent.get(k) {
+                                Some(SentOrder(o)) if o >= a.order => {
+                                    stale.push(a.pos);
+                                    false
+                                }
+                                _ => {
+                                    sent.put(k, SentOrder(a.order));
+                                    true
+                                }
+                            }
+                        });
+                        self.stats.stale += stale.len() as u64;
+                        let mut done: smallvec::SmallVec<[P; 4]> = smallvec::SmallVec::new();
+                        for p in stale {
+                            if !done.contains(&p) && !user.references(p) {
+                                settle(p);
+                                done.push(p);
+                            }
+                        }
                         if user.entries.is_empty() && user.attrs.is_empty() {
                             continue;
                         }
@@ -846,6 +929,7 @@ mod tests {
             memory,
             spill_dir: dir.to_path_buf(),
             batch_size: 75,
+            sent_memory: 1 << 16,
         });
         let mut returned = Vec::new();
         for (c, partition, offset) in history {
@@ -1021,6 +1105,7 @@ mod tests {
             memory: 64 << 10,
             spill_dir: dir.path().to_path_buf(),
             batch_size: 75,
+            sent_memory: 1 << 16,
         });
         for i in 0..20_000i64 {
             let c = Change_ {
@@ -1063,6 +1148,7 @@ mod tests {
             memory: 64 << 20,
             spill_dir: dir.path().to_path_buf(),
             batch_size: 2,
+            sent_memory: 1 << 16,
         });
         for s in 0..600i64 {
             let mut e = event(&Change_ {
@@ -1101,6 +1187,7 @@ mod tests {
             memory: 64 << 20,
             spill_dir: dir.path().to_path_buf(),
             batch_size: 75,
+            sent_memory: 1 << 16,
         });
         for (user, p) in [(1u8, 0i32), (2, 1)] {
             let e = event(&Change_ {
@@ -1119,5 +1206,65 @@ mod tests {
         assert_eq!(f.users.len(), 1);
         assert_eq!(&*f.users[0].id, "u1");
         assert!(fold.next_request(|_| true, |_| {}).unwrap().is_none());
+    }
+
+    /// The tail read after sending is a stage of its own: a change there that is older than
+    /// what the first stage sent for its (user, segment) (a misordered upstream) is settled
+    /// without being sent, as the window drops a stale change; a newer one is sent.
+    #[test]
+    fn a_later_stage_never_sends_what_is_older_than_an_earlier_one_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fold: Fold<i64> = Fold::new(FoldConfig {
+            memory: 64 << 20,
+            spill_dir: dir.path().to_path_buf(),
+            batch_size: 75,
+            sent_memory: 1 << 16,
+        });
+        let put = |fold: &mut Fold<i64>, segment: u8, sequence: i64, offset: i64| {
+            let e = event(&Change_ {
+                user: 1,
+                segment,
+                entered: sequence % 2 == 0,
+                sequence: Some(sequence),
+                occurred_at: 1,
+                attr: None,
+            });
+            let id = e.identity().unwrap();
+            let mut settled = Vec::new();
+            fold.absorb(&e, id, 0, offset, offset, |p| settled.push(p))
+                .unwrap();
+            settled
+        };
+        let mut drain = |fold: &mut Fold<i64>| {
+            fold.start_sending().unwrap();
+            let mut sent = Vec::new();
+            let mut settled = Vec::new();
+            while let Some(f) = fold.next_request(|_| true, |p| settled.push(p)).unwrap() {
+                for u in &f.users {
+                    sent.extend(f.user_changes(u).iter().map(|(s, c)| (*s, *c)));
+                    settled.extend_from_slice(f.user_positions(u));
+                }
+            }
+            (sent, settled)
+        };
+        put(&mut fold, 0, 10, 0);
+        put(&mut fold, 1, 10, 1);
+        let (sent, settled) = drain(&mut fold);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(settled, vec![0, 1]);
+        // Segment 0: sequence 5 arrives after 10 was sent; segment 1: 12, newer.
+        put(&mut fold, 0, 5, 2);
+        put(&mut fold, 1, 12, 3);
+        let (sent, settled) = drain(&mut fold);
+        assert_eq!(sent, vec![(1, Change::Entered)]);
+        let mut settled = settled;
+        settled.sort_unstable();
+        assert_eq!(
+            settled,
+            vec![2, 3],
+            "the stale record settles without being sent"
+        );
+        assert_eq!(fold.stats().stale, 1);
+        assert!(fold.is_empty());
     }
 }

@@ -145,6 +145,7 @@ impl Worker {
                 memory: cfg.replay.fold_memory,
                 spill_dir: cfg.replay.spill_dir(),
                 batch_size: cfg.braze.batch_size,
+                sent_memory: cfg.window.delivered_memory,
             })
         });
         let bounds = match opts.until {
