@@ -24,7 +24,7 @@ pub mod prefetch;
 /// A replay's fold: the range read, reduced to each user's final state, spilled by user
 /// hash past its memory budget, sent user by user.
 pub mod fold;
-/// Pure: the Braze mapping of DESIGN.md: flushed users → attributes objects of a request.
+/// Pure: the Braze mapping of docs/design.md: flushed users → attributes objects of a request.
 pub mod mapping;
 /// Braze: HTTP client, response classification, pacing, retries and splitting.
 pub mod braze;
@@ -47,6 +47,8 @@ pub mod health;
 pub mod server;
 /// `tracing` set-up: human-readable on a terminal, JSON otherwise.
 pub mod logging;
+/// How errors are written: a message names its cause, which is not also a `source()`.
+mod error;
 
 /// Not the pipeline: the simulator, the generator and producer, the demo.
 pub mod tools;

@@ -1,5 +1,5 @@
 //! End to end, the built binary on the real Apache Kafka broker: a backfill writes each
-//! user's final state once (DESIGN.md, "Backfills write the final state").
+//! user's final state once (docs/design.md, "Backfills": it writes the final state).
 //!
 //! A history where every (user, segment) changes many times, spread over the log, is
 //! replayed from the earliest offset: Braze (the simulator) must receive exactly one object

@@ -77,7 +77,7 @@ pub struct Worker {
     flow: Flow,
     /// `None` for the live worker, which runs until stopped.
     bounds: Option<Bounds>,
-    /// A replay's fold (DESIGN.md, "Backfills write the final state"): what it reads is
+    /// A replay's fold (docs/design.md, "Backfills": it writes the final state): what it reads is
     /// folded to each user's final state, sent once read to the end, and committed only
     /// when everything read is sent and settled. `None` for the live worker.
     fold: Option<Fold<Position>>,
@@ -652,7 +652,7 @@ impl Worker {
     }
 
     /// Stop taking records, flush, wait for what is in flight (bounded), commit, stop what
-    /// is left: the shutdown order of DESIGN.md.
+    /// is left: the shutdown order of docs/design.md.
     pub fn shut_down(&mut self, consumer: &GroupConsumer, caught_up: bool) -> RunSummary {
         if let Ok(assignment) = consumer.assignment() {
             let _ = consumer.pause(&assignment);
