@@ -342,13 +342,16 @@ impl Drop for SpillFiles {
     }
 }
 
+/// A user being cut into objects: its identifier and the writes not yet in an object.
+type Carried<P> = (IdKind, Arc<str>, Vec<Entry<P>>, Vec<Attr<P>>);
+
 /// A stage being sent: its in-memory users, or its spill files bucket by bucket.
 struct Sending<P> {
     current: hashbrown::hash_map::IntoIter<UserKey, User<P>>,
     spill: Option<SpillFiles>,
     next_bucket: usize,
     /// The user being cut into objects, when it did not fit the last request.
-    carry: Option<(IdKind, Arc<str>, Vec<Entry<P>>, Vec<Attr<P>>)>,
+    carry: Option<Carried<P>>,
 }
 
 /// Folds what a replay reads and hands it back as requests. Promises: one read of the range
@@ -1235,7 +1238,7 @@ mod tests {
                 .unwrap();
             settled
         };
-        let mut drain = |fold: &mut Fold<i64>| {
+        let drain = |fold: &mut Fold<i64>| {
             fold.start_sending().unwrap();
             let mut sent = Vec::new();
             let mut settled = Vec::new();
