@@ -1270,4 +1270,62 @@ mod tests {
         assert_eq!(fold.stats().stale, 1);
         assert!(fold.is_empty());
     }
+
+    /// In array mode a user's final memberships become one object with one add and one
+    /// remove list, whatever its history.
+    #[test]
+    fn array_mode_writes_the_final_memberships_as_one_add_remove_object() {
+        use crate::config::{MappingConfig, MappingMode};
+        use crate::mapping::{encode, Mapping};
+        let dir = tempfile::tempdir().unwrap();
+        let mut fold: Fold<i64> = Fold::new(FoldConfig {
+            memory: 64 << 20,
+            spill_dir: dir.path().to_path_buf(),
+            batch_size: 75,
+            sent_memory: 1 << 16,
+        });
+        // s0: in, out, in; s1: in, out; s2: out, in, out, in.
+        let history = [
+            (0, true),
+            (1, true),
+            (2, false),
+            (0, false),
+            (1, false),
+            (2, true),
+        ];
+        let history = history
+            .iter()
+            .chain([(2, false), (0, true), (2, true)].iter());
+        for (offset, (segment, entered)) in history.enumerate() {
+            let e = event(&Change_ {
+                user: 7,
+                segment: *segment,
+                entered: *entered,
+                sequence: None,
+                occurred_at: offset as i64,
+                attr: None,
+            });
+            let id = e.identity().unwrap();
+            fold.absorb(&e, id, 0, offset as i64, offset as i64, |_| {})
+                .unwrap();
+        }
+        fold.start_sending().unwrap();
+        let flush = fold.next_request(|_| true, |_| {}).unwrap().unwrap();
+        let mapping = Mapping::new(
+            &MappingConfig {
+                mode: MappingMode::Array,
+                ..MappingConfig::default()
+            },
+            false,
+        );
+        let encoded = encode(&mapping, fold.segments(), &flush);
+        assert_eq!(encoded.objects.len(), 1);
+        let o: serde_json::Value = serde_json::from_slice(&encoded.objects[0]).unwrap();
+        assert_eq!(
+            o["cdp_segments"],
+            serde_json::json!({"add": ["s0", "s2"], "remove": ["s1"]})
+        );
+        assert_eq!(encoded.data_points, vec![3]);
+        assert!(fold.next_request(|_| true, |_| {}).unwrap().is_none());
+    }
 }
