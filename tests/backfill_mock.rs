@@ -102,3 +102,76 @@ fn a_rejected_object_dead_letters_the_records_that_decided_it() {
         "committed to the end once everything settled"
     );
 }
+
+/// A backfill stopped while it sends commits nothing: its progress in Kafka is all or
+/// nothing, so the next run starts over and sends every user again, not only the rest. Run
+/// again to the end, it commits the end.
+#[test]
+fn a_backfill_stopped_while_sending_commits_nothing_and_runs_again_from_its_start() {
+    let env = mock_env(
+        Faults {
+            latency_ms: 100,
+            ..Faults::default()
+        },
+        0,
+    );
+    let topic = "fold-stop";
+    env.cluster.create_topic(topic, 2, 1).unwrap();
+    let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    // One small request at a time: sending 300 users takes a few seconds.
+    cfg.braze.batch_size = 10;
+    cfg.braze.max_in_flight = 1;
+    let recs = clean_records(3000, 17, 300);
+    let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &recs);
+    let group = format!("{}.replay", cfg.kafka.group_id);
+    let first = support::running::start(
+        &env.rt,
+        &cfg,
+        Some(&group),
+        StartAt::Earliest,
+        Until::CaughtUp,
+    );
+    support::running::wait_until(
+        "the backfill is sending",
+        std::time::Duration::from_secs(30),
+        || first.metrics.braze_objects_delivered.get() >= 30,
+    );
+    let summary = first.stop();
+    assert!(!summary.caught_up, "stopped before it sent everything");
+    let sent_first = summary.objects_delivered;
+    assert!(
+        sent_first < 300,
+        "{sent_first} objects: it was still sending"
+    );
+    assert!(
+        committed(&cfg.kafka.brokers, &group, topic, 2)
+            .iter()
+            .all(|o| *o <= 0),
+        "nothing committed past the start: {:?}",
+        committed(&cfg.kafka.brokers, &group, topic, 2)
+    );
+
+    let again = support::running::start(
+        &env.rt,
+        &cfg,
+        Some(&group),
+        StartAt::Earliest,
+        Until::CaughtUp,
+    );
+    let summary = again.thread.join().expect("the second run exits by itself");
+    assert!(summary.caught_up);
+    assert_eq!(
+        summary.consumed, 3000,
+        "the second run read everything again"
+    );
+    assert_eq!(summary.objects_delivered, 300, "and sent every user once");
+    let d = diff(
+        &boolean_profiles(&landed, ""),
+        &strip_identifiers(env.sim.state.profiles()),
+    );
+    assert!(d.is_empty(), "{}", d.join("\n"));
+    assert_eq!(
+        committed(&cfg.kafka.brokers, &group, topic, 2),
+        end_offsets(&cfg.kafka.brokers, topic, 2)
+    );
+}
