@@ -85,6 +85,9 @@ pub struct FoldStats {
     pub writes: u64,
     /// Changes of a later stage older than what an earlier stage sent: settled, not sent.
     pub stale: u64,
+    /// Changes of a later stage newer than, but equal to, what an earlier stage sent for
+    /// their (user, segment): settled, not sent.
+    pub redundant: u64,
     pub bytes_spilled: u64,
 }
 
@@ -225,25 +228,28 @@ fn attribute_key(user: u64, name: &str) -> u64 {
     FxBuildHasher.hash_one((0xA7u8, user, name))
 }
 
-/// An order sent, as the sent memory keeps it.
+/// An order sent, as the sent memory keeps it, and for a segment whether it was ENTERED.
 #[derive(Clone, Copy)]
-struct SentOrder(Order);
+struct SentOrder(Order, bool);
 
 impl Packed for SentOrder {
     const WORDS: usize = 4;
     fn pack(&self, out: &mut [u64]) {
         out[0] = self.0.sequence as u64;
         out[1] = self.0.occurred_at as u64;
-        out[2] = self.0.partition as u32 as u64;
+        out[2] = self.0.partition as u32 as u64 | u64::from(self.1) << 32;
         out[3] = self.0.offset as u64;
     }
     fn unpack(w: &[u64]) -> SentOrder {
-        SentOrder(Order {
-            sequence: w[0] as i64,
-            occurred_at: w[1] as i64,
-            partition: w[2] as u32 as i32,
-            offset: w[3] as i64,
-        })
+        SentOrder(
+            Order {
+                sequence: w[0] as i64,
+                occurred_at: w[1] as i64,
+                partition: w[2] as u32 as i32,
+                offset: w[3] as i64,
+            },
+            w[2] >> 32 & 1 == 1,
+        )
     }
 }
 
@@ -417,6 +423,24 @@ impl<P: Spill> Fold<P> {
         !self.stage.users.is_empty() || self.stage.spill.is_some()
     }
 
+    /// Braze rejected an object of this user: what it wrote is not what Braze holds, so a
+    /// later stage must not take a change equal to it as redundant.
+    pub fn forget_sent(
+        &mut self,
+        kind: IdKind,
+        id: &str,
+        segments: &[u32],
+        attributes: &[Box<str>],
+    ) {
+        let h = user_hash(kind, id);
+        for s in segments {
+            self.sent.forget(segment_key(h, *s));
+        }
+        for a in attributes {
+            self.sent.forget(attribute_key(h, a));
+        }
+    }
+
     /// Folds a valid event read at (partition, offset). Positions that decide nothing any
     /// more, this one included, come back through `settle`.
     pub fn absorb(
@@ -557,19 +581,28 @@ impl<P: Spill> Fold<P> {
                         user.entries.retain(|e| alive(&e.pos));
                         user.attrs.retain(|a| alive(&a.pos));
                         // Not newer than what an earlier stage sent: left out, as the
-                        // window drops a stale change.
+                        // window drops a stale change; newer but the same membership as
+                        // sent: left out as redundant (the user's state did not change).
                         let h = user_hash(key.kind, &key.id);
                         let sent = &mut self.sent;
                         let mut stale: smallvec::SmallVec<[P; 4]> = smallvec::SmallVec::new();
+                        let mut redundant = 0u64;
                         user.entries.retain(|e| {
                             let k = segment_key(h, e.segment());
+                            let entered = e.change() == Change::Entered;
                             match sent.get(k) {
-                                Some(SentOrder(o)) if o >= e.order() => {
+                                Some(SentOrder(o, _)) if o >= e.order() => {
                                     stale.push(e.pos);
                                     false
                                 }
+                                Some(SentOrder(_, was)) if was == entered => {
+                                    sent.put(k, SentOrder(e.order(), entered));
+                                    stale.push(e.pos);
+                                    redundant += 1;
+                                    false
+                                }
                                 _ => {
-                                    sent.put(k, SentOrder(e.order()));
+                                    sent.put(k, SentOrder(e.order(), entered));
                                     true
                                 }
                             }
@@ -577,17 +610,18 @@ impl<P: Spill> Fold<P> {
                         user.attrs.retain(|a| {
                             let k = attribute_key(h, &a.name);
                             match sent.get(k) {
-                                Some(SentOrder(o)) if o >= a.order => {
+                                Some(SentOrder(o, _)) if o >= a.order => {
                                     stale.push(a.pos);
                                     false
                                 }
                                 _ => {
-                                    sent.put(k, SentOrder(a.order));
+                                    sent.put(k, SentOrder(a.order, false));
                                     true
                                 }
                             }
                         });
-                        self.stats.stale += stale.len() as u64;
+                        self.stats.stale += stale.len() as u64 - redundant;
+                        self.stats.redundant += redundant;
                         let mut done: smallvec::SmallVec<[P; 4]> = smallvec::SmallVec::new();
                         for p in stale {
                             if !done.contains(&p) && !user.references(p) {
@@ -1251,23 +1285,33 @@ mod tests {
             (sent, settled)
         };
         put(&mut fold, 0, 10, 0);
-        put(&mut fold, 1, 10, 1);
+        put(&mut fold, 1, 11, 1);
+        put(&mut fold, 2, 10, 2);
         let (sent, settled) = drain(&mut fold);
-        assert_eq!(sent.len(), 2);
-        assert_eq!(settled, vec![0, 1]);
-        // Segment 0: sequence 5 arrives after 10 was sent; segment 1: 12, newer.
-        put(&mut fold, 0, 5, 2);
-        put(&mut fold, 1, 12, 3);
+        assert_eq!(sent.len(), 3);
+        assert_eq!(settled, vec![0, 1, 2]);
+        // Segment 0: sequence 5 arrives after 10 was sent (stale); segment 1: 12, newer and
+        // ENTERED after EXITED; segment 2: 12, newer but ENTERED as sent (redundant).
+        put(&mut fold, 0, 5, 3);
+        put(&mut fold, 1, 12, 4);
+        put(&mut fold, 2, 12, 5);
         let (sent, settled) = drain(&mut fold);
         assert_eq!(sent, vec![(1, Change::Entered)]);
         let mut settled = settled;
         settled.sort_unstable();
         assert_eq!(
             settled,
-            vec![2, 3],
-            "the stale record settles without being sent"
+            vec![3, 4, 5],
+            "stale and redundant records settle unsent"
         );
         assert_eq!(fold.stats().stale, 1);
+        assert_eq!(fold.stats().redundant, 1);
+        // Braze rejected the object that wrote segment 2: the fold forgets it sent it, so the
+        // same membership read again is sent.
+        fold.forget_sent(IdKind::ExternalId, "u1", &[2], &[]);
+        put(&mut fold, 2, 14, 6);
+        let (sent, _) = drain(&mut fold);
+        assert_eq!(sent, vec![(2, Change::Entered)]);
         assert!(fold.is_empty());
     }
 

@@ -10,7 +10,7 @@ use crate::event::{Event, Identity};
 use crate::mapping::{self, Mapping};
 use crate::metrics::Metrics;
 use crate::offsets::Position;
-use crate::window::{Admit, Flush, Lookup, Segments, Window};
+use crate::window::{Admit, Flush, IdKind, Lookup, Segments, Window};
 
 /// How many users ahead `on_answer` starts loading the slots it will complete.
 const COMPLETE_AHEAD: usize = 4;
@@ -38,6 +38,9 @@ struct InFlight {
 pub struct Answer {
     pub delivered: Vec<Position>,
     pub rejected: Vec<(Vec<Position>, Rejection)>,
+    /// The users of a replay's folded request that Braze rejected: the fold forgets that it
+    /// sent them (`Fold::forget_sent`).
+    pub rejected_folded: Vec<(IdKind, Arc<str>, Vec<u32>, Vec<Box<str>>)>,
 }
 
 /// Owns the window and the requests in flight. Promises: at most `max_in_flight` requests
@@ -209,7 +212,18 @@ impl Delivery {
                 Some(ObjectOutcome::Rejected(r)) => {
                     tracing::warn!(user_kind = user.kind.field(), status = r.status,
                         error_type = %r.error_type, "braze rejected an object; its events go to the dead-letter topic");
-                    if !done.folded {
+                    if done.folded {
+                        answer.rejected_folded.push((
+                            user.kind,
+                            user.id.clone(),
+                            flush.user_changes(user).iter().map(|(s, _)| *s).collect(),
+                            flush
+                                .user_attributes(user)
+                                .iter()
+                                .map(|(n, _)| n.clone())
+                                .collect(),
+                        ));
+                    } else {
                         self.window.complete(&flush, user, true);
                     }
                     answer.rejected.push((positions.to_vec(), r.clone()));

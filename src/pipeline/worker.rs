@@ -519,6 +519,11 @@ impl Worker {
         match ack {
             Ack::Braze { id, outcomes } => {
                 let answer = self.delivery.on_answer(id, outcomes);
+                if let Some(fold) = self.fold.as_mut() {
+                    for (kind, user, segments, attributes) in &answer.rejected_folded {
+                        fold.forget_sent(*kind, user, segments, attributes);
+                    }
+                }
                 for p in answer.delivered {
                     self.assignment.settle(p);
                 }
