@@ -40,8 +40,12 @@ pub struct Answer {
     pub rejected: Vec<(Vec<Position>, Rejection)>,
     /// The users of a replay's folded request that Braze rejected: the fold forgets that it
     /// sent them (`Fold::forget_sent`).
-    pub rejected_folded: Vec<(IdKind, Arc<str>, Vec<u32>, Vec<Box<str>>)>,
+    pub rejected_folded: Vec<RejectedUser>,
 }
+
+/// A user of a folded request Braze rejected: its identifier, the segments and the extra
+/// attributes the rejected object wrote.
+pub type RejectedUser = (IdKind, Arc<str>, Vec<u32>, Vec<Box<str>>);
 
 /// Owns the window and the requests in flight. Promises: at most `max_in_flight` requests
 /// at once; one user is never in two of them; a position comes back exactly once, as
