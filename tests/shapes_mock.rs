@@ -319,3 +319,33 @@ fn a_record_with_several_changes_braze_refuses_is_dead_lettered_once_with_every_
     let d = diff(&want, &got);
     assert!(d.is_empty(), "{}", d.join("\n"));
 }
+
+/// `replay` folds a Lytics log read through its shape (records of several changes among
+/// it): Braze ends as the log's last changes say and the replay's group commits the end.
+#[test]
+fn a_backfill_folds_a_lytics_log_through_its_shape() {
+    let env = mock_env(Faults::default(), 0);
+    let topic = "shape-fold";
+    let cfg = setup(&env, topic, Shape::Lytics);
+    let records: Vec<ShapedRecord> = Samples::new(Shape::Lytics, 80, 5, 21).take(900).collect();
+    let landed = produce(&env, &cfg, &records);
+    let group = format!("{}.replay", cfg.kafka.group_id);
+    let replay = support::running::start(
+        &env.rt,
+        &cfg,
+        Some(&group),
+        segment_sync::pipeline::StartAt::Earliest,
+        segment_sync::pipeline::Until::CaughtUp,
+    );
+    let summary = replay.thread.join().expect("the replay exits by itself");
+    assert!(summary.caught_up, "{summary}");
+    let want = boolean_profiles(&landed, "cdp_");
+    let got = strip_identifiers(env.sim.state.profiles());
+    let d = diff(&want, &got);
+    assert!(d.is_empty(), "{}", d.join("\n"));
+    assert_eq!(
+        committed(&cfg.kafka.brokers, &group, topic, PARTITIONS),
+        end_offsets(&cfg.kafka.brokers, topic, PARTITIONS),
+        "the replay committed the end"
+    );
+}
