@@ -779,6 +779,10 @@ impl Worker {
             decoded: m.events_decoded.get(),
             undecodable: m.events_invalid.with_label_values(&["undecodable"]).get(),
             invalid: m.events_invalid.with_label_values(&["invalid"]).get(),
+            ignored: crate::source::Ignored::ALL
+                .iter()
+                .map(|r| m.events_ignored.with_label_values(&[r.label()]).get())
+                .sum(),
             duplicates: m.events_deduplicated.get(),
             stale: m.events_stale.get(),
             redundant: m.events_redundant.get(),
