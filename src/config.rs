@@ -175,12 +175,16 @@ impl SourceConfig {
                 format!("source.shape = \"{shape}\" has no table columns: source.user_column, source.segment_column, source.email_column and source.member_column are for \"debezium\""),
             ));
         }
-        if self.shape != Shape::Change && format != Format::Json {
+        let avro_debezium = self.shape == Shape::Debezium && format == Format::AvroConfluent;
+        if self.shape != Shape::Change && format != Format::Json && !avro_debezium {
+            let or_avro = if self.shape == Shape::Debezium {
+                " (or \"avro-confluent\" with the schema registry)"
+            } else {
+                ""
+            };
             out.push((
                 "kafka.format",
-                format!(
-                    "source.shape = \"{shape}\" is read from JSON: set kafka.format = \"json\""
-                ),
+                format!("source.shape = \"{shape}\" is read from JSON: set kafka.format = \"json\"{or_avro}"),
             ));
         }
         for (id, to) in &self.segments {
@@ -1596,6 +1600,16 @@ mod tests {
         );
         let e = err("[source]\nshape = \"segment\"\n", &[]);
         assert!(e.contains("kafka.format = \"json\""), "{e}");
+        let c = load(
+            "[source]\nshape = \"debezium\"\nuser_column = \"u\"\nsegment_column = \"s\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.kafka.format,
+            Format::AvroConfluent,
+            "Debezium's Avro converter is read"
+        );
         let e = err(
             "[kafka]\nformat = \"json\"\n[source]\nshape = \"segment\"\nemail = \"traits.email\"\n",
             &[],

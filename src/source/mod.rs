@@ -11,6 +11,7 @@
 //! Pure apart from the decoder's schema registry (`avro-confluent`, shape `change` only).
 
 mod adobe;
+mod avro;
 mod common;
 mod debezium;
 mod lytics;
@@ -137,6 +138,8 @@ pub struct Source {
     shape: Shape,
     decoder: Decoder,
     settings: Arc<Settings>,
+    /// Debezium through `avro-confluent`: the writer schemas by id.
+    avro: Option<avro::AvroValues>,
 }
 
 impl std::fmt::Debug for Source {
@@ -162,10 +165,17 @@ impl Source {
         format: Format,
         registry: Option<Arc<dyn SchemaSource>>,
     ) -> Result<Source, DecodeError> {
+        let avro = match (source.shape, format, &registry) {
+            (Shape::Debezium, Format::AvroConfluent, Some(r)) => {
+                Some(avro::AvroValues::new(r.clone()))
+            }
+            _ => None,
+        };
         Ok(Source {
             shape: source.shape,
             decoder: Decoder::new(format, registry)?,
             settings: Arc::new(Settings::from_config(source)),
+            avro,
         })
     }
 
@@ -182,6 +192,16 @@ impl Source {
         if self.shape == Shape::Change {
             let value = value.ok_or(SourceError::NoValue)?;
             return Ok(Read::One(self.decoder.decode(value)?));
+        }
+        if let Some(avro) = &mut self.avro {
+            let Some(value) = value else {
+                return Ok(Read::Ignored(Ignored::Tombstone));
+            };
+            let doc = avro.read(value)?;
+            return Ok(match debezium::read(&self.settings, &doc)? {
+                Some(found) => found.into_read(Ignored::OtherKind),
+                None => Read::Ignored(Ignored::Tombstone),
+            });
         }
         read_shape(self.shape, &self.settings, value)
     }
