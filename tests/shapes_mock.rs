@@ -349,3 +349,118 @@ fn a_backfill_folds_a_lytics_log_through_its_shape() {
         "the replay committed the end"
     );
 }
+
+/// Debezium's Avro converter through the schema registry (`kafka.format = "avro-confluent"`):
+/// updates that follow the member column, deletes, their tombstones; Braze ends as the
+/// log's last change of each (user, segment) says.
+#[test]
+fn debezium_avro_rows_reach_braze_through_the_registry() {
+    use apache_avro::types::Value as A;
+    use segment_sync::event::{Change, Event};
+    const SCHEMA: &str = r#"{"type":"record","name":"Envelope","namespace":"cdp.public.segment_members",
+     "fields":[
+      {"name":"before","type":["null",{"type":"record","name":"Value","fields":[
+         {"name":"user_id","type":"string"},{"name":"segment_id","type":"string"},
+         {"name":"email","type":["null","string"],"default":null},{"name":"is_member","type":"boolean"}]}],"default":null},
+      {"name":"after","type":["null","Value"],"default":null},
+      {"name":"source","type":{"type":"record","name":"Source","namespace":"io.debezium.connector.postgresql","fields":[
+         {"name":"connector","type":"string"},{"name":"ts_ms","type":"long"},
+         {"name":"lsn","type":["null","long"],"default":null}]}},
+      {"name":"op","type":"string"},
+      {"name":"ts_ms","type":["null","long"],"default":null}]}"#;
+    let env = mock_env(Faults::default(), 0);
+    let registry = support::registry::Registry::start();
+    let id = registry.register(SCHEMA);
+    let schema = apache_avro::Schema::parse_str(SCHEMA).expect("schema");
+    let topic = "shape-debezium-avro";
+    let mut cfg = setup(&env, topic, Shape::Debezium);
+    cfg.kafka.format = segment_sync::config::Format::AvroConfluent;
+    cfg.kafka.schema_registry_url = registry.url.clone();
+
+    let mut member = std::collections::HashMap::new();
+    let mut records = Vec::new();
+    for i in 0..600i64 {
+        let user = format!("user-{:03}", (i * 7) % 50);
+        let segment = format!("seg_{}", (i * 3) % 4);
+        let now = !member
+            .get(&(user.clone(), segment.clone()))
+            .copied()
+            .unwrap_or(false);
+        member.insert((user.clone(), segment.clone()), now);
+        let at = 1_793_873_000_000 + i * 10;
+        let row = |m: bool| {
+            A::Union(
+                1,
+                Box::new(A::Record(vec![
+                    ("user_id".into(), A::String(user.clone())),
+                    ("segment_id".into(), A::String(segment.clone())),
+                    ("email".into(), A::Union(0, Box::new(A::Null))),
+                    ("is_member".into(), A::Boolean(m)),
+                ])),
+            )
+        };
+        let none = A::Union(0, Box::new(A::Null));
+        // Exits are deletes half the time, updates to is_member = false the other half.
+        let (op, before, after) = match (now, i % 2) {
+            (true, _) => ("u", none.clone(), row(true)),
+            (false, 0) => ("d", row(true), none.clone()),
+            (false, _) => ("u", none.clone(), row(false)),
+        };
+        let value = A::Record(vec![
+            ("before".into(), before),
+            ("after".into(), after),
+            (
+                "source".into(),
+                A::Record(vec![
+                    ("connector".into(), A::String("postgresql".into())),
+                    ("ts_ms".into(), A::Long(at)),
+                    ("lsn".into(), A::Union(1, Box::new(A::Long(1000 + i)))),
+                ]),
+            ),
+            ("op".into(), A::String(op.into())),
+            ("ts_ms".into(), A::Union(1, Box::new(A::Long(at + 3)))),
+        ]);
+        let mut payload = vec![0];
+        payload.extend_from_slice(&id.to_be_bytes());
+        payload.extend(apache_avro::to_avro_datum(&schema, value).expect("encodes"));
+        records.push(ShapedRecord {
+            key: user.clone().into_bytes(),
+            value: Some(payload),
+            changes: vec![Event {
+                event_id: "x".into(),
+                external_id: Some(user.clone().into()),
+                email: None,
+                segment_id: segment.clone().into(),
+                segment_name: None,
+                change: if now { Change::Entered } else { Change::Exited },
+                occurred_at: at,
+                sequence: Some(1000 + i),
+                attributes: Vec::new(),
+            }],
+        });
+        if op == "d" {
+            records.push(ShapedRecord {
+                key: user.clone().into_bytes(),
+                value: None,
+                changes: Vec::new(),
+            });
+        }
+    }
+    let landed = produce(&env, &cfg, &records);
+    let (summary, metrics, _) = run_until_caught_up(&cfg, &env.rt);
+    let want = boolean_profiles(&landed, "cdp_");
+    let got = strip_identifiers(env.sim.state.profiles());
+    let d = diff(&want, &got);
+    assert!(d.is_empty(), "{summary}\n{}", d.join("\n"));
+    assert!(
+        metric(
+            &metrics,
+            "segment_sync_events_ignored_total{reason=\"tombstone\"}"
+        ) > 0
+    );
+    assert_eq!(summary.dlq_records, 0, "{summary}");
+    assert_eq!(
+        committed(&cfg.kafka.brokers, &cfg.kafka.group_id, topic, PARTITIONS),
+        end_offsets(&cfg.kafka.brokers, topic, PARTITIONS)
+    );
+}
