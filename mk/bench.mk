@@ -12,18 +12,19 @@
 #   make bench-e2e          the worker against a plain consumer on a real Kafka broker
 #   make bench-verify       verify of a 1/100 sample of 1,000,000 events: time and memory
 #   make bench-restore      restore on assignment of 1,000,000 records; startup with nothing to restore
+#   make bench-replay-fold  a backfill's fold of 1,000,000 changes: CPU, memory, the floor
 
 CARGO ?= cargo
 BENCH_FLAGS ?=
 
 .PHONY: bench bench-hot-path bench-memory bench-backlog bench-braze-rate bench-writes bench-e2e \
-	bench-verify bench-restore
+	bench-verify bench-restore bench-replay-fold
 
 bench: kafka-jars
 	$(CARGO) bench --no-fail-fast $(BENCH_FLAGS) \
 		--bench hot_path --bench window_memory --bench attribute_writes \
 		--bench braze_rate --bench end_to_end --bench backlog_memory --bench verify_sample \
-		--bench restore
+		--bench restore --bench replay_fold
 
 bench-hot-path:
 	$(CARGO) bench $(BENCH_FLAGS) --bench hot_path
@@ -48,3 +49,6 @@ bench-verify:
 
 bench-restore:
 	$(CARGO) bench $(BENCH_FLAGS) --bench restore
+
+bench-replay-fold:
+	$(CARGO) bench $(BENCH_FLAGS) --bench replay_fold

@@ -14,6 +14,189 @@ pub struct Config {
     pub mapping: MappingConfig,
     pub window: WindowConfig,
     pub server: ServerConfig,
+    pub source: SourceConfig,
+    pub replay: ReplayConfig,
+}
+
+/// `[source] shape`: how a record's decoded value becomes changes (DESIGN.md, "Sources").
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// This project's `SegmentMembershipChange`, one change per record.
+    #[default]
+    Change,
+    AdobeRtcdp,
+    Segment,
+    Lytics,
+    Debezium,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 5] = [
+        Shape::Change,
+        Shape::AdobeRtcdp,
+        Shape::Segment,
+        Shape::Lytics,
+        Shape::Debezium,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Change => "change",
+            Shape::AdobeRtcdp => "adobe-rtcdp",
+            Shape::Segment => "segment",
+            Shape::Lytics => "lytics",
+            Shape::Debezium => "debezium",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Shape> {
+        Shape::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// `source.unmapped`: what becomes of an audience that `[source.segments]` does not name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unmapped {
+    /// Settled and counted as `unmapped_audience`, never written.
+    Skip,
+    /// Written under the audience's own id.
+    UseId,
+}
+
+/// `[source]`: the shape of the records and where a shape finds identities and audiences.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    pub shape: Shape,
+    /// JSON Pointer (RFC 6901) to the external_id; a shape's default when unset.
+    pub external_id: Option<String>,
+    /// JSON Pointer (RFC 6901) to the email; a shape's default when unset.
+    pub email: Option<String>,
+    /// Audience id or key → the segment id that names the attribute.
+    pub segments: BTreeMap<String, String>,
+    /// Unset: `skip` when `segments` has entries, `use-id` when it has none.
+    pub unmapped: Option<Unmapped>,
+    /// Debezium: the column holding the external_id.
+    pub user_column: Option<String>,
+    /// Debezium: the column holding the segment id.
+    pub segment_column: Option<String>,
+    /// Debezium: the column holding the email, optional.
+    pub email_column: Option<String>,
+    /// Debezium: a boolean column that an update (`u`) follows; unset, an update enters.
+    pub member_column: Option<String>,
+}
+
+impl SourceConfig {
+    /// `source.unmapped` with its default applied.
+    pub fn unmapped(&self) -> Unmapped {
+        self.unmapped.unwrap_or(if self.segments.is_empty() {
+            Unmapped::UseId
+        } else {
+            Unmapped::Skip
+        })
+    }
+
+    fn problems(&self, format: Format) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let shape = self.shape.name();
+        for (key, value) in [
+            ("source.external_id", &self.external_id),
+            ("source.email", &self.email),
+        ] {
+            if let Some(p) = value {
+                if !(p.is_empty() || p.starts_with('/')) {
+                    out.push((
+                        key,
+                        format!("{key} = {p:?} is not a JSON Pointer (RFC 6901): start it with `/`, e.g. \"/identityMap/crmId/0/id\""),
+                    ));
+                }
+            }
+        }
+        let pointers_set = self.external_id.is_some() || self.email.is_some();
+        let columns_set = [
+            &self.user_column,
+            &self.segment_column,
+            &self.email_column,
+            &self.member_column,
+        ]
+        .iter()
+        .any(|c| c.is_some());
+        match self.shape {
+            Shape::Change => {
+                if pointers_set
+                    || columns_set
+                    || !self.segments.is_empty()
+                    || self.unmapped.is_some()
+                {
+                    out.push((
+                        "source.shape",
+                        "source.shape = \"change\" reads this project's own event and takes no source.external_id, source.email, [source.segments], source.unmapped or source.*_column: set source.shape to the CDP's shape or remove them".into(),
+                    ));
+                }
+            }
+            Shape::AdobeRtcdp => {
+                if self.external_id.as_deref().is_none_or(str::is_empty)
+                    && self.email.as_deref().is_none_or(str::is_empty)
+                {
+                    out.push((
+                        "source.external_id",
+                        "source.shape = \"adobe-rtcdp\" needs source.external_id or source.email (or both): an identity namespace is each company's choice, e.g. source.external_id = \"/identityMap/crmId/0/id\" and source.email = \"/personalEmail/address\"".into(),
+                    ));
+                }
+            }
+            Shape::Segment | Shape::Lytics => {}
+            Shape::Debezium => {
+                for (key, value) in [
+                    ("source.user_column", &self.user_column),
+                    ("source.segment_column", &self.segment_column),
+                ] {
+                    if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                        out.push((
+                            key,
+                            format!("source.shape = \"debezium\" needs {key}: the membership table's column holding the {}", if key == "source.user_column" { "user's external_id" } else { "segment id" }),
+                        ));
+                    }
+                }
+                if pointers_set {
+                    out.push((
+                        "source.external_id",
+                        "source.shape = \"debezium\" reads the row's columns: use source.user_column and source.email_column instead of source.external_id and source.email".into(),
+                    ));
+                }
+            }
+        }
+        if !matches!(self.shape, Shape::Debezium | Shape::Change) && columns_set {
+            out.push((
+                "source.user_column",
+                format!("source.shape = \"{shape}\" has no table columns: source.user_column, source.segment_column, source.email_column and source.member_column are for \"debezium\""),
+            ));
+        }
+        let avro_debezium = self.shape == Shape::Debezium && format == Format::AvroConfluent;
+        if self.shape != Shape::Change && format != Format::Json && !avro_debezium {
+            let or_avro = if self.shape == Shape::Debezium {
+                " (or \"avro-confluent\" with the schema registry)"
+            } else {
+                ""
+            };
+            out.push((
+                "kafka.format",
+                format!("source.shape = \"{shape}\" is read from JSON: set kafka.format = \"json\"{or_avro}"),
+            ));
+        }
+        for (id, to) in &self.segments {
+            if id.is_empty() || to.trim().is_empty() {
+                out.push((
+                    "source.segments",
+                    format!("[source.segments] {id:?} = {to:?}: neither the audience id nor the segment id may be empty"),
+                ));
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,6 +553,38 @@ pub struct ServerConfig {
     pub listen: String,
 }
 
+/// How `replay` folds the range it reads (docs/design.md, "Backfills": it writes the final state).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// Bytes the fold's state may hold before it spills to `spill_dir` by user hash.
+    pub fold_memory: usize,
+    /// Where the fold spills; the system's temporary directory when unset.
+    pub spill_dir: Option<String>,
+}
+
+/// Below this, a few large users would spill the fold at nearly every record.
+pub const MIN_FOLD_MEMORY: usize = 64 << 10;
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            fold_memory: 64 << 20,
+            spill_dir: None,
+        }
+    }
+}
+
+impl ReplayConfig {
+    /// `spill_dir`, or the system's temporary directory.
+    pub fn spill_dir(&self) -> PathBuf {
+        match self.spill_dir.as_deref().filter(|d| !d.trim().is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => std::env::temp_dir(),
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -687,6 +902,9 @@ impl Config {
         for problem in k.schema_registry_problems() {
             bad(problem.0, problem.1);
         }
+        for problem in self.source.problems(k.format) {
+            bad(problem.0, problem.1);
+        }
         for name in k.properties.keys() {
             let lower = name.to_ascii_lowercase();
             if let Some((_, fix)) = OWNED_PROPERTIES.iter().find(|(owned, _)| *owned == lower) {
@@ -843,6 +1061,25 @@ impl Config {
             }
         }
 
+        let r = &self.replay;
+        if r.fold_memory < MIN_FOLD_MEMORY {
+            bad(
+                "replay.fold_memory",
+                format!(
+                    "replay.fold_memory = {} is below {MIN_FOLD_MEMORY} (64 KiB): the fold would spill at nearly every record; raise it",
+                    r.fold_memory
+                ),
+            );
+        }
+        if let Some(dir) = r.spill_dir.as_deref().filter(|d| !d.trim().is_empty()) {
+            if !Path::new(dir).is_dir() {
+                bad(
+                    "replay.spill_dir",
+                    format!("replay.spill_dir = {dir:?} is not a directory: create it or point it at one with room for the fold's spill"),
+                );
+            }
+        }
+
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             bad(
                 "server.listen",
@@ -977,7 +1214,7 @@ struct Schema {
 }
 
 /// A free-form table inside a section: any key, string values (numbers and booleans accepted).
-const FREE_TABLES: &[(&str, &str)] = &[("kafka", "properties")];
+const FREE_TABLES: &[(&str, &str)] = &[("kafka", "properties"), ("source", "segments")];
 
 impl Schema {
     fn new() -> Schema {
@@ -995,6 +1232,19 @@ impl Schema {
             *file = Some(String::new());
         }
         specimen.braze.ca_file = Some(String::new());
+        let src = &mut specimen.source;
+        src.unmapped = Some(Unmapped::Skip);
+        for key in [
+            &mut src.external_id,
+            &mut src.email,
+            &mut src.user_column,
+            &mut src.segment_column,
+            &mut src.email_column,
+            &mut src.member_column,
+        ] {
+            *key = Some(String::new());
+        }
+        specimen.replay.spill_dir = Some(String::new());
         let sections = match toml::Value::try_from(&specimen) {
             Ok(toml::Value::Table(top)) => top
                 .into_iter()
@@ -1333,6 +1583,64 @@ mod tests {
     }
 
     #[test]
+    fn source_shapes_take_their_keys_and_adobe_needs_an_identity() {
+        let e = err(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"adobe-rtcdp\"\n",
+            &[],
+        );
+        assert!(e.contains("source.external_id or source.email"), "{e}");
+        let c = load(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"adobe-rtcdp\"\nexternal_id = \"/identityMap/crmId/0/id\"\n[source.segments]\n\"5b99\" = \"high_value\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.source.shape, Shape::AdobeRtcdp);
+        assert_eq!(c.source.segments["5b99"], "high_value");
+        assert_eq!(
+            c.source.unmapped(),
+            Unmapped::Skip,
+            "a table makes skip the default"
+        );
+        let c = load(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"lytics\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.source.unmapped(), Unmapped::UseId);
+        let e = err(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"debezium\"\n",
+            &[],
+        );
+        assert!(
+            e.contains("source.user_column") && e.contains("source.segment_column"),
+            "{e}"
+        );
+        let e = err("[source]\nshape = \"segment\"\n", &[]);
+        assert!(e.contains("kafka.format = \"json\""), "{e}");
+        let c = load(
+            "[source]\nshape = \"debezium\"\nuser_column = \"u\"\nsegment_column = \"s\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.kafka.format,
+            Format::AvroConfluent,
+            "Debezium's Avro converter is read"
+        );
+        let e = err(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"segment\"\nemail = \"traits.email\"\n",
+            &[],
+        );
+        assert!(e.contains("not a JSON Pointer"), "{e}");
+        let c = load(
+            "[kafka]\nformat = \"json\"\n",
+            &[("SEGMENT_SYNC_SOURCE_SHAPE", "lytics")],
+        )
+        .unwrap();
+        assert_eq!(c.source.shape, Shape::Lytics);
+    }
+
+    #[test]
     fn a_full_file_is_read() {
         let text = r#"
             [kafka]
@@ -1619,6 +1927,27 @@ mod tests {
         assert_eq!(c.window.max_future_ms, 3_600_000);
         let e = err("", &[("SEGMENT_SYNC_WINDOW_MAX_FUTURE_MS", "1000")]);
         assert!(e.contains("window.max_future_ms"), "{e}");
+    }
+
+    #[test]
+    fn replay_fold_keys_are_read_and_checked() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.replay.fold_memory, 64 << 20);
+        assert_eq!(c.replay.spill_dir(), std::env::temp_dir());
+        let dir = std::env::temp_dir().display().to_string();
+        let c = load(
+            &format!("[replay]\nfold_memory = 8388608\nspill_dir = {dir:?}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.replay.fold_memory, 8 << 20);
+        assert_eq!(c.replay.spill_dir(), PathBuf::from(&dir));
+        let c = load("", &[("SEGMENT_SYNC_REPLAY_FOLD_MEMORY", "1048576")]).unwrap();
+        assert_eq!(c.replay.fold_memory, 1 << 20);
+        let e = err("[replay]\nfold_memory = 1000\n", &[]);
+        assert!(e.contains("replay.fold_memory"), "{e}");
+        let e = err("[replay]\nspill_dir = \"/no/such/dir/for/the/fold\"\n", &[]);
+        assert!(e.contains("replay.spill_dir"), "{e}");
     }
 
     #[test]

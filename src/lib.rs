@@ -13,6 +13,9 @@ pub mod start;
 pub mod offsets;
 /// Record payload → `Event`: JSON, plain Avro, Confluent wire format with a registry cache.
 pub mod decode;
+/// Pure: a record's value → the changes it holds, in the configured `[source] shape`
+/// (this project's change, Adobe Real-Time CDP, Twilio Segment, Lytics, Debezium).
+pub mod source;
 /// The decoded CDP event and the rules it must satisfy to be applied.
 pub mod event;
 /// Pure: pending changes per user, last write wins, repeats, stale and redundant changes.
@@ -24,6 +27,9 @@ pub mod recent;
 pub mod versions;
 /// Cache hints that let the window's memory waits overlap across a burst of events.
 pub mod prefetch;
+/// A replay's fold: the range read, reduced to each user's final state, spilled by user
+/// hash past its memory budget, sent user by user.
+pub mod fold;
 /// Pure: the Braze mapping of docs/design.md: flushed users → attributes objects of a request.
 pub mod mapping;
 /// Braze: HTTP client, response classification, pacing, retries and splitting.

@@ -584,6 +584,7 @@ fn metric_names() -> BTreeSet<String> {
     let v = segment_sync::verify::VerifyMetrics::new(&m.registry).expect("verify metrics");
     let labelled = [
         m.events_invalid.desc(),
+        m.events_ignored.desc(),
         m.braze_requests.desc(),
         m.dlq_records.desc(),
         m.committed_offset.desc(),

@@ -92,6 +92,8 @@ pub struct RunSummary {
     pub decoded: u64,
     pub undecodable: u64,
     pub invalid: u64,
+    /// Records (and audiences of records) of the source shape holding no change to apply.
+    pub ignored: u64,
     pub duplicates: u64,
     pub stale: u64,
     pub redundant: u64,
@@ -100,10 +102,14 @@ pub struct RunSummary {
     pub objects_rejected: u64,
     pub data_points: u64,
     pub dlq_records: u64,
+    /// A replay's fold: what it read and what it sent.
+    pub fold: Option<crate::fold::FoldStats>,
     pub committed: Vec<(String, i32, i64)>,
     /// A bounded run reached its end; false when it was stopped first (and always for the
     /// live worker).
     pub caught_up: bool,
+    /// Why the run could not go on (a replay's fold could not spill), when it stopped so.
+    pub failed: Option<String>,
     /// A bounded run stopped before its end: (topic, partition, read up to, end).
     pub stopped_at: Vec<(String, i32, i64, i64)>,
     pub elapsed: Duration,
@@ -132,6 +138,9 @@ impl std::fmt::Display for RunSummary {
         writeln!(f, "  decoded             {}", self.decoded)?;
         writeln!(f, "  undecodable         {}", self.undecodable)?;
         writeln!(f, "  invalid             {}", self.invalid)?;
+        if self.ignored > 0 {
+            writeln!(f, "  ignored (no change) {}", self.ignored)?;
+        }
         writeln!(f, "  duplicates dropped  {}", self.duplicates)?;
         writeln!(f, "  stale dropped       {}", self.stale)?;
         writeln!(f, "  redundant (unsent)  {}", self.redundant)?;
@@ -140,6 +149,20 @@ impl std::fmt::Display for RunSummary {
         writeln!(f, "objects rejected      {}", self.objects_rejected)?;
         writeln!(f, "data points written   {}", self.data_points)?;
         writeln!(f, "dead-letter records   {}", self.dlq_records)?;
+        if let Some(fold) = &self.fold {
+            writeln!(f, "backfill fold")?;
+            writeln!(f, "  changes read        {}", fold.changes_read)?;
+            writeln!(f, "  users               {}", fold.users)?;
+            writeln!(f, "  objects             {}", fold.objects)?;
+            writeln!(f, "  attribute writes    {}", fold.writes)?;
+            writeln!(f, "  requests            {}", fold.requests)?;
+            writeln!(f, "  bytes spilled       {}", fold.bytes_spilled)?;
+            writeln!(
+                f,
+                "  writes saved        {}",
+                fold.writes_read.saturating_sub(fold.writes)
+            )?;
+        }
         writeln!(f, "committed offsets")?;
         for (t, p, o) in &self.committed {
             writeln!(f, "  {t}[{p}] = {o}")?;
@@ -245,6 +268,9 @@ pub fn run(
         let timeout = {
             let mut w = lock();
             w.service(&consumer);
+            if w.failed().is_some() {
+                break;
+            }
             if w.caught_up(&consumer, idle) {
                 tracing::info!("caught up with the log");
                 caught_up = true;

@@ -19,11 +19,11 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::ingest::{read_payload, Read};
+use super::ingest::restore_read;
 use crate::config::Config;
-use crate::decode::Decoder;
 use crate::event::Rules;
 use crate::offsets::TopicPartition;
+use crate::source::Source;
 use crate::versions::Versions;
 
 /// A partition's restore, done.
@@ -58,13 +58,13 @@ impl Restorer {
     pub fn start(
         cfg: &Config,
         group_id: &str,
-        decoder: Decoder,
+        source: Source,
         rules: Rules,
         records: u64,
     ) -> Result<Restorer, KafkaError> {
         let reader = Reader {
             consumer: reader_config(cfg, group_id).create()?,
-            decoder,
+            source,
             rules,
             records: i64::try_from(records).unwrap_or(i64::MAX),
         };
@@ -168,7 +168,7 @@ fn reader_config(cfg: &Config, group_id: &str) -> rdkafka::ClientConfig {
 
 struct Reader {
     consumer: BaseConsumer,
-    decoder: Decoder,
+    source: Source,
     rules: Rules,
     records: i64,
 }
@@ -307,15 +307,13 @@ impl Reader {
                         .timestamp()
                         .to_millis()
                         .unwrap_or_else(|| self.rules.epoch_ms(0));
-                    match read_payload(&mut self.decoder, &self.rules, m.payload(), at) {
-                        Read::Valid(event) => {
-                            if let Some(identity) = event.identity() {
-                                versions.add(&event, identity, partition, m.offset());
-                            }
+                    // A record dead-lettered or ignored when it was read live has no version.
+                    let events = restore_read(&mut self.source, &self.rules, m.payload(), at)
+                        .map_err(ReadError::Registry)?;
+                    for event in &events {
+                        if let Some(identity) = event.identity() {
+                            versions.add(event, identity, partition, m.offset());
                         }
-                        // Dead-lettered when it was read live: no version of anything.
-                        Read::Undecodable(_) | Read::Invalid(_) => {}
-                        Read::Wait(why) => return Err(ReadError::Registry(why)),
                     }
                     if m.offset() + 1 >= to {
                         return Ok(true);

@@ -32,10 +32,12 @@ use super::restore::{Restored, Restorer};
 use super::{kafka, PipelineError, Progress, RunOptions, RunSummary};
 use crate::braze::BrazeClient;
 use crate::config::{Config, Format};
-use crate::decode::{Decoder, RegistryClient, SchemaSource};
+use crate::decode::{RegistryClient, SchemaSource};
 use crate::dlq::{DlqWriter, Rereader};
+use crate::fold::{Fold, FoldConfig};
 use crate::mapping::Mapping;
 use crate::replay::RunMark;
+use crate::source::Source;
 use crate::start::{StartAt, Until};
 use crate::window::{Window, WindowConfig};
 use std::io::Write;
@@ -67,6 +69,10 @@ struct Taking<'m> {
 enum Fate<'m> {
     /// A valid event, with what the window will look up for it.
     Admit(Lookup, Event<'m>),
+    /// A record holding several valid changes: it settles when the last of them settles.
+    AdmitMany(Vec<(Lookup, Event<'m>)>),
+    /// Nothing to apply: settle it.
+    Ignore,
     DeadLetter(DlqReason),
 }
 
@@ -86,6 +92,12 @@ pub struct Worker {
     /// `/readyz` names partitions whose restore is overdue (kept to touch the health lock
     /// only when that changes).
     restore_overdue: bool,
+    /// A replay's fold (docs/design.md, "Backfills": it writes the final state): what it reads is
+    /// folded to each user's final state, sent once read to the end, and committed only
+    /// when everything read is sent and settled. `None` for the live worker.
+    fold: Option<Fold<Position>>,
+    /// A fault the run cannot go on with (the fold cannot spill): the poll loop stops.
+    failed: Option<String>,
     acks: Receiver<Ack>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -111,7 +123,7 @@ impl Worker {
             Format::AvroConfluent => Some(Arc::new(RegistryClient::from_config(&cfg.kafka)?)),
             _ => None,
         };
-        let decoder = Decoder::new(cfg.kafka.format, registry.clone())?;
+        let source = Source::from_config(cfg, registry.clone())?;
         let committing = dry_run.is_none();
         let sink = match dry_run {
             Some(out) => Sink::DryRun(out),
@@ -141,6 +153,16 @@ impl Worker {
                 super::commits::epoch_ms(),
             )
         });
+        // The replay (a bounded run from a point of its own) folds; the live worker and a
+        // run from the group's offsets (the demo, tests) use the window.
+        let fold = (opts.until != Until::Stopped && opts.start != StartAt::Committed).then(|| {
+            Fold::new(FoldConfig {
+                memory: cfg.replay.fold_memory,
+                spill_dir: cfg.replay.spill_dir(),
+                batch_size: cfg.braze.batch_size,
+                sent_memory: cfg.window.delivered_memory,
+            })
+        });
         let bounds = match opts.until {
             Until::Stopped => None,
             until => Some(Bounds::new(
@@ -169,7 +191,7 @@ impl Worker {
                 Restorer::start(
                     cfg,
                     group_id,
-                    Decoder::new(cfg.kafka.format, registry)?,
+                    Source::from_config(cfg, registry)?,
                     rules.clone(),
                     cfg.window.restore_records,
                 )
@@ -180,7 +202,7 @@ impl Worker {
         };
         Ok(Worker {
             assignment: Assignment::new(),
-            ingest: Ingest::new(decoder, rules, metrics.clone()),
+            ingest: Ingest::new(source, rules, metrics.clone()),
             delivery: Delivery::new(
                 window,
                 mapping,
@@ -201,6 +223,8 @@ impl Worker {
             bounds,
             restorer,
             restore_overdue: false,
+            fold,
+            failed: None,
             acks: acks_rx,
             metrics: metrics.clone(),
             health: health.clone(),
@@ -335,6 +359,25 @@ impl Worker {
                     fate: Fate::Admit(lookup, event),
                 })
             }
+            Verdict::AdmitMany(events) => {
+                let fate = events
+                    .into_iter()
+                    .map(|event| {
+                        let Some(identity) = event.identity() else {
+                            unreachable!("ingest admits only events with an identity");
+                        };
+                        (self.delivery.lookup(&event, identity), event)
+                    })
+                    .collect();
+                Examined::Take(Taking {
+                    id,
+                    fate: Fate::AdmitMany(fate),
+                })
+            }
+            Verdict::Ignore => Examined::Take(Taking {
+                id,
+                fate: Fate::Ignore,
+            }),
             Verdict::DeadLetter(reason) => Examined::Take(Taking {
                 id,
                 fate: Fate::DeadLetter(reason),
@@ -351,36 +394,133 @@ impl Worker {
             return;
         };
         match &record.fate {
-            Fate::Admit(lookup, event) => {
-                let Some(identity) = event.identity() else {
-                    unreachable!("ingest admits only events with an identity");
-                };
-                match self.delivery.admit(
-                    lookup,
-                    event,
-                    identity,
-                    m.partition(),
-                    m.offset(),
-                    pos,
-                    now_ms,
-                ) {
-                    Admit::Pending | Admit::Superseded => {}
-                    Admit::Duplicate => {
-                        self.metrics.events_deduplicated.inc();
-                        self.assignment.settle(pos);
-                    }
-                    Admit::Stale => {
-                        self.metrics.events_stale.inc();
-                        self.assignment.settle(pos);
-                    }
+            Fate::Admit(lookup, event) => self.admit(m, lookup, event, pos, now_ms),
+            Fate::AdmitMany(changes) => {
+                if !self.assignment.split(pos, changes.len()) {
+                    let reason = DlqReason::Invalid {
+                        message: format!(
+                            "the record holds {} changes, more than the {} one record may hold",
+                            changes.len(),
+                            crate::offsets::MAX_PARTS
+                        ),
+                    };
+                    self.dead_letters.record(m, pos, &reason);
+                    return;
+                }
+                for (i, (lookup, event)) in changes.iter().enumerate() {
+                    let Some(part) = pos.with_part(i + 1) else {
+                        unreachable!("split checked that every part fits");
+                    };
+                    self.admit(m, lookup, event, part, now_ms);
                 }
             }
+            Fate::Ignore => self.assignment.settle(pos),
             Fate::DeadLetter(reason) => {
                 tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
                 reason = ?reason, "record to the dead-letter topic");
                 self.dead_letters.record(m, pos, reason);
             }
         }
+    }
+
+    /// One change to the window: `pos` is its record's, or its own part of a record with
+    /// several.
+    fn admit<M: Message>(
+        &mut self,
+        m: &M,
+        lookup: &Lookup,
+        event: &Event<'_>,
+        pos: Position,
+        now_ms: u64,
+    ) {
+        let Some(identity) = event.identity() else {
+            unreachable!("ingest admits only events with an identity");
+        };
+        if let Some(fold) = self.fold.as_mut() {
+            let assignment = &mut self.assignment;
+            let mut superseded = 0u64;
+            let folded = fold.absorb(event, identity, m.partition(), m.offset(), pos, |p| {
+                superseded += 1;
+                assignment.settle(p);
+            });
+            self.metrics.events_redundant.inc_by(superseded);
+            if let Err(e) = folded {
+                self.fail(format!("the replay's fold: {e}"));
+            }
+            return;
+        }
+        match self.delivery.admit(
+            lookup,
+            event,
+            identity,
+            m.partition(),
+            m.offset(),
+            pos,
+            now_ms,
+        ) {
+            Admit::Pending | Admit::Superseded => {}
+            Admit::Duplicate => {
+                self.metrics.events_deduplicated.inc();
+                self.assignment.settle(pos);
+            }
+            Admit::Stale => {
+                self.metrics.events_stale.inc();
+                self.assignment.settle(pos);
+            }
+        }
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            tracing::error!(error = %why, "the run cannot go on");
+            self.failed = Some(why);
+        }
+    }
+
+    /// A fault the run cannot go on with, for the poll loop to stop at.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Sends the fold's next requests while there is room in flight. Positions of
+    /// partitions no longer ours are left out (their next owner reads them again).
+    fn send_folded(&mut self) {
+        let Some(fold) = self.fold.as_mut() else {
+            return;
+        };
+        while fold.is_sending() && self.delivery.has_room() {
+            let assignment = &self.assignment;
+            let mut superseded = Vec::new();
+            let next = fold.next_request(
+                |p| assignment.name(p.partition()).is_some(),
+                |p| superseded.push(p),
+            );
+            self.metrics
+                .events_redundant
+                .inc_by(superseded.len() as u64);
+            for p in superseded {
+                self.assignment.settle(p);
+            }
+            match next {
+                Ok(Some(flush)) => {
+                    self.delivery.dispatch_folded(flush, fold.segments());
+                }
+                Ok(None) => {
+                    tracing::info!(stats = ?fold.stats(), "the fold's users are sent");
+                }
+                Err(e) => {
+                    let why = format!("the replay's fold: {e}");
+                    self.fail(why);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether everything this run read is sent and settled: what a folding replay waits
+    /// for before it commits, so that its progress in Kafka is all or nothing.
+    fn may_commit(&self) -> bool {
+        self.fold.is_none() || self.settled_everything()
     }
 
     /// Offers held records again, when their wait is due.
@@ -413,6 +553,8 @@ impl Worker {
         let now = self.now_ms();
         let assignment = &mut self.assignment;
         self.delivery.flush(now, false, |p| assignment.settle(p));
+        self.dead_letter_rejected();
+        self.send_folded();
         if self.commits.due() {
             self.commit(consumer, CommitMode::Async);
             self.delivery.update_gauges();
@@ -468,6 +610,9 @@ impl Worker {
     }
 
     pub fn commit(&mut self, consumer: &GroupConsumer, mode: CommitMode) {
+        if !self.may_commit() {
+            return;
+        }
         let offsets: Vec<(TopicPartition, i64)> = self
             .assignment
             .partitions()
@@ -495,27 +640,47 @@ impl Worker {
         match ack {
             Ack::Braze { id, outcomes } => {
                 let answer = self.delivery.on_answer(id, outcomes);
+                if let Some(fold) = self.fold.as_mut() {
+                    for (kind, user, segments, attributes) in &answer.rejected_folded {
+                        fold.forget_sent(*kind, user, segments, attributes);
+                    }
+                }
                 for p in answer.delivered {
                     self.assignment.settle(p);
                 }
                 for (positions, rejection) in answer.rejected {
                     let mut by_partition: HashMap<PartitionId, Vec<Position>> = HashMap::new();
                     for p in positions {
-                        by_partition.entry(p.partition()).or_default().push(p);
+                        // A change of a record with several waits for the others.
+                        if self.assignment.reject(p, rejection.clone()).is_some() {
+                            by_partition.entry(p.partition()).or_default().push(p);
+                        }
                     }
                     for (pid, positions) in by_partition {
                         // A partition revoked meanwhile: its next owner reads these again.
                         if let Some(tp) = self.assignment.name(pid) {
-                            self.dead_letters.rejected(tp, positions, rejection.clone());
+                            self.dead_letters
+                                .rejected(tp, positions, rejection.clone(), None);
                         }
                     }
                 }
+                self.dead_letter_rejected();
             }
             Ack::DeadLetter(outcome) => {
                 let assignment = &mut self.assignment;
                 self.dead_letters
                     .on_outcome(outcome, |p| assignment.settle(p));
             }
+        }
+    }
+
+    /// Records with several changes that were refused in part, once all their changes have
+    /// an outcome: to the dead-letter topic, once each.
+    fn dead_letter_rejected(&mut self) {
+        for r in self.assignment.take_rejected() {
+            tracing::warn!(partition = %r.tp, offset = r.record.offset(), "a record with several changes had some refused; to the dead-letter topic");
+            self.dead_letters
+                .rejected(r.tp, vec![r.record], r.rejection, Some(r.lines));
         }
     }
 
@@ -538,6 +703,10 @@ impl Worker {
                 Some(pick) => self.delivery.flush_holding(pick, |p| assignment.settle(p)),
                 None => self.delivery.flush(now, true, |p| assignment.settle(p)),
             }
+            self.dead_letter_rejected();
+            if !self.shutting_down {
+                self.send_folded();
+            }
             if done(self) {
                 return true;
             }
@@ -558,6 +727,7 @@ impl Worker {
 
     pub fn settled_everything(&self) -> bool {
         self.delivery.is_idle()
+            && self.fold.as_ref().is_none_or(Fold::is_empty)
             && self.dead_letters.is_idle()
             && self.assignment.unsettled() == 0
             && !self.flow.is_holding()
@@ -580,6 +750,33 @@ impl Worker {
 
     /// Whether a bounded run is done. `idle`: the last poll brought nothing.
     pub fn caught_up(&mut self, consumer: &GroupConsumer, idle: bool) -> bool {
+        if self.fold.as_ref().is_some_and(|f| f.is_sending()) {
+            return false;
+        }
+        if self.fold.as_ref().is_some_and(Fold::has_unsent) {
+            // Read to the end: the fold sends what it read, once the last stage's requests
+            // have all been answered (a user is never in two requests in flight), while
+            // reading goes on into the next stage: what arrived meanwhile, sent after.
+            let ready = idle && !self.flow.is_holding() && !self.delivery.has_in_flight();
+            if ready
+                && self
+                    .bounds
+                    .as_mut()
+                    .is_some_and(|b| b.read_to_end(consumer, &self.assignment))
+            {
+                let fold = self.fold.as_mut().expect("checked above");
+                tracing::info!(
+                    users = fold.users(),
+                    spilled_bytes = fold.stats().bytes_spilled,
+                    "read to the end; sending each user's final state"
+                );
+                if let Err(e) = fold.start_sending() {
+                    self.fail(format!("the replay's fold: {e}"));
+                }
+                self.send_folded();
+            }
+            return false;
+        }
         if !idle || !self.settled_everything() {
             return false;
         }
@@ -618,7 +815,16 @@ impl Worker {
         }
         self.shutting_down = true;
         let deadline = Instant::now() + self.drain_timeout;
-        if !self.drain(deadline, None, Worker::settled_everything) {
+        // A fold stopped before it sent everything commits nothing: wait only for what
+        // is in flight.
+        let drained = if self.fold.as_ref().is_some_and(|f| !f.is_empty()) {
+            self.drain(deadline, None, |w| {
+                !w.delivery.has_in_flight() && w.dead_letters.is_idle()
+            })
+        } else {
+            self.drain(deadline, None, Worker::settled_everything)
+        };
+        if !drained {
             tracing::warn!(
                 unsettled = self.assignment.unsettled(),
                 "shutdown deadline passed; committing what settled"
@@ -655,6 +861,10 @@ impl Worker {
             decoded: m.events_decoded.get(),
             undecodable: m.events_invalid.with_label_values(&["undecodable"]).get(),
             invalid: m.events_invalid.with_label_values(&["invalid"]).get(),
+            ignored: crate::source::Ignored::ALL
+                .iter()
+                .map(|r| m.events_ignored.with_label_values(&[r.label()]).get())
+                .sum(),
             duplicates: m.events_deduplicated.get(),
             stale: m.events_stale.get(),
             redundant: m.events_redundant.get(),
@@ -663,6 +873,8 @@ impl Worker {
             objects_rejected: m.braze_objects_rejected.get(),
             data_points: m.braze_attributes_written.get(),
             dlq_records: dlq,
+            fold: self.fold.as_ref().map(Fold::stats),
+            failed: self.failed.clone(),
             committed: self.commits.committed(),
             caught_up,
             stopped_at,
@@ -725,7 +937,8 @@ impl RebalanceHandler for Worker {
         let gone = |p: &Position| ids.contains(&p.partition());
         // At shutdown the run has drained already, under its own deadline; a lost
         // assignment has other owners already, so there is nothing to commit.
-        if !lost && !self.shutting_down {
+        // A folding replay commits only when everything it read is sent and settled.
+        if !lost && !self.shutting_down && self.may_commit() {
             let deadline = Instant::now() + self.drain_timeout;
             let drained = self.drain(deadline, Some(&gone), |w| {
                 revoked.iter().all(|tp| w.assignment.unsettled_in(tp) == 0)

@@ -290,6 +290,8 @@ pub struct WorkerConfig {
     pub restore_records: Option<u64>,
     /// librdkafka properties; the defaults make a killed member's partitions move soon.
     pub properties: BTreeMap<String, String>,
+    /// Sections written after the others as they are (e.g. `[source]`).
+    pub extra: String,
 }
 
 impl WorkerConfig {
@@ -317,6 +319,7 @@ impl WorkerConfig {
             max_pending_users: 100_000,
             restore_records: None,
             properties,
+            extra: String::new(),
         }
     }
 
@@ -356,6 +359,8 @@ max_pending_users = {pending}
 {restore}
 [server]
 listen = {listen:?}
+
+{extra}
 "#,
             brokers = self.brokers,
             group = self.group_id,
@@ -374,6 +379,7 @@ listen = {listen:?}
                 .restore_records
                 .map(|n| format!("restore_records = {n}\n"))
                 .unwrap_or_default(),
+            extra = self.extra,
         )
     }
 
