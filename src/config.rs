@@ -14,6 +14,7 @@ pub struct Config {
     pub mapping: MappingConfig,
     pub window: WindowConfig,
     pub server: ServerConfig,
+    pub snapshot: SnapshotConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,6 +368,76 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:9464".into(),
         }
+    }
+}
+
+/// `segment-sync snapshot`: where the changes of a member list go and where its state is kept.
+/// `Debug` is written by hand below: `storage` holds the object store's credentials.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// The topic the changes are written to; unset means the first of `kafka.topics`.
+    pub topic: Option<String>,
+    /// The compacted topic of the segments' membership; unset means `<topic>.snapshots`.
+    pub state_topic: Option<String>,
+    /// Changes per Kafka transaction, so that no transaction of a large run outlives the
+    /// broker's transaction timeout or holds the worker at the last stable offset for long.
+    pub transaction_records: usize,
+    /// The object store's options under its own names (`azure_storage_account_name`,
+    /// `aws_access_key_id`, ...), besides its environment variables; secrets are masked.
+    pub storage: BTreeMap<String, String>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            topic: None,
+            state_topic: None,
+            transaction_records: 100_000,
+            storage: BTreeMap::new(),
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// The topic the changes go to: `snapshot.topic`, else the first of `kafka.topics`.
+    pub fn changes_topic(&self, kafka: &KafkaConfig) -> Option<String> {
+        self.topic
+            .clone()
+            .or_else(|| kafka.topics.first().cloned())
+    }
+
+    /// The state topic: `snapshot.state_topic`, else `<changes topic>.snapshots`.
+    pub fn state_topic_for(&self, kafka: &KafkaConfig) -> Option<String> {
+        self.state_topic
+            .clone()
+            .or_else(|| self.changes_topic(kafka).map(|t| format!("{t}.snapshots")))
+    }
+
+    /// `storage` with every value whose name marks a secret shown as `***`.
+    fn masked_storage(&self) -> BTreeMap<String, String> {
+        self.storage
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) {
+                    "***".to_string()
+                } else {
+                    v.clone()
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for SnapshotConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotConfig")
+            .field("topic", &self.topic)
+            .field("state_topic", &self.state_topic)
+            .field("transaction_records", &self.transaction_records)
+            .field("storage", &self.masked_storage())
+            .finish()
     }
 }
 
@@ -834,6 +905,41 @@ impl Config {
                 ),
             );
         }
+        let snap = &self.snapshot;
+        if snap.transaction_records < 1 {
+            bad(
+                "snapshot.transaction_records",
+                "snapshot.transaction_records = 0 is out of range: set it to 1 or more".into(),
+            );
+        }
+        for (key, topic) in [
+            ("snapshot.topic", &snap.topic),
+            ("snapshot.state_topic", &snap.state_topic),
+        ] {
+            if topic.as_ref().is_some_and(|t| t.trim().is_empty()) {
+                bad(
+                    key,
+                    format!("{key} is empty: name a topic, or remove the key for the default"),
+                );
+            }
+        }
+        let changes = snap.changes_topic(&self.kafka);
+        let state = snap.state_topic_for(&self.kafka);
+        if changes.is_some() && changes == state {
+            bad(
+                "snapshot.state_topic",
+                "snapshot.state_topic is the changes topic: the state needs a compacted topic of its own".into(),
+            );
+        }
+        if changes.as_deref() == Some(self.kafka.dlq_topic.as_str()) {
+            bad(
+                "snapshot.topic",
+                "snapshot.topic is kafka.dlq_topic: write the changes to a topic the worker reads".into(),
+            );
+        }
+        // Seam for issue 20 (`[source] shape`): once the worker can read a topic with another
+        // record shape, a `snapshot.topic` read with a shape other than `change` is refused
+        // here, since the snapshot command writes the project's own `change` records.
         out
     }
 
@@ -851,6 +957,7 @@ impl Config {
                 *value = "***".into();
             }
         }
+        shown.snapshot.storage = self.snapshot.masked_storage();
         let key = if self.braze.api_key.is_some() {
             "\"***\""
         } else {
@@ -964,7 +1071,7 @@ struct Schema {
 }
 
 /// A free-form table inside a section: any key, string values (numbers and booleans accepted).
-const FREE_TABLES: &[(&str, &str)] = &[("kafka", "properties")];
+const FREE_TABLES: &[(&str, &str)] = &[("kafka", "properties"), ("snapshot", "storage")];
 
 impl Schema {
     fn new() -> Schema {
@@ -982,6 +1089,8 @@ impl Schema {
             *file = Some(String::new());
         }
         specimen.braze.ca_file = Some(String::new());
+        specimen.snapshot.topic = Some(String::new());
+        specimen.snapshot.state_topic = Some(String::new());
         let sections = match toml::Value::try_from(&specimen) {
             Ok(toml::Value::Table(top)) => top
                 .into_iter()
