@@ -931,7 +931,8 @@ impl Config {
                 "snapshot.state_topic is the changes topic: the state needs a compacted topic of its own".into(),
             );
         }
-        if changes.as_deref() == Some(self.kafka.dlq_topic.as_str()) {
+        // Unset, it is the first of kafka.topics, which has its own check against the DLQ.
+        if snap.topic.as_deref() == Some(self.kafka.dlq_topic.as_str()) {
             bad(
                 "snapshot.topic",
                 "snapshot.topic is kafka.dlq_topic: write the changes to a topic the worker reads".into(),
