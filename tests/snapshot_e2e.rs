@@ -363,10 +363,30 @@ fn restate_resends_entered_with_new_ids_and_retire_exits_everyone() {
     assert_eq!(count(retired, "EXITED"), users(0..10));
     let t1 = restated[0].occurred_at;
     assert!(retired.iter().all(|c| c.occurred_at > t1));
-    // The state is gone: the first run again is a first run.
-    let (code, _, err) = case.snapshot("seg-r", &run1, &[]);
+    let (code, _, err) = case.snapshot("seg-r", &run1, &["--retire"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(count(&since(&all2, &case.changes()), "ENTERED"), users(0..10));
+    assert!(err.contains("nothing to do"), "{err}");
+    // An export older than the retirement is refused; a newer one is a first run again.
+    let (code, _, err) = case.snapshot("seg-r", &run1, &[]);
+    assert_eq!(code, 1, "{err}");
+    let later = case.dir.path().join("later.csv");
+    fs::write(&later, format!("CustomerId\n{}\n", users(0..3).join("\n"))).unwrap();
+    let (code, _, err) = case.snapshot("seg-r", &later, &["--run-time", "2999-01-01T00:00:00Z"]);
+    assert_eq!(code, 0, "{err}");
+    let fresh = since(&all2, &case.changes());
+    assert_eq!(count(&fresh, "ENTERED"), users(0..3));
+    assert!(count(&fresh, "EXITED").is_empty());
+    let members = case
+        .state()
+        .into_iter()
+        .fold(BTreeMap::new(), |mut m, (k, v)| {
+            m.insert(k, v);
+            m
+        })
+        .into_iter()
+        .filter(|(k, v)| k.starts_with("seg-r\0") && v.is_some())
+        .count();
+    assert_eq!(members, 3);
 }
 
 /// The run's records as (key, change, event id), sorted: what the worker would see.

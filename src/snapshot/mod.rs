@@ -363,7 +363,7 @@ pub fn run(
         Ok(o)
     };
     if mode == Mode::Retire {
-        if applied.is_none() && counts.previous == 0 {
+        if counts.previous == 0 {
             outcome.status = "nothing to do";
             outcome.reason = Some("the segment has no state to retire".into());
             return Ok(outcome);
@@ -434,13 +434,16 @@ pub fn run(
             progress.written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    let record = (mode != Mode::Retire).then(|| Applied {
+    // A retired segment keeps its record (no members, the retirement's time): an export
+    // older than the retirement is refused like any older run, since its ENTERED would be
+    // older than the EXITED just sent.
+    let record = Applied {
         run: run_name.clone(),
         time_ms,
         members: digest.members,
         digest: digest.hex(),
-    });
-    writer.finish(segment, record.as_ref())?;
+    };
+    writer.finish(segment, Some(&record))?;
     outcome.transactions = writer.committed;
     Ok(outcome)
 }
