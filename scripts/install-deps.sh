@@ -2,7 +2,8 @@
 # Installs what building and testing segment-sync needs from Debian's packages, when it is
 # missing: a C toolchain and CMake (librdkafka is built from source), OpenSSL's headers
 # (TLS and SASL to Kafka), zlib's headers, and Java 17 with Maven (the Apache Kafka broker of
-# the end-to-end tests), and for `make lint` promtool (Debian ships it in the prometheus
+# the end-to-end tests), Node.js with npm (Azurite, the Azure Storage emulator of the snapshot
+# tests), and for `make lint` promtool (Debian ships it in the prometheus
 # package) with Python's YAML module (scripts/check-monitoring.py). Rust itself comes from
 # rustup.
 set -euo pipefail
@@ -15,6 +16,9 @@ dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 dpkg -s zlib1g-dev >/dev/null 2>&1 || need+=(zlib1g-dev)
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
+# Azurite, the Azure Storage emulator of the snapshot tests, comes from npm.
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 # scripts/check-monitoring.py runs under the python3 on PATH, else Debian's.
 has_yaml() {
   local py

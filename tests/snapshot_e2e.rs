@@ -18,6 +18,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
+use support::azurite::Azurite;
 use support::kafka::KafkaBroker;
 use support::procs::{binary, Proc, Sim, Worker, WorkerConfig};
 
@@ -469,4 +470,62 @@ fn the_worker_delivers_the_snapshot_changes_to_braze() {
         std::thread::sleep(Duration::from_millis(200));
     }
     worker.proc.sigterm();
+}
+
+#[test]
+fn an_export_in_azure_blob_storage_is_read_through_the_object_store() {
+    let azurite = Azurite::start();
+    azurite.create_container("exports");
+    let case = Case::new("azure", 100_000);
+    let from = "az://exports/CustomerInsights_7f3a/braze-export/HighValue";
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--latest", "--email-column", "PrimaryEmail"];
+        args.extend_from_slice(extra);
+        let out = case
+            .command("seg-az", Path::new(from), &args)
+            .env("AZURE_STORAGE_USE_EMULATOR", "true")
+            .env("AZURITE_BLOB_STORAGE_URL", azurite.blob_url())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let exports = case.dir.path().join("exports");
+
+    case.write_run("2026/12/03/0300", &users(0..20), 2);
+    azurite.upload_tree("exports", &exports);
+    assert_eq!(azurite.list("exports").len(), 3, "{:?}", azurite.list("exports"));
+    let (code, err) = run(&[]);
+    assert_eq!(code, 0, "{err}");
+    let first = case.changes();
+    assert_eq!(count(&first, "ENTERED"), users(0..20));
+
+    case.write_run("2026/12/04/0300", &users(3..25), 3);
+    azurite.upload_tree("exports", &exports);
+    let (code, err) = run(&[]);
+    assert_eq!(code, 0, "{err}");
+    let second = since(&first, &case.changes());
+    assert_eq!(count(&second, "ENTERED"), users(20..25));
+    assert_eq!(count(&second, "EXITED"), users(0..3));
+    let (code, err) = run(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("already applied"), "{err}");
+
+    // The newest run lost a partition: refused by its URL, nothing written.
+    let before = case.changes().len();
+    case.write_run("2026/12/05/0300", &users(3..30), 2);
+    azurite.upload_tree("exports", &exports);
+    azurite.delete(
+        "exports",
+        "CustomerInsights_7f3a/braze-export/HighValue/2026/12/05/0300/HighValue_2.csv",
+    );
+    let (code, err) = run(&[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("az://exports/CustomerInsights_7f3a/braze-export/HighValue/2026/12/05/0300/HighValue_2.csv"),
+        "{err}"
+    );
+    assert_eq!(case.changes().len(), before);
 }

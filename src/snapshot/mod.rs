@@ -12,6 +12,8 @@ pub mod diff;
 pub mod model;
 /// Where a run is, its name and time, its rows as members.
 pub mod read;
+/// A run in an object store, copied to a local staging folder of the same layout.
+pub mod remote;
 /// Hash-partitioned spill files of a run and of the state.
 pub mod spill;
 /// Pure: the state topic's keys and versioned values.
@@ -276,7 +278,31 @@ pub fn run(
     let mut counts = Counts::default();
     if let Some(from) = &args.from {
         if mode != Mode::Retire {
-            let source = read::locate(from, args.latest)?;
+            // A remote run is staged first, so the one reader serves both; its errors name
+            // the object store's paths again.
+            let staging = tempfile::Builder::new()
+                .prefix("segment-sync-stage-")
+                .tempdir()
+                .map_err(|e| SnapshotError::Spill(e.to_string()))?;
+            let staged = if remote::is_remote(from) {
+                Some(remote::stage(
+                    from,
+                    args.latest,
+                    &cfg.snapshot.storage,
+                    staging.path(),
+                )?)
+            } else {
+                None
+            };
+            let blame = |e: SnapshotError| match &staged {
+                Some(s) => s.blame(e),
+                None => e,
+            };
+            let (local, latest) = match &staged {
+                Some(s) => (s.local.display().to_string(), false),
+                None => (from.clone(), args.latest),
+            };
+            let source = read::locate(&local, latest).map_err(blame)?;
             if args.run.is_none() {
                 run_name = source.name.clone();
             }
@@ -290,7 +316,7 @@ pub fn run(
                 id: args.id_column.clone(),
                 email: args.email_column.clone(),
             };
-            let rows = read::read_rows(&source, &columns, |m| run_spill.put(&m))?;
+            let rows = read::read_rows(&source, &columns, |m| run_spill.put(&m)).map_err(blame)?;
             counts.skipped_rows = rows.skipped;
         }
     }

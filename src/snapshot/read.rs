@@ -38,9 +38,7 @@ pub enum FileFormat {
 pub fn locate(from: &str, latest: bool) -> Result<RunSource, SnapshotError> {
     if is_url(from) {
         return Err(SnapshotError::Usage(format!(
-            "--from {from}: object store URLs (az://, abfss://, s3://, gs://) are not read by \
-             this build yet; copy the run folder locally (azcopy, aws s3 sync) and point --from \
-             at it"
+            "--from {from}: read from a local path or an az://, abfss://, s3:// or gs:// URL"
         )));
     }
     let path = Path::new(from);
@@ -66,9 +64,7 @@ pub fn locate(from: &str, latest: bool) -> Result<RunSource, SnapshotError> {
 }
 
 fn is_url(from: &str) -> bool {
-    ["az://", "abfss://", "abfs://", "azure://", "s3://", "gs://", "https://", "http://"]
-        .iter()
-        .any(|p| from.starts_with(p))
+    from.contains("://")
 }
 
 fn single_file(path: &Path) -> Result<RunSource, SnapshotError> {
