@@ -158,7 +158,8 @@ impl TxnWriter {
         // A killed run's open transaction is aborted by the broker after this, or at once
         // by the next run of the segment (init_transactions fences it).
         .set("transaction.timeout.ms", "60000")
-        .set("queue.buffering.max.messages", "500000");
+        // Bounds the producer's memory on a large run: at most this many records wait to be sent.
+        .set("queue.buffering.max.messages", "100000");
         let producer: ThreadedProducer<DefaultProducerContext> =
             c.create().map_err(|e| kafka("creating the producer", e))?;
         producer
