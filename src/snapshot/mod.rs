@@ -339,7 +339,7 @@ pub fn run(
         )?)
     };
     let mut state_spill = Spill::new("segment-sync-state-")?;
-    let applied = if args.dry_run && !topic_exists(cfg, &state_topic)? {
+    let applied = if args.dry_run && !store::topic_exists(cfg, &state_topic)? {
         None
     } else {
         store::read_state(cfg, &state_topic, segment, &mut state_spill)?
@@ -472,20 +472,6 @@ pub fn run(
     writer.finish(segment, Some(&record))?;
     outcome.transactions = writer.committed;
     Ok(outcome)
-}
-
-fn topic_exists(cfg: &Config, topic: &str) -> Result<bool, SnapshotError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = crate::kafka::client_config(cfg)
-        .create()
-        .map_err(|e| SnapshotError::Kafka(e.to_string()))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), std::time::Duration::from_secs(30))
-        .map_err(|e| SnapshotError::Kafka(format!("metadata of {topic}: {e}")))?;
-    Ok(md
-        .topics()
-        .iter()
-        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@ fn kafka(what: &str, e: impl std::fmt::Display) -> SnapshotError {
 
 /// Creates the state topic, compacted, unless it exists.
 pub fn ensure_state_topic(cfg: &Config, topic: &str) -> Result<(), SnapshotError> {
+    if topic_exists(cfg, topic)? {
+        return Ok(());
+    }
     let admin: AdminClient<DefaultClientContext> = crate::kafka::client_config(cfg)
         .create()
         .map_err(|e| kafka("creating an admin client", e))?;
@@ -47,6 +50,35 @@ pub fn ensure_state_topic(cfg: &Config, topic: &str) -> Result<(), SnapshotError
     Ok(())
 }
 
+/// Whether `topic` exists with partitions (a metadata request, which creates nothing).
+pub fn topic_exists(cfg: &Config, topic: &str) -> Result<bool, SnapshotError> {
+    let consumer: BaseConsumer = crate::kafka::client_config(cfg)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(|e| kafka("creating a metadata client", e))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(|e| kafka(&format!("metadata of {topic}"), e))?;
+    Ok(md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+}
+
+/// The state reader's context: the end of a partition is how the reader knows it has read
+/// everything, not an error to log (librdkafka also reports it as a client error).
+struct StateReader;
+
+impl rdkafka::ClientContext for StateReader {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "reading the snapshot state");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for StateReader {}
+
 /// Reads the committed records of `segment` from the state topic: its members go into
 /// `members` (in log order, so the spill's last write wins), and the run applied last is
 /// returned. Read committed: a killed run's open transaction is never seen.
@@ -61,7 +93,9 @@ pub fn read_state(
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true");
-    let consumer: BaseConsumer = c.create().map_err(|e| kafka("creating the consumer", e))?;
+    let consumer: BaseConsumer<StateReader> = c
+        .create_with_context(StateReader)
+        .map_err(|e| kafka("creating the consumer", e))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
         .map_err(|e| kafka(&format!("metadata of {topic}"), e))?;
