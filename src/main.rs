@@ -238,8 +238,13 @@ async fn snapshot(
     } else {
         None
     };
-    let bar = (std::io::stderr().is_terminal() && !args.dry_run).then(|| {
-        let bar = indicatif::ProgressBar::new(0);
+    let on_terminal = std::io::stderr().is_terminal() && !args.dry_run;
+    let ticker = (on_terminal || args.metrics).then(|| {
+        let bar = if on_terminal {
+            indicatif::ProgressBar::new(0)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{spinner} snapshot [{elapsed_precise}] {wide_bar} {pos}/{len} changes",
@@ -266,8 +271,8 @@ async fn snapshot(
     })
     .await
     .context("the snapshot thread died")?;
-    if let Some(bar) = bar {
-        bar.abort();
+    if let Some(ticker) = ticker {
+        ticker.abort();
     }
     let code = match result {
         Ok(outcome) => {
