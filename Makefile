@@ -1,7 +1,7 @@
 # segment-sync: build, test, demo, benchmarks.
 #
 #   make deps     system packages the build needs (cmake, a C compiler, OpenSSL headers, Java, Maven,
-#                 promtool)
+#                 Python's YAML module), and promtool unpacked into .cache/bin (no Prometheus server)
 #   make test     the whole suite: unit, property, mock-cluster and real-broker tests
 #   make lint     rustfmt and clippy, warnings as errors; promtool on the alert rules and the
 #                 dashboard's queries (scripts/check-monitoring.py)

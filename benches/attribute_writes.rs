@@ -1,5 +1,5 @@
-//! DESIGN.md: "Attribute writes stay within 5% of the minimum: one per (user, segment) whose
-//! state changed within a flush."
+//! docs/design.md: Attribute writes stay within 5% of the minimum: one per (user, segment) whose
+//! state changed within a flush.
 //!
 //! Definition used here. A write is necessary when it changes the profile Braze holds: the
 //! attribute's value after the flush differs from its value before (absent counts as a

@@ -1,5 +1,5 @@
-//! DESIGN.md: "Against a rate limit of R requests/s, one worker keeps ≥ 90% of R busy with
-//! < 1% of requests answered 429, two workers sharing the limit ≥ 85% together."
+//! docs/design.md: Against a rate limit of R requests/s, one worker keeps ≥ 90% of R busy with
+//! < 1% of requests answered 429, two workers sharing the limit ≥ 85% together.
 //!
 //! The Braze simulator enforces R with Braze's fixed windows and headers and answers after
 //! some latency; each worker is one `BrazeClient` configured with `requests_per_second = R`

@@ -1,5 +1,5 @@
-//! Decode throughput on one core, for the targets of DESIGN.md ("Performance it is built
-//! for"): `cargo bench --bench decode`.
+//! Decode throughput on one core, for the targets of docs/design.md ("Performance targets"):
+//! `cargo bench --bench decode`.
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! DESIGN.md: end to end, one worker consumes at ≥ 0.8 × the rate at which a plain rdkafka
+//! docs/design.md: end to end, one worker consumes at ≥ 0.8 × the rate at which a plain rdkafka
 //! consumer merely reads the same topic from the same broker, and spends at most 3 × the CPU
 //! time per event that the plain consumer spends, measured in the same run.
 //!
@@ -494,7 +494,7 @@ fn measure(
         dry.rate() / plain_rate,
         dry.cpu_per_event_us() / plain_cpu
     );
-    // DESIGN.md: at least 0.5 x the plain read's rate (0.8 x is where it is headed), at
+    // docs/design.md: at least 0.5 x the plain read's rate (0.8 x is where it is headed), at
     // most 2 x its CPU an event.
     verdicts.at_least(
         &format!("{name}: worker rate / plain consumer rate"),
@@ -508,7 +508,7 @@ fn measure(
         2.0,
         "x",
     );
-    // Issue targets beside DESIGN.md's: the tail is the window's linger, the last request and
+    // Issue targets beside docs/design.md's: the tail is the window's linger, the last request and
     // the caught-up check; the startup counts from the group's first assignment, which the
     // worker cannot hasten (the broker's join and sync rounds).
     let linger_ms = cfg.window.linger_ms as f64;

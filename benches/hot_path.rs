@@ -1,4 +1,4 @@
-//! DESIGN.md, "Performance it is built for": decode → window → batch encode on one core at
+//! docs/design.md, "Performance targets": decode → window → batch encode on one core at
 //! ≥ 1,300,000 events/s for JSON and for avro-confluent, with a resident window.
 //!
 //! Events take the path `pipeline::Worker::take_burst` gives a poll's burst of 64

@@ -1,4 +1,4 @@
-//! DESIGN.md: "A pending user costs ≤ 300 bytes in the window with up to three changes".
+//! docs/design.md: A pending user costs ≤ 300 bytes in the window with up to three changes.
 //! A counting global allocator measures the heap a `Window` holds after admitting N
 //! distinct users (one change each, then three), with the dedup memory at 1 entry so that
 //! only the pending user is weighed. The dedup and delivered memories, bounded by `window.dedup_memory` and

@@ -1,4 +1,4 @@
-# Benchmarks for DESIGN.md's "Performance it is built for". Included by the top-level
+# Benchmarks for docs/design.md's "Performance targets". Included by the top-level
 # Makefile. Each benchmark is a release binary that prints its figures and exits non-zero
 # when a target is missed; `make bench` runs them all (no fail-fast) and fails if any did.
 # Figures and how to read them: docs/benchmarks.md.

@@ -89,9 +89,11 @@ def run(*args):
 
 
 def main():
-    promtool = shutil.which("promtool")
+    # make deps unpacks promtool into .cache/bin rather than install Prometheus itself.
+    cached = os.path.join(ROOT, ".cache", "bin")
+    promtool = shutil.which("promtool", path=cached) or shutil.which("promtool")
     if not promtool:
-        sys.exit("check-monitoring: promtool is missing (Debian's prometheus package): run make deps")
+        sys.exit("check-monitoring: promtool is missing: run make deps (it unpacks it into .cache/bin)")
     failed = False
     with tempfile.TemporaryDirectory(prefix="segment-sync-monitoring.") as tmp:
         rules = os.path.join(tmp, "rules.yaml")

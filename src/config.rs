@@ -1,4 +1,4 @@
-//! The worker's configuration: the TOML file of DESIGN.md, `SEGMENT_SYNC_<SECTION>_<KEY>`
+//! The worker's configuration: the TOML file of docs/design.md, `SEGMENT_SYNC_<SECTION>_<KEY>`
 //! environment overrides, `BRAZE_API_KEY`, and validation that names the key and the fix.
 
 use std::collections::BTreeMap;
@@ -503,9 +503,9 @@ const SECRET_PROPERTY_MARKERS: &[&str] = &[
 /// Whether loading must find a Braze API key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyRequirement {
-    /// `run`: the worker cannot talk to Braze without one.
+    /// `run` and `check-config`: the worker cannot talk to Braze without one.
     Required,
-    /// `check-config`, `replay --dry-run`: nothing is sent to Braze.
+    /// `replay --dry-run`, `produce`: nothing is sent to Braze.
     Optional,
 }
 
@@ -526,10 +526,11 @@ impl std::fmt::Display for Problem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read the configuration file {}: {source}", path.display())]
+    #[error("cannot read the configuration file {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        // Named in the message, so not a `source()`: `{:#}` would print it twice.
+        error: std::io::Error,
     },
     #[error("{origin} is not valid TOML: {message}")]
     Syntax { origin: String, message: String },
@@ -595,9 +596,9 @@ impl Config {
 
     /// [`Config::load`] for commands that may run without an API key.
     pub fn load_with(path: &Path, key: KeyRequirement) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let env = process_env()?;
         Config::parse(&text, env, key, &path.display().to_string())
@@ -984,11 +985,6 @@ impl Config {
             format!("https://{endpoint}")
         }
     }
-}
-
-/// `check-config`: loads without requiring an API key, returns the masked effective TOML.
-pub fn check_config(path: &Path) -> Result<String, ConfigError> {
-    Config::load_with(path, KeyRequirement::Optional).map(|c| c.to_masked_toml())
 }
 
 fn is_secret_property(name: &str) -> bool {
@@ -1850,7 +1846,7 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_key_fails_run_but_not_check_config() {
+    fn a_missing_key_fails_run_but_not_a_dry_run() {
         let e = Config::from_toml_str("", env(&[])).unwrap_err().to_string();
         assert!(
             e.contains("BRAZE_API_KEY") && e.contains("braze.api_key_file"),
@@ -1999,10 +1995,15 @@ mod tests {
     }
 
     #[test]
-    fn check_config_prints_the_masked_effective_file() {
+    fn the_loaded_file_prints_masked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("segment-sync.toml");
-        std::fs::write(&path, "[braze]\nbatch_size = 40\n").unwrap();
+        // The key from a file, so that the test holds whatever BRAZE_API_KEY the runner has.
+        let key = dir.path().join("key");
+        std::fs::write(&key, "k\n").unwrap();
+        let key_line = format!("api_key_file = {:?}\n", key.display().to_string());
+        std::fs::write(&path, format!("[braze]\nbatch_size = 40\n{key_line}")).unwrap();
+        let check_config = |path: &Path| Config::load(path).map(|c| c.to_masked_toml());
         let shown = check_config(&path).unwrap();
         assert!(shown.contains("batch_size = 40"), "{shown}");
         std::fs::write(&path, "[braze]\nbatch_size = 400\n").unwrap();
@@ -2012,6 +2013,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("absent.toml"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_names_the_os_error_once() {
+        let path = std::path::PathBuf::from("/nonexistent/segment-sync.toml");
+        let e = Config::load(&path).unwrap_err();
+        // As main prints it: the message and its sources.
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert!(shown.contains("/nonexistent/segment-sync.toml"), "{shown}");
+        assert_eq!(shown.matches("os error 2").count(), 1, "{shown}");
     }
 }
 

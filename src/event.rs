@@ -49,7 +49,7 @@ impl AttrValue<'_> {
     }
 }
 
-/// `SegmentMembershipChange`, as DESIGN.md defines it.
+/// `SegmentMembershipChange`, as docs/design.md defines it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event<'a> {
     pub event_id: Cow<'a, str>,

@@ -21,7 +21,7 @@ pub mod window;
 pub mod recent;
 /// Cache hints that let the window's memory waits overlap across a burst of events.
 pub mod prefetch;
-/// Pure: the Braze mapping of DESIGN.md: flushed users → attributes objects of a request.
+/// Pure: the Braze mapping of docs/design.md: flushed users → attributes objects of a request.
 pub mod mapping;
 /// Braze: HTTP client, response classification, pacing, retries and splitting.
 pub mod braze;
@@ -47,6 +47,8 @@ pub mod health;
 pub mod server;
 /// `tracing` set-up: human-readable on a terminal, JSON otherwise.
 pub mod logging;
+/// How errors are written: a message names its cause, which is not also a `source()`.
+mod error;
 
 /// Not the pipeline: the simulator, the generator and producer, the demo.
 pub mod tools;

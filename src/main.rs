@@ -30,17 +30,26 @@ struct Cli {
     command: Command,
 }
 
+/// `--config`, the same for every command that reads one.
+#[derive(clap::Args)]
+struct ConfigFile {
+    /// The configuration file (TOML); SEGMENT_SYNC_<SECTION>_<KEY> variables override its
+    /// keys, and BRAZE_API_KEY gives the API key.
+    #[arg(long = "config", env = "SEGMENT_SYNC_CONFIG", value_name = "FILE")]
+    path: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker as a member of the consumer group.
     Run {
-        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Backfill: replay the topic from a point in a group of its own, until caught up.
     Replay {
-        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         #[command(flatten)]
         args: replay::ReplayArgs,
     },
@@ -50,16 +59,16 @@ enum Command {
     BrazeSim(sim::SimArgs),
     /// Write sample CDP segment changes into the configured topic.
     Produce {
-        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         #[command(flatten)]
         args: produce::ProduceArgs,
     },
     /// Read users back from Braze and compare them with the log's last writes: exit 0 in
     /// sync, 3 when drift was found (one NDJSON line per user on stdout).
     Verify {
-        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         #[command(flatten)]
         args: segment_sync::verify::VerifyArgs,
     },
@@ -67,15 +76,16 @@ enum Command {
     /// against the last applied run: ENTERED / EXITED changes, exactly once. Exit 0 applied
     /// or nothing to do, 1 refused, 2 error.
     Snapshot {
-        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
         #[command(flatten)]
         args: segment_sync::snapshot::SnapshotArgs,
     },
-    /// Validate the configuration and print the effective one, secrets masked.
+    /// Load the configuration as `run` does and refuse what `run` would refuse at start (exit
+    /// 2, the same message); else print the effective configuration, secrets masked.
     CheckConfig {
-        #[arg(long, env = "SEGMENT_SYNC_CONFIG")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
 }
 
@@ -110,7 +120,7 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
-            let cfg = Config::load(&config)?;
+            let cfg = Config::load(&config.path)?;
             let summary = worker(cfg, RunOptions::live(stop_on_signal())).await?;
             tracing::info!(
                 consumed = summary.consumed,
@@ -126,7 +136,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 KeyRequirement::Required
             };
-            let cfg = Config::load_with(&config, key)?;
+            let cfg = Config::load_with(&config.path, key)?;
             let start = replay::parse_from(&args.from)?;
             let progress = Arc::new(Progress::default());
             let options = RunOptions {
@@ -168,29 +178,26 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Produce { config, args } => {
-            let cfg = Config::load_with(&config, KeyRequirement::Optional)?;
+            let cfg = Config::load_with(&config.path, KeyRequirement::Optional)?;
             let summary = produce::run(&cfg, &args).await?;
             println!("{summary}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { config, args } => {
             // Exporting needs the key even when a dry run sends nothing.
-            let cfg = Config::load_with(&config, KeyRequirement::Required)?;
+            let cfg = Config::load_with(&config.path, KeyRequirement::Required)?;
             let summary = segment_sync::verify::command(cfg, &args, stop_on_signal()).await?;
             eprintln!("{summary}");
             Ok(ExitCode::from(summary.exit_code()))
         }
-        Command::Snapshot { config, args } => snapshot(config, args).await,
-        Command::CheckConfig { config } => match segment_sync::config::check_config(&config) {
-            Ok(text) => {
-                println!("{text}");
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                Ok(ExitCode::from(2))
-            }
-        },
+        Command::Snapshot { config, args } => snapshot(config.path, args).await,
+        Command::CheckConfig { config } => {
+            // `run`'s own checks, in its order; an error takes the same way out (exit 2).
+            let cfg = Config::load(&config.path)?;
+            pipeline::preflight(&cfg, &cfg.kafka.group_id, true)?;
+            println!("{}", cfg.to_masked_toml());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Flushed users → Braze attributes objects, following DESIGN.md's mapping.
+//! Flushed users → Braze attributes objects, following docs/design.md's mapping.
 //!
 //! Pure. Each object is serialised once, here, into its own `Bytes`: the Braze client joins
 //! them into a request body and, when it has to split a request, re-joins halves without

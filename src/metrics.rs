@@ -1,4 +1,4 @@
-//! Prometheus metrics of DESIGN.md. One registry per worker instance (not the global one), so
+//! Prometheus metrics of docs/design.md. One registry per worker instance (not the global one), so
 //! several workers can run in one test process and each be checked on its own.
 
 use prometheus::{

@@ -1,5 +1,5 @@
 //! `segment-sync replay`: a backfill beside the live group. Reads from a chosen point under a
-//! group of its own, and exits once caught up with the log (DESIGN.md: after a flush Braze
+//! group of its own, and exits once caught up with the log (docs/design.md: after a flush Braze
 //! acknowledged, the end offsets had not moved past what replay consumed), so the live
 //! group's next write for any user is newer than the replay's last one.
 

@@ -4,7 +4,7 @@
 //! It knows nothing of Kafka or HTTP: a record's position is an opaque `P` that comes back out
 //! of the window when the record is settled (delivered, superseded, dropped).
 //!
-//! Memory is what the hot path is designed around (DESIGN.md: ≤ 300 bytes a pending user):
+//! Memory is what the hot path is designed around (docs/design.md: ≤ 300 bytes a pending user):
 //! users live in a slab indexed by `u32`, found through a `HashTable<u32>` that hashes the
 //! slab's own key (no second copy of the identifier), segment ids are interned to `u32`, and
 //! the usual user with one pending change holds it inline.
@@ -21,7 +21,7 @@ use smallvec::SmallVec;
 
 use crate::event::{AttrValue, Change, Event, Identity};
 
-/// Last-write-wins order of DESIGN.md: (sequence, occurred_at, partition, offset).
+/// Last-write-wins order of docs/design.md: (sequence, occurred_at, partition, offset).
 /// A missing sequence is `i64::MIN`, so it sorts before every present one, as `None` would.
 /// Nothing bounds a sequence (it is the source's own order), so a wrong huge one wins until
 /// `delivered` forgets it; see `Event::sequence`. A far-future `occurred_at` is refused
@@ -191,7 +191,7 @@ impl Packed for Sent {
 }
 
 /// One (user, segment) change waiting to be flushed, in 48 bytes with a `Position` so that
-/// three fit in the slot itself (DESIGN.md: ≤ 300 bytes a pending user with three changes).
+/// three fit in the slot itself (docs/design.md: ≤ 300 bytes a pending user with three changes).
 /// The order is kept field by field, not as an `Order` (whose padding would not be shared),
 /// and the change rides in the segment index's low bit.
 #[derive(Clone, Copy)]
@@ -285,7 +285,7 @@ fn attrs<P>(more: &Option<Box<More<P>>>) -> &[PendingAttr<P>] {
     more.as_deref().map_or(&[], |m| &m.attrs)
 }
 
-/// Changes a slot holds without a heap allocation: DESIGN.md's pending user has up to three.
+/// Changes a slot holds without a heap allocation: docs/design.md's pending user has up to three.
 const INLINE_CHANGES: usize = 3;
 
 /// How many events ahead of the one being admitted a caller calls `Window::prefetch` (and
@@ -463,7 +463,7 @@ const MAX_ENTRIES_PER_USER: usize = 256;
 /// What a pending change or attribute costs beyond its slot, as `max_pending_bytes` counts.
 const CHANGE_BYTES: usize = std::mem::size_of::<PendingChange<[u64; 2]>>();
 
-// Three changes inline are what keeps a pending user under DESIGN.md's 300 bytes.
+// Three changes inline are what keeps a pending user under docs/design.md's 300 bytes.
 const _: () = assert!(CHANGE_BYTES == 48);
 
 fn attr_bytes(name: &str, value: &AttrValue<'_>) -> usize {

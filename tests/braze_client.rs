@@ -293,7 +293,7 @@ async fn unreachable_braze_is_retried_and_reported() {
     task.abort();
 }
 
-/// DESIGN.md: against a limit of R requests/s, ≥ 90% of R used with < 1% answered 429.
+/// docs/design.md: against a limit of R requests/s, ≥ 90% of R used with < 1% answered 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pacing_keeps_close_to_the_limit_without_429s() {
     const LIMIT: u32 = 200;

@@ -95,7 +95,7 @@ fn uncommitted(cluster: &dyn Cluster, group: &str, topic: &str) -> (Vec<i64>, i6
 // Producing.
 
 /// `misordered`: exact repeats and changes delivered after a newer one. A worker drops those
-/// only while it remembers the newer change (DESIGN.md: per-key order is the upstream's
+/// only while it remembers the newer change (docs/design.md: per-key order is the upstream's
 /// promise), so streams that a restart, a kill or a partition move cuts in two must not
 /// carry them: the process after the cut would rightly apply an old change.
 fn generator(users: usize, seed: u64, misordered: bool) -> Generator {
@@ -659,7 +659,7 @@ fn sigterm_while_braze_is_slow_exits_within_the_drain_deadline_having_committed_
     );
 }
 
-/// DESIGN.md: on shutdown, wait for in-flight requests "bounded by a deadline". The process
+/// docs/design.md: on shutdown, wait for in-flight requests up to a deadline. The process
 /// must be gone soon after `drain_timeout_ms`, not after a second drain of the same length.
 #[test]
 fn sigterm_exits_soon_after_the_drain_deadline_even_with_work_left() {

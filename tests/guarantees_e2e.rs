@@ -1,5 +1,5 @@
 //! End to end, the built binary on the real Apache Kafka broker: the guarantees of
-//! DESIGN.md that operators reported broken, each checked the way a user would check it
+//! docs/design.md that operators reported broken, each checked the way a user would check it
 //! (the simulator's final profiles against last write wins computed from the produced
 //! records alone, committed offsets, exit codes and stderr, the dead-letter topic).
 //!
@@ -43,8 +43,8 @@ use support::worker::{dlq_origin, header, produce_with, read_all};
 // Wording users rely on.
 
 /// The header a dead-letter record that goes without its value carries to say why
-/// (DESIGN.md: "dead-lettered without its value, with its coordinates and a header saying
-/// why").
+/// (docs/design.md: dead-lettered without its value, with its coordinates and a header saying
+/// why).
 const VALUE_MISSING_HEADER: &str = segment_sync::dlq::HEADER_VALUE_OMITTED;
 
 /// A replay stopped (SIGTERM) before it caught up says so on stderr, with where it stopped.
@@ -402,9 +402,9 @@ fn apply_ndjson(text: &str) -> Result<BTreeMap<String, Map<String, Value>>, Stri
 // ---------------------------------------------------------------------------------------
 // 1. The same backfill, again and again.
 
-/// DESIGN.md: "Every run starts where it is told, however often the same backfill is run
+/// docs/design.md: Every run starts where it is told, however often the same backfill is run
 /// (offsets its group committed in an earlier run never cut it short); a dry run commits
-/// nothing".
+/// nothing.
 #[test]
 fn replay_can_be_run_again_after_a_dry_run() {
     let topic = "g-replay-again";
@@ -504,7 +504,7 @@ fn replay_can_be_run_again_after_a_dry_run() {
 // ---------------------------------------------------------------------------------------
 // 2. More replay members than partitions.
 
-/// DESIGN.md: "caught up covers every partition of the replayed topics". Three members of
+/// docs/design.md: caught up covers every partition of the replayed topics. Three members of
 /// the same backfill on two partitions: one holds nothing, and the partitions are very
 /// unequal, so the member holding the small one is done long before the other. Each must
 /// exit 0 only once the whole backfill is in Braze, and together they deliver every user.
@@ -797,9 +797,9 @@ fn replay_until_start_on_a_transactional_topic_finishes() {
 /// the Connect headers is over the worker's producer limit.
 const OVERSIZED_VALUE: usize = 999_800;
 
-/// DESIGN.md: "Only a record Kafka no longer has (retention) or can never take (over
+/// docs/design.md: Only a record Kafka no longer has (retention) or can never take (over
 /// `message.max.bytes`) is dead-lettered without its value, with its coordinates and a
-/// header saying why; nothing wedges the worker."
+/// header saying why; nothing wedges the worker.
 #[test]
 fn oversized_dead_letter_record_does_not_wedge_the_worker() {
     let topic = "g-dlq-oversized";
@@ -1027,8 +1027,8 @@ fn ready(w: &Worker) -> bool {
         .is_ok_and(|r| r.status().is_success())
 }
 
-/// DESIGN.md: "An event older than what was already delivered for the same (user, segment)
-/// is dropped as stale". A partition moving to a new member must not make the old member
+/// docs/design.md: An event older than what was already delivered for the same (user, segment)
+/// is dropped as stale. A partition moving to a new member must not make the old member
 /// forget what it delivered on the partitions it keeps: a change older than that, arriving
 /// on a kept partition, is stale. (The moved partition's new owner has no memory of it, so
 /// its users may end either way.)

@@ -462,12 +462,15 @@ fn every_example_passes_check_config() {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_segment-sync"));
         cmd.args(["check-config", "--config"])
             .arg(root().join(file));
-        // As on an operator's machine: nothing set but what the file says.
+        // As on an operator's machine: nothing set but what the file says, and the API key
+        // that the file leaves to the environment (check-config refuses to go without one,
+        // as `run` does).
         for (name, _) in std::env::vars() {
             if name.starts_with(ENV_PREFIX) || name == API_KEY_ENV {
                 cmd.env_remove(name);
             }
         }
+        cmd.env(API_KEY_ENV, "example-key");
         let out = cmd.output().expect("run segment-sync");
         assert!(
             out.status.success(),
@@ -618,4 +621,75 @@ fn each_partition_is_reported_by_its_owner_alone_with_the_time_its_commit_moved(
     }
     a.stop();
     b.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// make deps (scripts/install-deps.sh)
+
+/// The script's code lines, comments left out.
+fn install_deps_code() -> Vec<String> {
+    read("scripts/install-deps.sh")
+        .lines()
+        .map(|l| l.split(" #").next().unwrap_or("").trim().to_string())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+/// The Debian packages the script may install: every `need+=(...)`.
+fn install_deps_packages() -> Vec<String> {
+    install_deps_code()
+        .iter()
+        .filter_map(|l| l.split_once("need+=(").map(|(_, rest)| rest))
+        .flat_map(|rest| {
+            rest.split(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn make_deps_never_installs_or_enables_a_prometheus_server() {
+    let code = install_deps_code();
+    let packages = install_deps_packages();
+    assert!(packages.len() >= 7, "{packages:?}");
+    assert!(
+        !packages.iter().any(|p| p.contains("prometheus")),
+        "{packages:?}"
+    );
+    for line in &code {
+        assert!(!line.contains("systemctl"), "install-deps.sh: {line}");
+        if line.contains("apt-get install") {
+            assert!(
+                line.contains("\"${need[@]}\"") && !line.contains("prometheus"),
+                "install-deps.sh installs only the need list: {line}"
+            );
+        }
+    }
+    // promtool alone comes out of the package's archive, into the directory lint looks in.
+    let text = code.join("\n");
+    assert!(text.contains("apt-get download"), "{text}");
+    assert!(text.contains("dpkg-deb -x"), "{text}");
+    assert!(text.contains("usr/bin/promtool"), "{text}");
+    assert!(text.contains(".cache/bin"), "{text}");
+    let check = read("scripts/check-monitoring.py");
+    assert!(check.contains("\".cache\", \"bin\""), "check-monitoring.py");
+}
+
+#[test]
+fn the_readme_lists_what_make_deps_installs() {
+    let readme = read("README.md");
+    for package in install_deps_packages() {
+        assert!(
+            readme.contains(&format!("`{package}`")),
+            "README does not say that make deps may install `{package}`"
+        );
+    }
+    assert!(
+        readme.contains("`.cache/bin/promtool`"),
+        "README: where make deps puts promtool"
+    );
 }

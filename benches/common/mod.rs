@@ -1,5 +1,5 @@
 //! Shared by the benchmark binaries: pre-generated payloads, CPU time, and the verdicts
-//! that make `make bench` fail when a DESIGN.md target is missed.
+//! that make `make bench` fail when a docs/design.md target is missed.
 
 #![allow(dead_code)]
 

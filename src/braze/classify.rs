@@ -1,4 +1,4 @@
-//! Pure: one Braze `/users/track` answer → what the client does next (DESIGN.md's
+//! Pure: one Braze `/users/track` answer → what the client does next (docs/design.md's
 //! "Braze responses" table). No HTTP types here, so every row is unit-tested.
 
 use serde_json::Value;

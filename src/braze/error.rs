@@ -13,6 +13,10 @@ pub enum BrazeError {
     InvalidEndpoint { endpoint: String, why: &'static str },
     #[error("braze.ca_file = {file:?} {why}")]
     CaFile { file: String, why: String },
-    #[error("cannot build the HTTP client for Braze: {0}")]
-    Http(#[from] reqwest::Error),
+    // reqwest's message leaves its cause out, so the message spells the chain out itself
+    // rather than returning it as a `source()` (see crate::error).
+    #[error("cannot build the HTTP client for Braze: {}", crate::error::with_causes(.0))]
+    Http(reqwest::Error),
 }
+
+crate::error::from_cause!(BrazeError::Http, reqwest::Error);

@@ -66,9 +66,9 @@ pub mod fuzzing {
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("invalid JSON event: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     #[error("invalid Avro body: {0}")]
-    Avro(#[from] AvroError),
+    Avro(AvroError),
     #[error("not in the Confluent wire format: {0}")]
     WireFormat(String),
     #[error("schema id {0} is not in the schema registry")]
@@ -80,6 +80,10 @@ pub enum DecodeError {
     #[error("the avro-confluent format needs a schema registry")]
     NoRegistry,
 }
+
+// Each message above names its cause, so none is also a `source()` (see crate::error).
+crate::error::from_cause!(DecodeError::Json, serde_json::Error);
+crate::error::from_cause!(DecodeError::Avro, AvroError);
 
 impl DecodeError {
     /// True for faults of the environment (registry unreachable, 5xx, misconfigured, a URL

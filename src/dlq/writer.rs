@@ -1,5 +1,5 @@
 //! Writes dead-letter records to Kafka and reports what became of each one, so that the
-//! pipeline settles a record's offset only once its copy is acknowledged (DESIGN.md: a
+//! pipeline settles a record's offset only once its copy is acknowledged (docs/design.md: a
 //! rejected record holds the watermark until its dead-letter write is acknowledged).
 //!
 //! A record Kafka can never take (over the producer's `message.max.bytes` or the topic's
@@ -101,7 +101,14 @@ pub struct DlqWriter {
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot create the dead-letter producer: {0}")]
-pub struct DlqWriterError(#[from] KafkaError);
+pub struct DlqWriterError(KafkaError);
+
+// The message names the cause, so it is not also a `source()` (see crate::error).
+impl From<KafkaError> for DlqWriterError {
+    fn from(cause: KafkaError) -> Self {
+        DlqWriterError(cause)
+    }
+}
 
 impl DlqWriter {
     pub fn new(cfg: &Config, notify: Notify) -> Result<DlqWriter, DlqWriterError> {

@@ -149,23 +149,30 @@ impl std::fmt::Display for RunSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("kafka: {context}: {source}")]
+    #[error("kafka: {context}: {error}")]
     Kafka {
         context: &'static str,
-        source: KafkaError,
+        error: KafkaError,
     },
     #[error("braze client: {0}")]
-    Braze(#[from] crate::braze::BrazeError),
+    Braze(crate::braze::BrazeError),
     #[error("decoder: {0}")]
-    Decode(#[from] crate::decode::DecodeError),
+    Decode(crate::decode::DecodeError),
     #[error("dead-letter producer: {0}")]
-    Dlq(#[from] crate::dlq::DlqWriterError),
+    Dlq(crate::dlq::DlqWriterError),
     #[error("schema registry: {0}")]
-    Registry(#[from] crate::decode::RegistrySetupError),
+    Registry(crate::decode::RegistrySetupError),
 }
 
+// Each message above names its cause, so none is also a `source()` (thiserror's `#[from]`
+// would make it one, and `{:#}` at the edge would then print the cause twice).
+crate::error::from_cause!(PipelineError::Braze, crate::braze::BrazeError);
+crate::error::from_cause!(PipelineError::Decode, crate::decode::DecodeError);
+crate::error::from_cause!(PipelineError::Dlq, crate::dlq::DlqWriterError);
+crate::error::from_cause!(PipelineError::Registry, crate::decode::RegistrySetupError);
+
 fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> PipelineError {
-    move |source| PipelineError::Kafka { context, source }
+    move |error| PipelineError::Kafka { context, error }
 }
 
 /// How long the shutdown waits, after the drain, for dead-letter writes librdkafka still
@@ -175,6 +182,26 @@ pub const DEAD_LETTER_FLUSH: Duration = Duration::from_secs(5);
 /// Records polled between two services, and rounds of them taken before servicing again.
 const BURST: usize = 64;
 const ROUNDS: usize = 8;
+
+/// What `run` refuses at start before any client is made: the Braze key and endpoint as a
+/// request would carry them (`to_braze`: not for a dry run, which sends nothing), and
+/// librdkafka's acceptance of every property for the dead-letter producer and the consumer.
+/// `check-config` runs it after the same [`Config::load`], so that both refuse a
+/// configuration with the same message. Files that only clients read (the schema registry's
+/// TLS files, librdkafka's `ssl.*.location`) are left to start-up: a file meant for a pod's
+/// mounts can be checked anywhere.
+pub fn preflight(cfg: &Config, group_id: &str, to_braze: bool) -> Result<(), PipelineError> {
+    if to_braze {
+        crate::braze::Access::from_config(&cfg.braze)?;
+    }
+    crate::kafka::dead_letter_producer_config(cfg)
+        .create_native_config()
+        .map_err(crate::dlq::DlqWriterError::from)?;
+    consumer_config(cfg, group_id)
+        .create_native_config()
+        .map_err(kafka("creating the consumer"))?;
+    Ok(())
+}
 
 /// Runs the worker on the calling thread until `opts.until` or `opts.stop`. Call it from a
 /// plain thread, not a tokio worker: it blocks, and the schema registry client is blocking.
@@ -190,6 +217,7 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| cfg.kafka.group_id.clone());
     let dry_run = opts.dry_run.take();
+    preflight(cfg, &group_id, dry_run.is_none())?;
     let worker = Arc::new(Mutex::new(Worker::assemble(
         cfg, &opts, dry_run, &group_id, &metrics, &health, rt,
     )?));

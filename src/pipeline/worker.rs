@@ -529,7 +529,7 @@ impl Worker {
     }
 
     /// Stop taking records, flush, wait for what is in flight (bounded), commit, stop what
-    /// is left: the shutdown order of DESIGN.md.
+    /// is left: the shutdown order of docs/design.md.
     pub fn shut_down(&mut self, consumer: &GroupConsumer, caught_up: bool) -> RunSummary {
         if let Ok(assignment) = consumer.assignment() {
             let _ = consumer.pause(&assignment);

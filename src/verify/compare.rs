@@ -1,5 +1,5 @@
 //! Pure: one user's profile as Braze exports it, judged against the log's last writes under
-//! the configured mapping (DESIGN.md: boolean or array mode, the attribute prefix, the
+//! the configured mapping (docs/design.md: boolean or array mode, the attribute prefix, the
 //! exited value).
 //!
 //! Only what the mapping writes is judged. A segment attribute the log does not name for the

@@ -33,7 +33,7 @@ const REGISTRY_RETRY: Duration = Duration::from_secs(1);
 pub type Offsets = HashMap<TopicPartition, i64>;
 
 fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> VerifyError {
-    move |source| VerifyError::Kafka { context, source }
+    move |error| VerifyError::Kafka { context, error }
 }
 
 /// What one read did.

@@ -136,21 +136,21 @@ pub enum VerifyError {
     Args(String),
     #[error(transparent)]
     Sample(#[from] SampleError),
-    #[error("kafka: {context}: {source}")]
+    #[error("kafka: {context}: {error}")]
     Kafka {
         context: &'static str,
-        source: KafkaError,
+        error: KafkaError,
     },
     #[error("topic {topic}: {message}")]
     Topic { topic: String, message: String },
     #[error("decoder: {0}")]
-    Decode(#[from] crate::decode::DecodeError),
+    Decode(crate::decode::DecodeError),
     #[error("braze client: {0}")]
-    Braze(#[from] crate::braze::BrazeError),
+    Braze(crate::braze::BrazeError),
     #[error("braze export: {0}")]
-    Export(#[from] ExportError),
+    Export(ExportError),
     #[error("dead-letter producer: {0}")]
-    Dlq(#[from] crate::dlq::DlqWriterError),
+    Dlq(crate::dlq::DlqWriterError),
     #[error(
         "only {written} of {queued} dead-letter records of rejected repairs were acknowledged"
     )]
@@ -158,11 +158,11 @@ pub enum VerifyError {
     #[error("writing the report: {0}")]
     Output(std::io::Error),
     #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    #[error("server.listen = {listen:?}: cannot listen: {source}")]
+    Metrics(prometheus::Error),
+    #[error("server.listen = {listen:?}: cannot listen: {error}")]
     Listen {
         listen: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the verify thread ended without an answer")]
     Thread,
@@ -170,6 +170,13 @@ pub enum VerifyError {
     #[error("stopped")]
     Stopped,
 }
+
+// Each message above names its cause, so none is also a `source()` (see crate::error).
+crate::error::from_cause!(VerifyError::Decode, crate::decode::DecodeError);
+crate::error::from_cause!(VerifyError::Braze, crate::braze::BrazeError);
+crate::error::from_cause!(VerifyError::Export, ExportError);
+crate::error::from_cause!(VerifyError::Dlq, crate::dlq::DlqWriterError);
+crate::error::from_cause!(VerifyError::Metrics, prometheus::Error);
 
 #[cfg(test)]
 mod tests {

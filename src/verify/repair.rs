@@ -155,10 +155,10 @@ pub fn dead_letter_rejected(
         }),
     )?;
     let fetcher =
-        Fetcher::new(cfg, &format!("{}.verify", cfg.kafka.group_id)).map_err(|source| {
+        Fetcher::new(cfg, &format!("{}.verify", cfg.kafka.group_id)).map_err(|error| {
             VerifyError::Kafka {
                 context: "creating the re-reader",
-                source,
+                error,
             }
         })?;
     let mut queued = 0usize;

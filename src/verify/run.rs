@@ -58,9 +58,9 @@ pub async fn command(
     let server = if args.metrics {
         let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
             .await
-            .map_err(|source| VerifyError::Listen {
+            .map_err(|error| VerifyError::Listen {
                 listen: cfg.server.listen.clone(),
-                source,
+                error,
             })?;
         Some(tokio::spawn(crate::server::serve(
             listener,

@@ -99,6 +99,7 @@ pub struct SimArgs {
     /// Requests per window (Braze's default for /users/track: 3000 per 3 s); 0 = unlimited.
     #[arg(long, default_value_t = 3000)]
     pub rate_limit: u32,
+    /// The window `--rate-limit` counts requests in, in seconds
     #[arg(long, default_value_t = 3)]
     pub rate_window_secs: u64,
     /// Added to every processed request.
