@@ -1217,7 +1217,13 @@ impl Schema {
                 ),
             });
         }
-        let property = name.to_ascii_lowercase().replace('_', ".");
+        // librdkafka's names are dotted; the object store's (`azure_storage_account_key`)
+        // keep their underscores.
+        let property = if (section, key) == ("snapshot", "storage") {
+            name.to_ascii_lowercase()
+        } else {
+            name.to_ascii_lowercase().replace('_', ".")
+        };
         let table = section_table(doc, section);
         let entry = table
             .entry(key.to_string())
@@ -1398,6 +1404,31 @@ mod tests {
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.braze.batch_size, 75);
         assert_eq!(c.server.listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn snapshot_keys_default_from_the_topics_and_storage_secrets_are_masked() {
+        let c = Config::from_toml_str_with(
+            "[kafka]\ntopics = [\"t\"]\ndlq_topic = \"t.dlq\"\n\n[snapshot.storage]\n\
+             azure_storage_account_name = \"acct\"\n",
+            env(&[("SEGMENT_SYNC_SNAPSHOT_STORAGE_AZURE_STORAGE_ACCOUNT_KEY", "s3cr3t")]),
+            KeyRequirement::Optional,
+        )
+        .unwrap();
+        assert_eq!(c.snapshot.changes_topic(&c.kafka).as_deref(), Some("t"));
+        assert_eq!(c.snapshot.state_topic_for(&c.kafka).as_deref(), Some("t.snapshots"));
+        assert_eq!(c.snapshot.storage["azure_storage_account_key"], "s3cr3t");
+        let shown = c.to_masked_toml();
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("acct"), "{shown}");
+        assert!(!format!("{:?}", c.snapshot).contains("s3cr3t"));
+        let e = err(
+            "[kafka]\ntopics = [\"t\"]\ndlq_topic = \"t.dlq\"\n[snapshot]\nstate_topic = \"t\"\n",
+            &[],
+        );
+        assert!(e.contains("snapshot.state_topic"), "{e}");
+        let e = err("[snapshot]\ntransaction_records = 0\n", &[]);
+        assert!(e.contains("snapshot.transaction_records"), "{e}");
     }
 
     #[test]
