@@ -335,6 +335,16 @@ fn an_incomplete_run_and_a_mass_exit_are_refused_and_write_nothing() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--force"), "{err}");
     assert_eq!(case.changes().len(), before);
+    // A dry run shows what --force would write, and writes nothing.
+    let (code, out, err) = case.snapshot("seg-a", &run4, &["--force", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    let counts: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!((counts["members"].as_u64(), counts["exited"].as_u64()), (Some(5), Some(15)), "{out}");
+    let shown: Vec<Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(shown.len(), 15, "{out}");
+    assert!(shown.iter().all(|c| c["change"] == "EXITED"), "{out}");
+    assert_eq!(case.changes().len(), before);
     let (code, _, err) = case.snapshot("seg-a", &run4, &["--force"]);
     assert_eq!(code, 0, "{err}");
     let after = case.changes();
