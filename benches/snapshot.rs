@@ -33,7 +33,14 @@ const MAX_RSS_MB_10M: f64 = 500.0;
 
 fn customer_id(i: u64) -> String {
     // A UUID-shaped id, as Customer Insights' unified CustomerId is.
-    format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", i.wrapping_mul(2_654_435_761) as u32, i % 65_536, i % 4096, (i / 7) % 4096, i)
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        i.wrapping_mul(2_654_435_761) as u32,
+        i % 65_536,
+        i % 4096,
+        (i / 7) % 4096,
+        i
+    )
 }
 
 /// `<export>/Members/<stamp>/Members_<n>.csv` for members `0..n`, and model.json listing them.
@@ -43,7 +50,10 @@ fn write_run(export: &Path, stamp: &str, n: u64, parts: u64) -> PathBuf {
     let mut partitions = Vec::new();
     for p in 0..parts {
         let name = format!("Members_{}.csv", p + 1);
-        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(run.join(&name)).unwrap());
+        let mut f = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(run.join(&name)).unwrap(),
+        );
         if p == 0 {
             writeln!(f, "CustomerId,FirstName").unwrap();
         }
@@ -64,7 +74,11 @@ fn write_run(export: &Path, stamp: &str, n: u64, parts: u64) -> PathBuf {
             "attributes": [{"name": "CustomerId", "dataType": "string"}, {"name": "FirstName", "dataType": "string"}],
             "partitions": partitions}]
     });
-    std::fs::write(export.join("model.json"), serde_json::to_vec(&model).unwrap()).unwrap();
+    std::fs::write(
+        export.join("model.json"),
+        serde_json::to_vec(&model).unwrap(),
+    )
+    .unwrap();
     run
 }
 
@@ -82,10 +96,16 @@ fn produce_state(brokers: &str, topic: &str, segment: &str, n: u64) {
     for i in 0..n {
         let user = customer_id(i);
         digest.add(&user);
-        let m = Member { user, by: By::ExternalId, email: None };
+        let m = Member {
+            user,
+            by: By::ExternalId,
+            email: None,
+        };
         let key = state::member_key(segment, &m.user);
         let value = state::member_value("2026/12/03/0300", &m);
-        let mut record = BaseRecord::<[u8], [u8]>::to(topic).key(&key).payload(&value);
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic)
+            .key(&key)
+            .payload(&value);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -102,14 +122,20 @@ fn produce_state(brokers: &str, topic: &str, segment: &str, n: u64) {
     }
     let applied = Applied {
         run: "2026/12/03/0300".into(),
-        time_ms: chrono::DateTime::parse_from_rfc3339("2026-12-03T03:00:00Z").unwrap().timestamp_millis(),
+        time_ms: chrono::DateTime::parse_from_rfc3339("2026-12-03T03:00:00Z")
+            .unwrap()
+            .timestamp_millis(),
         members: digest.members,
         digest: digest.hex(),
     };
     let value = state::segment_value(&applied);
     let key = state::segment_key(segment);
     producer
-        .send(BaseRecord::<[u8], [u8]>::to(topic).key(&key).payload(&value))
+        .send(
+            BaseRecord::<[u8], [u8]>::to(topic)
+                .key(&key)
+                .payload(&value),
+        )
         .map_err(|(e, _)| e)
         .unwrap();
     producer.flush(Duration::from_secs(300)).unwrap();
@@ -134,7 +160,12 @@ fn snapshot(config: &Path, segment: &str, run: &Path) -> (i32, Duration, f64, St
     let elapsed = started.elapsed();
     let peak_kb = peak.join().unwrap();
     let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    (out.status.code().unwrap_or(-1), elapsed, peak_kb as f64 / 1024.0, text)
+    (
+        out.status.code().unwrap_or(-1),
+        elapsed,
+        peak_kb as f64 / 1024.0,
+        text,
+    )
 }
 
 fn main() {
@@ -164,22 +195,45 @@ fn main() {
     let second = write_run(&export, "2026/12/04/0300", 1_000_000, 4);
     let (code, took, rss, said) = snapshot(&config, "bench-1m", &second);
     assert_eq!(code, 0, "{said}");
-    assert!(said.contains("entered 0, exited 0, unchanged 1000000"), "{said}");
+    assert!(
+        said.contains("entered 0, exited 0, unchanged 1000000"),
+        "{said}"
+    );
     println!("next run, nothing changed: {took:.2?}, peak RSS {rss:.1} MB\n  {said}");
-    v.at_most("1,000,000 members diffed, nothing changed", took.as_secs_f64(), MAX_SECONDS_1M, "s");
+    v.at_most(
+        "1,000,000 members diffed, nothing changed",
+        took.as_secs_f64(),
+        MAX_SECONDS_1M,
+        "s",
+    );
     std::fs::remove_dir_all(dir.path().join("one-million")).unwrap();
 
     // 10,000,000 members.
     let n = 10_000_000;
     let started = Instant::now();
-    produce_state(&broker.bootstrap(), &format!("{topic}.snapshots"), "bench-10m", n);
-    println!("state of 10,000,000 members produced in {:.1?}", started.elapsed());
+    produce_state(
+        &broker.bootstrap(),
+        &format!("{topic}.snapshots"),
+        "bench-10m",
+        n,
+    );
+    println!(
+        "state of 10,000,000 members produced in {:.1?}",
+        started.elapsed()
+    );
     let export = dir.path().join("ten-million/CustomerInsights_b/e");
     let run = write_run(&export, "2026/12/04/0300", n, 8);
     let (code, took, rss, said) = snapshot(&config, "bench-10m", &run);
     assert_eq!(code, 0, "{said}");
     assert!(said.contains("unchanged 10000000"), "{said}");
-    println!("run of 10,000,000 members, nothing changed: {took:.1?}, peak RSS {rss:.1} MB\n  {said}");
-    v.at_most("peak resident memory, 10,000,000-member run", rss, MAX_RSS_MB_10M, "MB");
+    println!(
+        "run of 10,000,000 members, nothing changed: {took:.1?}, peak RSS {rss:.1} MB\n  {said}"
+    );
+    v.at_most(
+        "peak resident memory, 10,000,000-member run",
+        rss,
+        MAX_RSS_MB_10M,
+        "MB",
+    );
     v.finish();
 }

@@ -402,9 +402,7 @@ impl Default for SnapshotConfig {
 impl SnapshotConfig {
     /// The topic the changes go to: `snapshot.topic`, else the first of `kafka.topics`.
     pub fn changes_topic(&self, kafka: &KafkaConfig) -> Option<String> {
-        self.topic
-            .clone()
-            .or_else(|| kafka.topics.first().cloned())
+        self.topic.clone().or_else(|| kafka.topics.first().cloned())
     }
 
     /// The state topic: `snapshot.state_topic`, else `<changes topic>.snapshots`.
@@ -936,7 +934,8 @@ impl Config {
         if snap.topic.as_deref() == Some(self.kafka.dlq_topic.as_str()) {
             bad(
                 "snapshot.topic",
-                "snapshot.topic is kafka.dlq_topic: write the changes to a topic the worker reads".into(),
+                "snapshot.topic is kafka.dlq_topic: write the changes to a topic the worker reads"
+                    .into(),
             );
         }
         // Seam for issue 20 (`[source] shape`): once the worker can read a topic with another
@@ -1411,12 +1410,18 @@ mod tests {
         let c = Config::from_toml_str_with(
             "[kafka]\ntopics = [\"t\"]\ndlq_topic = \"t.dlq\"\n\n[snapshot.storage]\n\
              azure_storage_account_name = \"acct\"\n",
-            env(&[("SEGMENT_SYNC_SNAPSHOT_STORAGE_AZURE_STORAGE_ACCOUNT_KEY", "s3cr3t")]),
+            env(&[(
+                "SEGMENT_SYNC_SNAPSHOT_STORAGE_AZURE_STORAGE_ACCOUNT_KEY",
+                "s3cr3t",
+            )]),
             KeyRequirement::Optional,
         )
         .unwrap();
         assert_eq!(c.snapshot.changes_topic(&c.kafka).as_deref(), Some("t"));
-        assert_eq!(c.snapshot.state_topic_for(&c.kafka).as_deref(), Some("t.snapshots"));
+        assert_eq!(
+            c.snapshot.state_topic_for(&c.kafka).as_deref(),
+            Some("t.snapshots")
+        );
         assert_eq!(c.snapshot.storage["azure_storage_account_key"], "s3cr3t");
         let shown = c.to_masked_toml();
         assert!(!shown.contains("s3cr3t"), "{shown}");

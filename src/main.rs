@@ -209,24 +209,23 @@ async fn snapshot(
 ) -> anyhow::Result<ExitCode> {
     use segment_sync::snapshot;
     let cfg = Config::load_with(&config, KeyRequirement::Optional)?;
-    let schema_id = if cfg.kafka.format == segment_sync::config::Format::AvroConfluent
-        && !args.dry_run
-    {
-        let topic = cfg
-            .snapshot
-            .changes_topic(&cfg.kafka)
-            .context("no topic: set snapshot.topic or kafka.topics")?;
-        let registry = segment_sync::decode::RegistryClient::from_config(&cfg.kafka)?;
-        let subject = format!("{topic}-value");
-        tokio::task::spawn_blocking(move || {
-            registry.register(&subject, segment_sync::decode::SCHEMA)
-        })
-        .await
-        .context("registering the schema")?
-        .context("registering the schema of the changes")?
-    } else {
-        0
-    };
+    let schema_id =
+        if cfg.kafka.format == segment_sync::config::Format::AvroConfluent && !args.dry_run {
+            let topic = cfg
+                .snapshot
+                .changes_topic(&cfg.kafka)
+                .context("no topic: set snapshot.topic or kafka.topics")?;
+            let registry = segment_sync::decode::RegistryClient::from_config(&cfg.kafka)?;
+            let subject = format!("{topic}-value");
+            tokio::task::spawn_blocking(move || {
+                registry.register(&subject, segment_sync::decode::SCHEMA)
+            })
+            .await
+            .context("registering the schema")?
+            .context("registering the schema of the changes")?
+        } else {
+            0
+        };
     let progress = Arc::new(snapshot::Progress::default());
     let metrics = Arc::new(Metrics::new());
     let snap_metrics = Arc::new(segment_sync::metrics::SnapshotMetrics::register(

@@ -47,7 +47,9 @@ impl Case {
             ),
         )
         .unwrap();
-        let export = dir.path().join("exports/CustomerInsights_7f3a/braze-export");
+        let export = dir
+            .path()
+            .join("exports/CustomerInsights_7f3a/braze-export");
         Case {
             brokers: broker.bootstrap(),
             topic,
@@ -191,14 +193,18 @@ fn read_committed(brokers: &str, topic: &str) -> Vec<(String, Option<Vec<u8>>)> 
     }
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut pending: std::collections::BTreeSet<i32> = parts.into_iter().collect();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !pending.is_empty() {
-        assert!(Instant::now() < deadline, "reading {topic} did not reach its end");
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach its end"
+        );
         match consumer.poll(Duration::from_millis(100)) {
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 pending.remove(&p);
@@ -247,9 +253,10 @@ fn runs_become_entered_and_exited_changes_exactly_once() {
     let t1 = chrono::DateTime::parse_from_rfc3339("2026-12-03T03:00:00Z")
         .unwrap()
         .timestamp_millis();
-    assert!(first
-        .iter()
-        .all(|c| c.occurred_at == t1 && c.sequence == t1 && c.key == c.user && c.segment == "high-value"));
+    assert!(first.iter().all(|c| c.occurred_at == t1
+        && c.sequence == t1
+        && c.key == c.user
+        && c.segment == "high-value"));
 
     // Leavers 0..5, joiners 40..45.
     let run2 = case.write_run("2026/12/04/0300", &users(5..45), 2);
@@ -271,11 +278,7 @@ fn runs_become_entered_and_exited_changes_exactly_once() {
     // pick run 2, so the old run is given as a single file with its time.)
     let old = case.dir.path().join("old.csv");
     fs::write(&old, "CustomerId\ncust-0000\n").unwrap();
-    let (code, _, err) = case.snapshot(
-        "high-value",
-        &old,
-        &["--run-time", "2026-12-03T03:00:00Z"],
-    );
+    let (code, _, err) = case.snapshot("high-value", &old, &["--run-time", "2026-12-03T03:00:00Z"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not newer"), "{err}");
     assert_eq!(case.changes().len(), all.len());
@@ -340,7 +343,11 @@ fn an_incomplete_run_and_a_mass_exit_are_refused_and_write_nothing() {
     assert_eq!(code, 0, "{err}");
     let mut lines = out.lines();
     let counts: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
-    assert_eq!((counts["members"].as_u64(), counts["exited"].as_u64()), (Some(5), Some(15)), "{out}");
+    assert_eq!(
+        (counts["members"].as_u64(), counts["exited"].as_u64()),
+        (Some(5), Some(15)),
+        "{out}"
+    );
     let shown: Vec<Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(shown.len(), 15, "{out}");
     assert!(shown.iter().all(|c| c["change"] == "EXITED"), "{out}");
@@ -364,7 +371,10 @@ fn restate_resends_entered_with_new_ids_and_retire_exits_everyone() {
     let restated = &since(&first, &all);
     assert_eq!(count(restated, "ENTERED"), users(0..10));
     for r in restated {
-        assert!(first.iter().all(|f| f.event_id != r.event_id), "a new event id");
+        assert!(
+            first.iter().all(|f| f.event_id != r.event_id),
+            "a new event id"
+        );
     }
 
     let (code, _, err) = case.snapshot("seg-r", &run1, &["--retire"]);
@@ -430,7 +440,10 @@ fn a_run_killed_between_transactions_is_completed_by_the_next_invocation() {
         killed.dir.path(),
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !proc.stderr_tail(4096).contains("paused before committing transaction 3") {
+    while !proc
+        .stderr_tail(4096)
+        .contains("paused before committing transaction 3")
+    {
         assert!(Instant::now() < deadline, "{}", proc.report());
         assert!(proc.exited().is_none(), "{}", proc.report());
         std::thread::sleep(Duration::from_millis(50));
@@ -476,7 +489,11 @@ fn the_worker_delivers_the_snapshot_changes_to_braze() {
             assert_eq!(profiles.len(), 16, "{profiles:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "{profiles:?}\n{}", worker.proc.report());
+        assert!(
+            Instant::now() < deadline,
+            "{profiles:?}\n{}",
+            worker.proc.report()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     worker.proc.sigterm();
@@ -506,7 +523,12 @@ fn an_export_in_azure_blob_storage_is_read_through_the_object_store() {
 
     case.write_run("2026/12/03/0300", &users(0..20), 2);
     azurite.upload_tree("exports", &exports);
-    assert_eq!(azurite.list("exports").len(), 3, "{:?}", azurite.list("exports"));
+    assert_eq!(
+        azurite.list("exports").len(),
+        3,
+        "{:?}",
+        azurite.list("exports")
+    );
     let (code, err) = run(&[]);
     assert_eq!(code, 0, "{err}");
     let first = case.changes();

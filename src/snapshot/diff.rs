@@ -214,7 +214,12 @@ pub fn rfc3339(ms: i64) -> String {
 
 /// `None` when the run may go ahead; else why it is refused: more EXITED than `max_shrink`
 /// times the last run's members.
-pub fn shrink_refusal(exited: u64, last_members: u64, max_shrink: f64, force: bool) -> Option<String> {
+pub fn shrink_refusal(
+    exited: u64,
+    last_members: u64,
+    max_shrink: f64,
+    force: bool,
+) -> Option<String> {
     if force || last_members == 0 {
         return None;
     }
@@ -277,7 +282,12 @@ mod tests {
             [("d".into(), Change::Entered), ("a".into(), Change::Exited)]
         );
         assert_eq!(
-            (counts.entered, counts.exited, counts.unchanged, counts.previous),
+            (
+                counts.entered,
+                counts.exited,
+                counts.unchanged,
+                counts.previous
+            ),
             (1, 1, 2, 3)
         );
     }
@@ -315,7 +325,10 @@ mod tests {
             digest: d.hex(),
         };
         assert_eq!(order(None, "r", 1, &d), Order::Apply);
-        assert_eq!(order(Some(&applied), "2026/12/05/0300", 2000, &d), Order::Apply);
+        assert_eq!(
+            order(Some(&applied), "2026/12/05/0300", 2000, &d),
+            Order::Apply
+        );
         assert_eq!(
             order(Some(&applied), "2026/12/04/0300", 1000, &d),
             Order::AlreadyApplied
@@ -339,7 +352,8 @@ mod tests {
 
     #[test]
     fn the_digest_does_not_depend_on_order_or_bucketing() {
-        let (mut one, mut two, mut three) = (Digest::default(), Digest::default(), Digest::default());
+        let (mut one, mut two, mut three) =
+            (Digest::default(), Digest::default(), Digest::default());
         one.add("x");
         one.add("y");
         two.add("y");

@@ -163,7 +163,13 @@ impl std::fmt::Display for Outcome {
 
 /// The change's event id: a UUID v5 of (segment, run, user, change), so a repeated run writes
 /// exactly the same record; `--restate` adds its own nonce for new ids.
-pub fn event_id(segment: &str, run: &str, user: &str, change: Change, nonce: Option<&str>) -> String {
+pub fn event_id(
+    segment: &str,
+    run: &str,
+    user: &str,
+    change: Change,
+    nonce: Option<&str>,
+) -> String {
     let mut name = Vec::with_capacity(segment.len() + run.len() + user.len() + 16);
     for part in [segment, run, user, change.symbol()] {
         name.extend_from_slice(part.as_bytes());
@@ -237,10 +243,9 @@ pub fn run(
     progress: &Progress,
     out: &mut dyn Write,
 ) -> Result<Outcome, SnapshotError> {
-    let changes_topic = cfg
-        .snapshot
-        .changes_topic(&cfg.kafka)
-        .ok_or_else(|| SnapshotError::Usage("no topic: set snapshot.topic or kafka.topics".into()))?;
+    let changes_topic = cfg.snapshot.changes_topic(&cfg.kafka).ok_or_else(|| {
+        SnapshotError::Usage("no topic: set snapshot.topic or kafka.topics".into())
+    })?;
     let state_topic = cfg
         .snapshot
         .state_topic_for(&cfg.kafka)
@@ -406,8 +411,12 @@ pub fn run(
             Order::Refused(r) => return refuse(outcome, r),
             Order::Conflict(r) => return Err(SnapshotError::Usage(r)),
         }
-        let last_members = applied.as_ref().map(|a| a.members).unwrap_or(counts.previous);
-        if let Some(r) = diff::shrink_refusal(counts.exited, last_members, args.max_shrink, args.force)
+        let last_members = applied
+            .as_ref()
+            .map(|a| a.members)
+            .unwrap_or(counts.previous);
+        if let Some(r) =
+            diff::shrink_refusal(counts.exited, last_members, args.max_shrink, args.force)
         {
             return refuse(outcome, r);
         }
@@ -415,13 +424,19 @@ pub fn run(
     let nonce = (mode == Mode::Restate).then(|| format!("restate@{now_ms}"));
     let encoder = Encoder::new(cfg.kafka.format, schema_id);
     let total = counts.entered + counts.exited + counts.restated;
-    progress.total.store(total, std::sync::atomic::Ordering::Relaxed);
+    progress
+        .total
+        .store(total, std::sync::atomic::Ordering::Relaxed);
 
     // 4. Pass two: the changes with their state, in transactions; the segment's record last.
     if args.dry_run {
         outcome.status = "dry run";
-        writeln!(out, "{}", serde_json::to_string(&outcome).unwrap_or_default())
-            .map_err(|e| SnapshotError::Usage(e.to_string()))?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&outcome).unwrap_or_default()
+        )
+        .map_err(|e| SnapshotError::Usage(e.to_string()))?;
         let mut shown = 0;
         for b in 0..BUCKETS {
             if shown >= DRY_RUN_SHOWN {
@@ -452,12 +467,16 @@ pub fn run(
             let payload = encoder.encode(&e);
             let key = state::member_key(segment, &p.member.user);
             let state = match (p.change, p.restated) {
-                (Change::Entered, false) => Some((key, Some(state::member_value(&run_name, &p.member)))),
+                (Change::Entered, false) => {
+                    Some((key, Some(state::member_value(&run_name, &p.member))))
+                }
                 (Change::Entered, true) => None,
                 (Change::Exited, _) => Some((key, None)),
             };
             writer.change(&p.member.user, &payload, state)?;
-            progress.written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            progress
+                .written
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
     // A retired segment keeps its record (no members, the retirement's time): an export

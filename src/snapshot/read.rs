@@ -402,7 +402,10 @@ fn read_csv(
             });
         }
         counts.rows += 1;
-        match member_of(fields.get(id).copied(), email.and_then(|e| fields.get(e).copied())) {
+        match member_of(
+            fields.get(id).copied(),
+            email.and_then(|e| fields.get(e).copied()),
+        ) {
             Some(m) => member(m)?,
             None => counts.skipped += 1,
         }
@@ -470,8 +473,17 @@ fn read_parquet(
         reason: format!("not readable Parquet: {e}"),
     };
     let reader = SerializedFileReader::new(file).map_err(|e| refused(0, &e))?;
-    let root = reader.metadata().file_metadata().schema_descr().root_schema().clone();
-    let names: Vec<String> = root.get_fields().iter().map(|f| f.name().to_string()).collect();
+    let root = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema()
+        .clone();
+    let names: Vec<String> = root
+        .get_fields()
+        .iter()
+        .map(|f| f.name().to_string())
+        .collect();
     let id = column_index(&names, &columns.id, shown, 0)?;
     let email = match &columns.email {
         Some(c) => Some(column_index(&names, c, shown, 0)?),
@@ -573,7 +585,13 @@ mod tests {
         assert_eq!(users, ["u1", "u2", "only@x.io"]);
         assert_eq!(members[0].email.as_deref(), Some("a@x.io"));
         assert_eq!(members[2].by, By::Email);
-        assert_eq!(counts, RowCounts { rows: 4, skipped: 1 });
+        assert_eq!(
+            counts,
+            RowCounts {
+                rows: 4,
+                skipped: 1
+            }
+        );
     }
 
     #[test]
@@ -652,7 +670,13 @@ mod tests {
         let (members, counts) = all(&run).unwrap();
         let users: Vec<(&str, By)> = members.iter().map(|m| (m.user.as_str(), m.by)).collect();
         assert_eq!(users, [("u1", By::ExternalId), ("b@x.io", By::Email)]);
-        assert_eq!(counts, RowCounts { rows: 3, skipped: 1 });
+        assert_eq!(
+            counts,
+            RowCounts {
+                rows: 3,
+                skipped: 1
+            }
+        );
         let other = Columns {
             id: "Missing".into(),
             email: None,
@@ -683,7 +707,13 @@ mod tests {
         })
         .unwrap();
         assert_eq!(users, ["u1"]);
-        assert_eq!(counts, RowCounts { rows: 2, skipped: 1 });
+        assert_eq!(
+            counts,
+            RowCounts {
+                rows: 2,
+                skipped: 1
+            }
+        );
 
         let nd = dir.path().join("members.ndjson");
         std::fs::write(&nd, "{\"CustomerId\":\"u1\"}\n{\"CustomerId\":7}\n\n{}\n").unwrap();
@@ -697,6 +727,9 @@ mod tests {
         assert_eq!(users, ["u1", "7"]);
         std::fs::write(&nd, "{\"CustomerId\":\"u1\"}\nnot json\n").unwrap();
         let err = read_rows(&run, &columns, |_| Ok(())).unwrap_err();
-        assert!(matches!(err, SnapshotError::Refused { line: 2, .. }), "{err:?}");
+        assert!(
+            matches!(err, SnapshotError::Refused { line: 2, .. }),
+            "{err:?}"
+        );
     }
 }

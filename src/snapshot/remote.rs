@@ -16,9 +16,11 @@ use super::SnapshotError;
 
 /// Whether `from` names an object store rather than a local path.
 pub fn is_remote(from: &str) -> bool {
-    ["az://", "abfss://", "abfs://", "azure://", "adl://", "s3://", "s3a://", "gs://"]
-        .iter()
-        .any(|p| from.starts_with(p))
+    [
+        "az://", "abfss://", "abfs://", "azure://", "adl://", "s3://", "s3a://", "gs://",
+    ]
+    .iter()
+    .any(|p| from.starts_with(p))
 }
 
 /// Environment variable prefixes whose variables are the object store's options.
@@ -30,7 +32,11 @@ fn options(storage: &BTreeMap<String, String>) -> Vec<(String, String)> {
         .map(|(k, v)| (k.to_ascii_lowercase(), v))
         .collect();
     // Later options win in the builder: the configuration file after the environment.
-    out.extend(storage.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
+    out.extend(
+        storage
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+    );
     out
 }
 
@@ -99,10 +105,7 @@ pub fn stage(
         .map_err(|e| SnapshotError::Usage(format!("--from {from}: {e}")))?;
     let text = path.as_ref().to_string();
     let trimmed = from.trim_end_matches('/');
-    let base = trimmed
-        .strip_suffix(&text)
-        .unwrap_or(trimmed)
-        .to_string();
+    let base = trimmed.strip_suffix(&text).unwrap_or(trimmed).to_string();
     let base = if base.ends_with('/') {
         base
     } else {
@@ -179,7 +182,11 @@ async fn newest_run(
     let mut best: Option<((u32, u32, u32, u32), Vec<String>)> = None;
     while let Some(meta) = listing.next().await {
         let meta = meta.map_err(|e| store_error(from, e))?;
-        let parts: Vec<String> = meta.location.parts().map(|p| p.as_ref().to_string()).collect();
+        let parts: Vec<String> = meta
+            .location
+            .parts()
+            .map(|p| p.as_ref().to_string())
+            .collect();
         if parts.len() != depth + 5 {
             continue;
         }
@@ -215,9 +222,8 @@ async fn download(
         Err(object_store::Error::NotFound { .. }) => return Ok(()),
         Err(e) => return Err(store_error(&shown, e)),
     };
-    let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&local).map_err(|e| store_error(&shown, e))?,
-    );
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(&local).map_err(|e| store_error(&shown, e))?);
     let mut stream = got.into_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| store_error(&shown, e))?;

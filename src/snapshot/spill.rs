@@ -94,7 +94,11 @@ impl Spill {
                     out.members.remove(user);
                 }
                 _ => {
-                    let by = if head == "+e" { By::Email } else { By::ExternalId };
+                    let by = if head == "+e" {
+                        By::Email
+                    } else {
+                        By::ExternalId
+                    };
                     let m = Member {
                         user: user.to_string(),
                         by,

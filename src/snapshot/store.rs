@@ -36,15 +36,16 @@ pub fn ensure_state_topic(cfg: &Config, topic: &str) -> Result<(), SnapshotError
         .create()
         .map_err(|e| kafka("creating an admin client", e))?;
     // -1: the broker's default replication factor, as an operator's other topics have.
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
-        .set("cleanup.policy", "compact");
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
     let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
     let results = block_on(admin.create_topics([&new], &options))
         .map_err(|e| kafka(&format!("creating the state topic {topic}"), e))?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(kafka(&format!("creating the state topic {topic}"), code)),
+            Err((_, code)) => {
+                return Err(kafka(&format!("creating the state topic {topic}"), code))
+            }
         }
     }
     Ok(())
@@ -289,7 +290,11 @@ impl TxnWriter {
 
     /// The segment's record (`None`: a tombstone, the segment retired) in the last
     /// transaction, then commits it.
-    pub fn finish(&mut self, segment: &str, applied: Option<&Applied>) -> Result<(), SnapshotError> {
+    pub fn finish(
+        &mut self,
+        segment: &str,
+        applied: Option<&Applied>,
+    ) -> Result<(), SnapshotError> {
         let value = applied.map(state::segment_value);
         self.begin()?;
         self.send(

@@ -213,7 +213,9 @@ async fn run_worker(cfg: &Config) -> anyhow::Result<pipeline::RunSummary> {
 async fn snapshot_runs(cfg: &Config) -> anyhow::Result<Vec<String>> {
     use crate::snapshot::{self, Progress, SnapshotArgs};
     let dir = tempfile::tempdir().context("a temporary folder")?;
-    let export = dir.path().join("exports/CustomerInsights_demo/braze-export");
+    let export = dir
+        .path()
+        .join("exports/CustomerInsights_demo/braze-export");
     let user = |i: usize| format!("cust-{i:05}");
     let runs = [
         ("2026/12/03/0300", (0..300).collect::<Vec<_>>()),
@@ -236,7 +238,10 @@ async fn snapshot_runs(cfg: &Config) -> anyhow::Result<Vec<String>> {
                 "partitions": [{"name": "HighValue_1", "location": format!(
                     "https://demo.dfs.core.windows.net/exports/CustomerInsights_demo/braze-export/HighValue/{stamp}/HighValue_1.csv")}]}]
         });
-        std::fs::write(export.join("model.json"), serde_json::to_vec_pretty(&model)?)?;
+        std::fs::write(
+            export.join("model.json"),
+            serde_json::to_vec_pretty(&model)?,
+        )?;
         let args = SnapshotArgs {
             segment: DEMO_SEGMENT.into(),
             from: Some(export.join("HighValue").display().to_string()),

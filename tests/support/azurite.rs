@@ -54,7 +54,12 @@ impl Azurite {
                 .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
                 .arg("--location")
                 .arg(scratch.path())
-                .args(["--silent", "--skipApiVersionCheck", "--loose", "--disableTelemetry"]);
+                .args([
+                    "--silent",
+                    "--skipApiVersionCheck",
+                    "--loose",
+                    "--disableTelemetry",
+                ]);
             let mut proc = Proc::spawn(&format!("azurite-{port}"), cmd, scratch.path());
             let deadline = Instant::now() + START_TIMEOUT;
             while Instant::now() < deadline && proc.exited().is_none() {
@@ -162,7 +167,10 @@ impl Azurite {
         rt.block_on(async {
             store
                 .list(None)
-                .map(|m| m.map(|m| m.location.to_string()).unwrap_or_else(|e| e.to_string()))
+                .map(|m| {
+                    m.map(|m| m.location.to_string())
+                        .unwrap_or_else(|e| e.to_string())
+                })
                 .collect::<Vec<_>>()
                 .await
         })
