@@ -12,6 +12,7 @@
 //! `cargo bench --bench snapshot`
 
 mod common;
+#[allow(dead_code)]
 #[path = "../tests/support/kafka.rs"]
 mod kafka;
 

@@ -89,9 +89,10 @@ pub fn diff(previous: &Members, current: &Members, mode: Mode) -> (Vec<Planned>,
     };
     let mut out = Vec::new();
     if mode != Mode::Retire {
-        let mut joined: Vec<&Member> = current.values().collect();
-        joined.sort_by(|a, b| a.user.cmp(&b.user));
-        for m in joined {
+        // Only what changes is collected and sorted: an unchanged member, most of a run,
+        // costs one lookup.
+        let mut joined: Vec<(&Member, bool)> = Vec::new();
+        for m in current.values() {
             let known = previous.contains_key(&m.user);
             if known {
                 counts.unchanged += 1;
@@ -99,20 +100,24 @@ pub fn diff(previous: &Members, current: &Members, mode: Mode) -> (Vec<Planned>,
                 counts.entered += 1;
             }
             if !known || mode == Mode::Restate {
-                counts.restated += u64::from(known);
-                out.push(Planned {
-                    member: m.clone(),
-                    change: Change::Entered,
-                    restated: known,
-                });
+                joined.push((m, known));
             }
+        }
+        joined.sort_unstable_by(|a, b| a.0.user.cmp(&b.0.user));
+        for (m, known) in joined {
+            counts.restated += u64::from(known);
+            out.push(Planned {
+                member: m.clone(),
+                change: Change::Entered,
+                restated: known,
+            });
         }
     }
     let mut left: Vec<&Member> = previous
         .values()
         .filter(|m| mode == Mode::Retire || !current.contains_key(&m.user))
         .collect();
-    left.sort_by(|a, b| a.user.cmp(&b.user));
+    left.sort_unstable_by(|a, b| a.user.cmp(&b.user));
     counts.exited = left.len() as u64;
     out.extend(left.into_iter().map(|m| Planned {
         member: m.clone(),

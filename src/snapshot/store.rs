@@ -72,7 +72,11 @@ struct StateReader;
 
 impl rdkafka::ClientContext for StateReader {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
             tracing::warn!(%error, reason, "reading the snapshot state");
         }
     }
@@ -93,6 +97,8 @@ pub fn read_state(
     c.set("group.id", "segment-sync-snapshot")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
+        // The state is read once, start to end: larger fetches than the default megabyte.
+        .set("max.partition.fetch.bytes", "16777216")
         .set("enable.partition.eof", "true");
     let consumer: BaseConsumer<StateReader> = c
         .create_with_context(StateReader)
