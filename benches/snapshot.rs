@@ -142,8 +142,20 @@ fn produce_state(brokers: &str, topic: &str, segment: &str, n: u64) {
     producer.flush(Duration::from_secs(300)).unwrap();
 }
 
-/// Runs `snapshot` and waits: (exit code, wall time, peak RSS in MB, its summary line).
+/// CPU time (user + system) of the children this process has waited for.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    assert_eq!(rc, 0, "getrusage failed");
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Runs `snapshot` and waits: (exit code, wall time, peak RSS in MB, its summary line). Its
+/// CPU time is printed: the machine is shared, so the wall time also shows the others' load.
 fn snapshot(config: &Path, segment: &str, run: &Path) -> (i32, Duration, f64, String) {
+    let cpu_before = children_cpu();
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_segment-sync"))
         .args(["snapshot", "--config"])
@@ -160,6 +172,10 @@ fn snapshot(config: &Path, segment: &str, run: &Path) -> (i32, Duration, f64, St
     let out = child.wait_with_output().unwrap();
     let elapsed = started.elapsed();
     let peak_kb = peak.join().unwrap();
+    println!(
+        "  snapshot process: {elapsed:.2?} wall, {:.2?} CPU (user + system)",
+        children_cpu() - cpu_before
+    );
     let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
     (
         out.status.code().unwrap_or(-1),

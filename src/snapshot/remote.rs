@@ -73,7 +73,10 @@ impl Staged {
     }
 }
 
-fn run_stamp(parts: &[&str]) -> Option<(u32, u32, u32, u32)> {
+/// A run folder's `<yyyy>/<mm>/<dd>/<HHMM>` as numbers, in the order runs sort.
+type Stamp = (u32, u32, u32, u32);
+
+fn run_stamp(parts: &[&str]) -> Option<Stamp> {
     let [y, m, d, hm] = parts else { return None };
     let ok = |s: &str, w: usize| s.len() == w && s.bytes().all(|b| b.is_ascii_digit());
     (ok(y, 4) && ok(m, 2) && ok(d, 2) && ok(hm, 4)).then(|| {
@@ -179,7 +182,7 @@ async fn newest_run(
 ) -> Result<StorePath, SnapshotError> {
     let depth = table.parts().count();
     let mut listing = store.list(Some(table));
-    let mut best: Option<((u32, u32, u32, u32), Vec<String>)> = None;
+    let mut best: Option<(Stamp, Vec<String>)> = None;
     while let Some(meta) = listing.next().await {
         let meta = meta.map_err(|e| store_error(from, e))?;
         let parts: Vec<String> = meta
