@@ -14,6 +14,7 @@ pub struct Config {
     pub mapping: MappingConfig,
     pub window: WindowConfig,
     pub server: ServerConfig,
+    pub replay: ReplayConfig,
     pub snapshot: SnapshotConfig,
 }
 
@@ -361,6 +362,38 @@ impl Default for WindowConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
+}
+
+/// How `replay` folds the range it reads (docs/design.md, "Backfills": it writes the final state).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// Bytes the fold's state may hold before it spills to `spill_dir` by user hash.
+    pub fold_memory: usize,
+    /// Where the fold spills; the system's temporary directory when unset.
+    pub spill_dir: Option<String>,
+}
+
+/// Below this, a few large users would spill the fold at nearly every record.
+pub const MIN_FOLD_MEMORY: usize = 64 << 10;
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            fold_memory: 64 << 20,
+            spill_dir: None,
+        }
+    }
+}
+
+impl ReplayConfig {
+    /// `spill_dir`, or the system's temporary directory.
+    pub fn spill_dir(&self) -> PathBuf {
+        match self.spill_dir.as_deref().filter(|d| !d.trim().is_empty()) {
+            Some(d) => PathBuf::from(d),
+            None => std::env::temp_dir(),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -895,6 +928,25 @@ impl Config {
             }
         }
 
+        let r = &self.replay;
+        if r.fold_memory < MIN_FOLD_MEMORY {
+            bad(
+                "replay.fold_memory",
+                format!(
+                    "replay.fold_memory = {} is below {MIN_FOLD_MEMORY} (64 KiB): the fold would spill at nearly every record; raise it",
+                    r.fold_memory
+                ),
+            );
+        }
+        if let Some(dir) = r.spill_dir.as_deref().filter(|d| !d.trim().is_empty()) {
+            if !Path::new(dir).is_dir() {
+                bad(
+                    "replay.spill_dir",
+                    format!("replay.spill_dir = {dir:?} is not a directory: create it or point it at one with room for the fold's spill"),
+                );
+            }
+        }
+
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             bad(
                 "server.listen",
@@ -1085,6 +1137,7 @@ impl Schema {
             *file = Some(String::new());
         }
         specimen.braze.ca_file = Some(String::new());
+        specimen.replay.spill_dir = Some(String::new());
         specimen.snapshot.topic = Some(String::new());
         specimen.snapshot.state_topic = Some(String::new());
         let sections = match toml::Value::try_from(&specimen) {
@@ -1732,6 +1785,27 @@ mod tests {
         assert_eq!(c.window.max_future_ms, 3_600_000);
         let e = err("", &[("SEGMENT_SYNC_WINDOW_MAX_FUTURE_MS", "1000")]);
         assert!(e.contains("window.max_future_ms"), "{e}");
+    }
+
+    #[test]
+    fn replay_fold_keys_are_read_and_checked() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.replay.fold_memory, 64 << 20);
+        assert_eq!(c.replay.spill_dir(), std::env::temp_dir());
+        let dir = std::env::temp_dir().display().to_string();
+        let c = load(
+            &format!("[replay]\nfold_memory = 8388608\nspill_dir = {dir:?}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.replay.fold_memory, 8 << 20);
+        assert_eq!(c.replay.spill_dir(), PathBuf::from(&dir));
+        let c = load("", &[("SEGMENT_SYNC_REPLAY_FOLD_MEMORY", "1048576")]).unwrap();
+        assert_eq!(c.replay.fold_memory, 1 << 20);
+        let e = err("[replay]\nfold_memory = 1000\n", &[]);
+        assert!(e.contains("replay.fold_memory"), "{e}");
+        let e = err("[replay]\nspill_dir = \"/no/such/dir/for/the/fold\"\n", &[]);
+        assert!(e.contains("replay.spill_dir"), "{e}");
     }
 
     #[test]

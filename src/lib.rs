@@ -21,6 +21,9 @@ pub mod window;
 pub mod recent;
 /// Cache hints that let the window's memory waits overlap across a burst of events.
 pub mod prefetch;
+/// A replay's fold: the range read, reduced to each user's final state, spilled by user
+/// hash past its memory budget, sent user by user.
+pub mod fold;
 /// Pure: the Braze mapping of docs/design.md: flushed users → attributes objects of a request.
 pub mod mapping;
 /// Braze: HTTP client, response classification, pacing, retries and splitting.

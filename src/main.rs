@@ -159,6 +159,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             let summary = summary?;
             eprintln!("{summary}");
+            if let Some(why) = &summary.failed {
+                eprintln!("replay failed: {why}");
+            }
             if !summary.caught_up {
                 // Non-zero, so that a job controller runs the backfill again.
                 eprintln!(

@@ -72,6 +72,27 @@ impl Position {
     }
 }
 
+/// A replay's fold writes positions to its spill files and reads them back in the same run:
+/// a position read back is one this tracker handed out.
+impl crate::fold::Spill for Position {
+    fn pack(&self) -> [u64; 2] {
+        [
+            u64::from(self.partition.slot) << 32 | u64::from(self.partition.epoch),
+            self.offset as u64,
+        ]
+    }
+
+    fn unpack(words: [u64; 2]) -> Position {
+        Position {
+            partition: PartitionId {
+                slot: (words[0] >> 32) as u32,
+                epoch: words[0] as u32,
+            },
+            offset: words[1] as i64,
+        }
+    }
+}
+
 /// A tracked offset and whether it is settled, in 8 bytes: Kafka offsets are never negative,
 /// so a settled offset is stored bitwise-negated (always negative) instead of beside a flag
 /// that would double the size of the queue.

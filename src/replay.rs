@@ -23,8 +23,10 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub group: Option<String>,
     /// Names this run in the offsets it commits. Members started together for one backfill
-    /// (a Job's pods) pass the same id to share its partitions and continue each other's
-    /// progress; a run with another id, or none (a fresh one), starts over at `--from`.
+    /// (a Job's pods) pass the same id to share its partitions; a member commits only once
+    /// everything it read is sent and settled, so a stopped member's partitions are read
+    /// again from the run's start (or its last such commit). A run with another id, or none
+    /// (a fresh one), starts over at `--from`.
     #[arg(long, env = "SEGMENT_SYNC_REPLAY_RUN_ID")]
     pub run_id: Option<String>,
 }

@@ -149,6 +149,11 @@ impl Segments {
         &self.names[index as usize]
     }
 
+    /// Interns a name outside the window (a replay's fold), hashing it here.
+    pub fn intern_name(&mut self, id: &str) -> u32 {
+        self.intern(id, segment_hash(id))
+    }
+
     /// The name as a JSON string, quotes included.
     pub fn json(&self, index: u32) -> &str {
         &self.json[index as usize]
@@ -422,7 +427,43 @@ impl<P> Default for Flush<P> {
     }
 }
 
+/// A user the window never held (a replay's fold sends final states itself): see
+/// `Flush::push_user`.
+pub const NO_SLOT: u32 = u32::MAX;
+
 impl<P> Flush<P> {
+    /// Appends one attributes object built outside the window (a replay's fold): its
+    /// changes and attributes with their orders, and the records it settles.
+    pub fn push_user(
+        &mut self,
+        kind: IdKind,
+        id: Arc<str>,
+        changes: impl IntoIterator<Item = (u32, Change, Order)>,
+        attributes: impl IntoIterator<Item = (Box<str>, AttrValue<'static>, Order)>,
+        positions: impl IntoIterator<Item = P>,
+    ) {
+        let c0 = self.changes.len() as u32;
+        let a0 = self.attributes.len() as u32;
+        let p0 = self.positions.len() as u32;
+        for (segment, change, order) in changes {
+            self.changes.push((segment, change));
+            self.orders.push(order);
+        }
+        for (name, value, order) in attributes {
+            self.attributes.push((name, value));
+            self.attribute_orders.push(order);
+        }
+        self.positions.extend(positions);
+        self.users.push(FlushedUser {
+            slot: NO_SLOT,
+            kind,
+            id,
+            changes: c0..self.changes.len() as u32,
+            attributes: a0..self.attributes.len() as u32,
+            positions: p0..self.positions.len() as u32,
+        });
+    }
+
     pub fn user_changes(&self, u: &FlushedUser) -> &[(u32, Change)] {
         &self.changes[u.changes.start as usize..u.changes.end as usize]
     }
@@ -457,8 +498,8 @@ pub struct Window<P> {
     empty_key: Arc<str>,
 }
 
-/// See `Window::crowded`.
-const MAX_ENTRIES_PER_USER: usize = 256;
+/// See `Window::crowded`; also what one attributes object carries at most.
+pub const MAX_ENTRIES_PER_USER: usize = 256;
 
 /// What a pending change or attribute costs beyond its slot, as `max_pending_bytes` counts.
 const CHANGE_BYTES: usize = std::mem::size_of::<PendingChange<[u64; 2]>>();

@@ -231,6 +231,23 @@ impl Bounds {
     /// Whether the run is done. Call only when everything read is settled and the last poll
     /// brought nothing. Asks the broker, so it answers at most every 200 ms.
     pub fn caught_up(&mut self, consumer: &GroupConsumer, assignment: &Assignment) -> bool {
+        self.check(consumer, assignment, false)
+    }
+
+    /// Whether this member has read every partition it holds to the end (a replay's fold
+    /// then sends what it read). Unlike `caught_up`, what other members hold does not count:
+    /// they commit only once they have sent what they read, so waiting for them here would
+    /// have each member wait for the others. Asks the broker, at most every 200 ms.
+    pub fn read_to_end(&mut self, consumer: &GroupConsumer, assignment: &Assignment) -> bool {
+        self.check(consumer, assignment, true)
+    }
+
+    fn check(
+        &mut self,
+        consumer: &GroupConsumer,
+        assignment: &Assignment,
+        mine_only: bool,
+    ) -> bool {
         if self.last_check.is_some_and(|t| t.elapsed() < CHECK_EVERY) {
             return false;
         }
@@ -240,6 +257,10 @@ impl Bounds {
             _ => return false,
         };
         let position = consumer.position().ok();
+        let all: Vec<TopicPartition> = all
+            .into_iter()
+            .filter(|tp| !mine_only || assignment.holds(tp))
+            .collect();
         let elsewhere: Vec<TopicPartition> = all
             .iter()
             .filter(|tp| !assignment.holds(tp))

@@ -10,7 +10,7 @@ use crate::event::{Event, Identity};
 use crate::mapping::{self, Mapping};
 use crate::metrics::Metrics;
 use crate::offsets::Position;
-use crate::window::{Admit, Flush, Lookup, Window};
+use crate::window::{Admit, Flush, IdKind, Lookup, Segments, Window};
 
 /// How many users ahead `on_answer` starts loading the slots it will complete.
 const COMPLETE_AHEAD: usize = 4;
@@ -29,6 +29,8 @@ struct InFlight {
     data_points: Vec<u32>,
     /// To stop a request still retrying when its partitions are given up or the run ends.
     task: Option<tokio::task::AbortHandle>,
+    /// Built by a replay's fold, not flushed from the window: its users have no slots.
+    folded: bool,
 }
 
 /// What a finished request settled and what Braze refused.
@@ -36,7 +38,14 @@ struct InFlight {
 pub struct Answer {
     pub delivered: Vec<Position>,
     pub rejected: Vec<(Vec<Position>, Rejection)>,
+    /// The users of a replay's folded request that Braze rejected: the fold forgets that it
+    /// sent them (`Fold::forget_sent`).
+    pub rejected_folded: Vec<RejectedUser>,
 }
+
+/// A user of a folded request Braze rejected: its identifier, the segments and the extra
+/// attributes the rejected object wrote.
+pub type RejectedUser = (IdKind, Arc<str>, Vec<u32>, Vec<Box<str>>);
 
 /// Owns the window and the requests in flight. Promises: at most `max_in_flight` requests
 /// at once; one user is never in two of them; a position comes back exactly once, as
@@ -126,6 +135,24 @@ impl Delivery {
 
     fn dispatch(&mut self, flush: Flush<Position>) {
         let encoded = mapping::encode(&self.mapping, self.window.segments(), &flush);
+        self.send(flush, encoded, false);
+    }
+
+    /// Room for another request in flight.
+    pub fn has_room(&self) -> bool {
+        self.in_flight.len() < self.max_in_flight
+    }
+
+    /// Sends a request a replay's fold built (its segment indexes are the fold's), through
+    /// the same sink, pacing and answers as the window's. Returns the data points it writes.
+    pub fn dispatch_folded(&mut self, flush: Flush<Position>, segments: &Segments) -> u64 {
+        let encoded = mapping::encode(&self.mapping, segments, &flush);
+        let points = encoded.data_points.iter().map(|&p| u64::from(p)).sum();
+        self.send(flush, encoded, true);
+        points
+    }
+
+    fn send(&mut self, flush: Flush<Position>, encoded: mapping::Encoded, folded: bool) {
         let id = self.next_request;
         self.next_request += 1;
         tracing::debug!(request = id, users = flush.users.len(), "flush");
@@ -167,6 +194,7 @@ impl Delivery {
                 flush,
                 data_points: encoded.data_points,
                 task,
+                folded,
             },
         );
     }
@@ -180,7 +208,7 @@ impl Delivery {
         self.metrics.braze_in_flight.dec();
         let flush = done.flush;
         for (i, user) in flush.users.iter().enumerate() {
-            if let Some(ahead) = flush.users.get(i + COMPLETE_AHEAD) {
+            if let Some(ahead) = flush.users.get(i + COMPLETE_AHEAD).filter(|_| !done.folded) {
                 self.window.prefetch_user(ahead);
             }
             let positions = flush.user_positions(user);
@@ -188,7 +216,20 @@ impl Delivery {
                 Some(ObjectOutcome::Rejected(r)) => {
                     tracing::warn!(user_kind = user.kind.field(), status = r.status,
                         error_type = %r.error_type, "braze rejected an object; its events go to the dead-letter topic");
-                    self.window.complete(&flush, user, true);
+                    if done.folded {
+                        answer.rejected_folded.push((
+                            user.kind,
+                            user.id.clone(),
+                            flush.user_changes(user).iter().map(|(s, _)| *s).collect(),
+                            flush
+                                .user_attributes(user)
+                                .iter()
+                                .map(|(n, _)| n.clone())
+                                .collect(),
+                        ));
+                    } else {
+                        self.window.complete(&flush, user, true);
+                    }
                     answer.rejected.push((positions.to_vec(), r.clone()));
                 }
                 Some(ObjectOutcome::Delivered) | None => {
@@ -196,7 +237,9 @@ impl Delivery {
                     self.metrics
                         .braze_attributes_written
                         .inc_by(u64::from(done.data_points.get(i).copied().unwrap_or(0)));
-                    self.window.complete(&flush, user, false);
+                    if !done.folded {
+                        self.window.complete(&flush, user, false);
+                    }
                 }
             }
         }
@@ -212,12 +255,14 @@ impl Delivery {
 
     /// Stops the requests that carry records `gone` picks, so none is sent after their
     /// partitions' next owner may have written a newer value. Their other users' changes
-    /// go back into the window. Returns how many requests were stopped.
+    /// go back into the window. Returns how many requests were stopped. A replay's folded
+    /// requests finish: their users have no place in the window to go back to, and what
+    /// they settle of a revoked partition settles nothing.
     pub fn give_up(&mut self, gone: impl Fn(&Position) -> bool, now_ms: u64) -> usize {
         let ids: Vec<u64> = self
             .in_flight
             .iter()
-            .filter(|(_, r)| r.flush.positions.iter().any(&gone))
+            .filter(|(_, r)| !r.folded && r.flush.positions.iter().any(&gone))
             .map(|(id, _)| *id)
             .collect();
         for id in &ids {

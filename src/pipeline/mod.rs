@@ -99,10 +99,14 @@ pub struct RunSummary {
     pub objects_rejected: u64,
     pub data_points: u64,
     pub dlq_records: u64,
+    /// A replay's fold: what it read and what it sent.
+    pub fold: Option<crate::fold::FoldStats>,
     pub committed: Vec<(String, i32, i64)>,
     /// A bounded run reached its end; false when it was stopped first (and always for the
     /// live worker).
     pub caught_up: bool,
+    /// Why the run could not go on (a replay's fold could not spill), when it stopped so.
+    pub failed: Option<String>,
     /// A bounded run stopped before its end: (topic, partition, read up to, end).
     pub stopped_at: Vec<(String, i32, i64, i64)>,
     pub elapsed: Duration,
@@ -139,6 +143,20 @@ impl std::fmt::Display for RunSummary {
         writeln!(f, "objects rejected      {}", self.objects_rejected)?;
         writeln!(f, "data points written   {}", self.data_points)?;
         writeln!(f, "dead-letter records   {}", self.dlq_records)?;
+        if let Some(fold) = &self.fold {
+            writeln!(f, "backfill fold")?;
+            writeln!(f, "  changes read        {}", fold.changes_read)?;
+            writeln!(f, "  users               {}", fold.users)?;
+            writeln!(f, "  objects             {}", fold.objects)?;
+            writeln!(f, "  attribute writes    {}", fold.writes)?;
+            writeln!(f, "  requests            {}", fold.requests)?;
+            writeln!(f, "  bytes spilled       {}", fold.bytes_spilled)?;
+            writeln!(
+                f,
+                "  writes saved        {}",
+                fold.writes_read.saturating_sub(fold.writes)
+            )?;
+        }
         writeln!(f, "committed offsets")?;
         for (t, p, o) in &self.committed {
             writeln!(f, "  {t}[{p}] = {o}")?;
@@ -244,6 +262,9 @@ pub fn run(
         let timeout = {
             let mut w = lock();
             w.service(&consumer);
+            if w.failed().is_some() {
+                break;
+            }
             if w.caught_up(&consumer, idle) {
                 tracing::info!("caught up with the log");
                 caught_up = true;

@@ -33,6 +33,7 @@ use crate::braze::BrazeClient;
 use crate::config::{Config, Format};
 use crate::decode::{Decoder, RegistryClient, SchemaSource};
 use crate::dlq::{DlqWriter, Rereader};
+use crate::fold::{Fold, FoldConfig};
 use crate::mapping::Mapping;
 use crate::replay::RunMark;
 use crate::start::{StartAt, Until};
@@ -76,6 +77,12 @@ pub struct Worker {
     flow: Flow,
     /// `None` for the live worker, which runs until stopped.
     bounds: Option<Bounds>,
+    /// A replay's fold (docs/design.md, "Backfills": it writes the final state): what it reads is
+    /// folded to each user's final state, sent once read to the end, and committed only
+    /// when everything read is sent and settled. `None` for the live worker.
+    fold: Option<Fold<Position>>,
+    /// A fault the run cannot go on with (the fold cannot spill): the poll loop stops.
+    failed: Option<String>,
     acks: Receiver<Ack>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -131,6 +138,16 @@ impl Worker {
                 super::commits::epoch_ms(),
             )
         });
+        // The replay (a bounded run from a point of its own) folds; the live worker and a
+        // run from the group's offsets (the demo, tests) use the window.
+        let fold = (opts.until != Until::Stopped && opts.start != StartAt::Committed).then(|| {
+            Fold::new(FoldConfig {
+                memory: cfg.replay.fold_memory,
+                spill_dir: cfg.replay.spill_dir(),
+                batch_size: cfg.braze.batch_size,
+                sent_memory: cfg.window.delivered_memory,
+            })
+        });
         let bounds = match opts.until {
             Until::Stopped => None,
             until => Some(Bounds::new(
@@ -175,6 +192,8 @@ impl Worker {
             ),
             flow: Flow::new(),
             bounds,
+            fold,
+            failed: None,
             acks: acks_rx,
             metrics: metrics.clone(),
             health: health.clone(),
@@ -325,6 +344,22 @@ impl Worker {
             return;
         };
         match &record.fate {
+            Fate::Admit(_, event) if self.fold.is_some() => {
+                let Some(identity) = event.identity() else {
+                    unreachable!("ingest admits only events with an identity");
+                };
+                let fold = self.fold.as_mut().expect("matched above");
+                let assignment = &mut self.assignment;
+                let mut superseded = 0u64;
+                let folded = fold.absorb(event, identity, m.partition(), m.offset(), pos, |p| {
+                    superseded += 1;
+                    assignment.settle(p);
+                });
+                self.metrics.events_redundant.inc_by(superseded);
+                if let Err(e) = folded {
+                    self.fail(format!("the replay's fold: {e}"));
+                }
+            }
             Fate::Admit(lookup, event) => {
                 let Some(identity) = event.identity() else {
                     unreachable!("ingest admits only events with an identity");
@@ -357,6 +392,59 @@ impl Worker {
         }
     }
 
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            tracing::error!(error = %why, "the run cannot go on");
+            self.failed = Some(why);
+        }
+    }
+
+    /// A fault the run cannot go on with, for the poll loop to stop at.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Sends the fold's next requests while there is room in flight. Positions of
+    /// partitions no longer ours are left out (their next owner reads them again).
+    fn send_folded(&mut self) {
+        let Some(fold) = self.fold.as_mut() else {
+            return;
+        };
+        while fold.is_sending() && self.delivery.has_room() {
+            let assignment = &self.assignment;
+            let mut superseded = Vec::new();
+            let next = fold.next_request(
+                |p| assignment.name(p.partition()).is_some(),
+                |p| superseded.push(p),
+            );
+            self.metrics
+                .events_redundant
+                .inc_by(superseded.len() as u64);
+            for p in superseded {
+                self.assignment.settle(p);
+            }
+            match next {
+                Ok(Some(flush)) => {
+                    self.delivery.dispatch_folded(flush, fold.segments());
+                }
+                Ok(None) => {
+                    tracing::info!(stats = ?fold.stats(), "the fold's users are sent");
+                }
+                Err(e) => {
+                    let why = format!("the replay's fold: {e}");
+                    self.fail(why);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether everything this run read is sent and settled: what a folding replay waits
+    /// for before it commits, so that its progress in Kafka is all or nothing.
+    fn may_commit(&self) -> bool {
+        self.fold.is_none() || self.settled_everything()
+    }
+
     /// Offers held records again, when their wait is due.
     fn retake_held(&mut self) {
         let Some(mut held) = self.flow.take_due() else {
@@ -385,6 +473,7 @@ impl Worker {
         let now = self.now_ms();
         let assignment = &mut self.assignment;
         self.delivery.flush(now, false, |p| assignment.settle(p));
+        self.send_folded();
         if self.commits.due() {
             self.commit(consumer, CommitMode::Async);
             self.delivery.update_gauges();
@@ -400,6 +489,9 @@ impl Worker {
     }
 
     pub fn commit(&mut self, consumer: &GroupConsumer, mode: CommitMode) {
+        if !self.may_commit() {
+            return;
+        }
         let offsets: Vec<(TopicPartition, i64)> = self
             .assignment
             .partitions()
@@ -427,6 +519,11 @@ impl Worker {
         match ack {
             Ack::Braze { id, outcomes } => {
                 let answer = self.delivery.on_answer(id, outcomes);
+                if let Some(fold) = self.fold.as_mut() {
+                    for (kind, user, segments, attributes) in &answer.rejected_folded {
+                        fold.forget_sent(*kind, user, segments, attributes);
+                    }
+                }
                 for p in answer.delivered {
                     self.assignment.settle(p);
                 }
@@ -460,6 +557,9 @@ impl Worker {
             let now = self.now_ms();
             let assignment = &mut self.assignment;
             self.delivery.flush(now, true, |p| assignment.settle(p));
+            if !self.shutting_down {
+                self.send_folded();
+            }
             if done(self) {
                 return true;
             }
@@ -480,6 +580,7 @@ impl Worker {
 
     pub fn settled_everything(&self) -> bool {
         self.delivery.is_idle()
+            && self.fold.as_ref().is_none_or(Fold::is_empty)
             && self.dead_letters.is_idle()
             && self.assignment.unsettled() == 0
             && !self.flow.is_holding()
@@ -498,6 +599,33 @@ impl Worker {
 
     /// Whether a bounded run is done. `idle`: the last poll brought nothing.
     pub fn caught_up(&mut self, consumer: &GroupConsumer, idle: bool) -> bool {
+        if self.fold.as_ref().is_some_and(|f| f.is_sending()) {
+            return false;
+        }
+        if self.fold.as_ref().is_some_and(Fold::has_unsent) {
+            // Read to the end: the fold sends what it read, once the last stage's requests
+            // have all been answered (a user is never in two requests in flight), while
+            // reading goes on into the next stage: what arrived meanwhile, sent after.
+            let ready = idle && !self.flow.is_holding() && !self.delivery.has_in_flight();
+            if ready
+                && self
+                    .bounds
+                    .as_mut()
+                    .is_some_and(|b| b.read_to_end(consumer, &self.assignment))
+            {
+                let fold = self.fold.as_mut().expect("checked above");
+                tracing::info!(
+                    users = fold.users(),
+                    spilled_bytes = fold.stats().bytes_spilled,
+                    "read to the end; sending each user's final state"
+                );
+                if let Err(e) = fold.start_sending() {
+                    self.fail(format!("the replay's fold: {e}"));
+                }
+                self.send_folded();
+            }
+            return false;
+        }
         if !idle || !self.settled_everything() {
             return false;
         }
@@ -536,7 +664,16 @@ impl Worker {
         }
         self.shutting_down = true;
         let deadline = Instant::now() + self.drain_timeout;
-        if !self.drain(deadline, Worker::settled_everything) {
+        // A fold stopped before it sent everything commits nothing: wait only for what
+        // is in flight.
+        let drained = if self.fold.as_ref().is_some_and(|f| !f.is_empty()) {
+            self.drain(deadline, |w| {
+                !w.delivery.has_in_flight() && w.dead_letters.is_idle()
+            })
+        } else {
+            self.drain(deadline, Worker::settled_everything)
+        };
+        if !drained {
             tracing::warn!(
                 unsettled = self.assignment.unsettled(),
                 "shutdown deadline passed; committing what settled"
@@ -581,6 +718,8 @@ impl Worker {
             objects_rejected: m.braze_objects_rejected.get(),
             data_points: m.braze_attributes_written.get(),
             dlq_records: dlq,
+            fold: self.fold.as_ref().map(Fold::stats),
+            failed: self.failed.clone(),
             committed: self.commits.committed(),
             caught_up,
             stopped_at,
@@ -625,7 +764,8 @@ impl RebalanceHandler for Worker {
             lost, "partitions revoked; draining");
         // At shutdown the run has drained already, under its own deadline; a lost
         // assignment has other owners already, so there is nothing to commit.
-        if !lost && !self.shutting_down {
+        // A folding replay commits only when everything it read is sent and settled.
+        if !lost && !self.shutting_down && self.may_commit() {
             let deadline = Instant::now() + self.drain_timeout;
             let drained = self.drain(deadline, |w| {
                 revoked.iter().all(|tp| w.assignment.unsettled_in(tp) == 0)
