@@ -162,7 +162,8 @@ fn snapshot(config: &Path, segment: &str, run: &Path) -> (i32, Duration, f64, St
         .arg(config)
         .args(["--segment", segment, "--from"])
         .arg(run)
-        .env("RUST_LOG", "warn")
+        // The phases' times (run read, producer ready, state read, diffed, committed).
+        .env("RUST_LOG", "warn,segment_sync::snapshot=info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

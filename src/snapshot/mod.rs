@@ -327,6 +327,14 @@ pub fn run(
     }
     run_spill.flush()?;
 
+    let started = std::time::Instant::now();
+    let phase = |what: &str| {
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot: {what}"
+        )
+    };
+    phase("run read and spilled");
     // 2. The state as committed. The writer comes first: starting it fences (and aborts the
     // open transaction of) a killed or overlapping run of this segment.
     if !args.dry_run {
@@ -343,6 +351,7 @@ pub fn run(
             args.pause_before_transaction,
         )?)
     };
+    phase("producer ready");
     let mut state_spill = Spill::new("segment-sync-state-")?;
     let applied = if args.dry_run && !store::topic_exists(cfg, &state_topic)? {
         None
@@ -364,6 +373,7 @@ pub fn run(
     }
     let time_ms = run_time.unwrap_or(now_ms);
 
+    phase("state read");
     // 3. Pass one: counts, digest, guards. Nothing is written yet.
     let mut digest = Digest::default();
     let mut duplicated = Vec::new();
@@ -428,6 +438,7 @@ pub fn run(
         .total
         .store(total, std::sync::atomic::Ordering::Relaxed);
 
+    phase("diffed");
     // 4. Pass two: the changes with their state, in transactions; the segment's record last.
     if args.dry_run {
         outcome.status = "dry run";
@@ -489,7 +500,9 @@ pub fn run(
         members: digest.members,
         digest: digest.hex(),
     };
+    phase("changes written");
     writer.finish(segment, Some(&record))?;
+    phase("committed");
     outcome.transactions = writer.committed;
     Ok(outcome)
 }
