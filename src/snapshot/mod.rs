@@ -260,6 +260,7 @@ pub fn run(
             "--max-shrink is a fraction between 0 and 1".into(),
         ));
     }
+    let started = std::time::Instant::now();
     let segment = args.segment.as_str();
     let mode = if args.retire {
         Mode::Retire
@@ -327,7 +328,6 @@ pub fn run(
     }
     run_spill.flush()?;
 
-    let started = std::time::Instant::now();
     let phase = |what: &str| {
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
