@@ -10,7 +10,8 @@
 #   make fuzz FUZZ_SECONDS=600 FUZZ_TARGETS=confluent
 
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= json avro confluent registry_answer braze_classify
+FUZZ_TARGETS ?= json avro confluent registry_answer braze_classify \
+	source_adobe_rtcdp source_segment source_lytics source_debezium
 FUZZ_TOOLCHAIN ?= +nightly
 
 .PHONY: fuzz fuzz-check fuzz-tools

@@ -14,8 +14,190 @@ pub struct Config {
     pub mapping: MappingConfig,
     pub window: WindowConfig,
     pub server: ServerConfig,
+    pub source: SourceConfig,
     pub replay: ReplayConfig,
     pub snapshot: SnapshotConfig,
+}
+
+/// `[source] shape`: how a record's decoded value becomes changes (DESIGN.md, "Sources").
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// This project's `SegmentMembershipChange`, one change per record.
+    #[default]
+    Change,
+    AdobeRtcdp,
+    Segment,
+    Lytics,
+    Debezium,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 5] = [
+        Shape::Change,
+        Shape::AdobeRtcdp,
+        Shape::Segment,
+        Shape::Lytics,
+        Shape::Debezium,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Change => "change",
+            Shape::AdobeRtcdp => "adobe-rtcdp",
+            Shape::Segment => "segment",
+            Shape::Lytics => "lytics",
+            Shape::Debezium => "debezium",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Shape> {
+        Shape::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// `source.unmapped`: what becomes of an audience that `[source.segments]` does not name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unmapped {
+    /// Settled and counted as `unmapped_audience`, never written.
+    Skip,
+    /// Written under the audience's own id.
+    UseId,
+}
+
+/// `[source]`: the shape of the records and where a shape finds identities and audiences.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    pub shape: Shape,
+    /// JSON Pointer (RFC 6901) to the external_id; a shape's default when unset.
+    pub external_id: Option<String>,
+    /// JSON Pointer (RFC 6901) to the email; a shape's default when unset.
+    pub email: Option<String>,
+    /// Audience id or key → the segment id that names the attribute.
+    pub segments: BTreeMap<String, String>,
+    /// Unset: `skip` when `segments` has entries, `use-id` when it has none.
+    pub unmapped: Option<Unmapped>,
+    /// Debezium: the column holding the external_id.
+    pub user_column: Option<String>,
+    /// Debezium: the column holding the segment id.
+    pub segment_column: Option<String>,
+    /// Debezium: the column holding the email, optional.
+    pub email_column: Option<String>,
+    /// Debezium: a boolean column that an update (`u`) follows; unset, an update enters.
+    pub member_column: Option<String>,
+}
+
+impl SourceConfig {
+    /// `source.unmapped` with its default applied.
+    pub fn unmapped(&self) -> Unmapped {
+        self.unmapped.unwrap_or(if self.segments.is_empty() {
+            Unmapped::UseId
+        } else {
+            Unmapped::Skip
+        })
+    }
+
+    fn problems(&self, format: Format) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let shape = self.shape.name();
+        for (key, value) in [
+            ("source.external_id", &self.external_id),
+            ("source.email", &self.email),
+        ] {
+            if let Some(p) = value {
+                if !(p.is_empty() || p.starts_with('/')) {
+                    out.push((
+                        key,
+                        format!("{key} = {p:?} is not a JSON Pointer (RFC 6901): start it with `/`, e.g. \"/identityMap/crmId/0/id\""),
+                    ));
+                }
+            }
+        }
+        let pointers_set = self.external_id.is_some() || self.email.is_some();
+        let columns_set = [
+            &self.user_column,
+            &self.segment_column,
+            &self.email_column,
+            &self.member_column,
+        ]
+        .iter()
+        .any(|c| c.is_some());
+        match self.shape {
+            Shape::Change => {
+                if pointers_set
+                    || columns_set
+                    || !self.segments.is_empty()
+                    || self.unmapped.is_some()
+                {
+                    out.push((
+                        "source.shape",
+                        "source.shape = \"change\" reads this project's own event and takes no source.external_id, source.email, [source.segments], source.unmapped or source.*_column: set source.shape to the CDP's shape or remove them".into(),
+                    ));
+                }
+            }
+            Shape::AdobeRtcdp => {
+                if self.external_id.as_deref().is_none_or(str::is_empty)
+                    && self.email.as_deref().is_none_or(str::is_empty)
+                {
+                    out.push((
+                        "source.external_id",
+                        "source.shape = \"adobe-rtcdp\" needs source.external_id or source.email (or both): an identity namespace is each company's choice, e.g. source.external_id = \"/identityMap/crmId/0/id\" and source.email = \"/personalEmail/address\"".into(),
+                    ));
+                }
+            }
+            Shape::Segment | Shape::Lytics => {}
+            Shape::Debezium => {
+                for (key, value) in [
+                    ("source.user_column", &self.user_column),
+                    ("source.segment_column", &self.segment_column),
+                ] {
+                    if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                        out.push((
+                            key,
+                            format!("source.shape = \"debezium\" needs {key}: the membership table's column holding the {}", if key == "source.user_column" { "user's external_id" } else { "segment id" }),
+                        ));
+                    }
+                }
+                if pointers_set {
+                    out.push((
+                        "source.external_id",
+                        "source.shape = \"debezium\" reads the row's columns: use source.user_column and source.email_column instead of source.external_id and source.email".into(),
+                    ));
+                }
+            }
+        }
+        if !matches!(self.shape, Shape::Debezium | Shape::Change) && columns_set {
+            out.push((
+                "source.user_column",
+                format!("source.shape = \"{shape}\" has no table columns: source.user_column, source.segment_column, source.email_column and source.member_column are for \"debezium\""),
+            ));
+        }
+        let avro_debezium = self.shape == Shape::Debezium && format == Format::AvroConfluent;
+        if self.shape != Shape::Change && format != Format::Json && !avro_debezium {
+            let or_avro = if self.shape == Shape::Debezium {
+                " (or \"avro-confluent\" with the schema registry)"
+            } else {
+                ""
+            };
+            out.push((
+                "kafka.format",
+                format!("source.shape = \"{shape}\" is read from JSON: set kafka.format = \"json\"{or_avro}"),
+            ));
+        }
+        for (id, to) in &self.segments {
+            if id.is_empty() || to.trim().is_empty() {
+                out.push((
+                    "source.segments",
+                    format!("[source.segments] {id:?} = {to:?}: neither the audience id nor the segment id may be empty"),
+                ));
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -781,6 +963,9 @@ impl Config {
         for problem in k.schema_registry_problems() {
             bad(problem.0, problem.1);
         }
+        for problem in self.source.problems(k.format) {
+            bad(problem.0, problem.1);
+        }
         for name in k.properties.keys() {
             let lower = name.to_ascii_lowercase();
             if let Some((_, fix)) = OWNED_PROPERTIES.iter().find(|(owned, _)| *owned == lower) {
@@ -990,10 +1175,32 @@ impl Config {
                     .into(),
             );
         }
-        // Seam for issue 20 (`[source] shape`): once the worker can read a topic with another
-        // record shape, a `snapshot.topic` read with a shape other than `change` is refused
-        // here, since the snapshot command writes the project's own `change` records.
+        // Set explicitly, it is checked here; left to its default (the worker's own topic), a
+        // configuration for another shape is fine until `snapshot` itself runs with it.
+        if snap.topic.is_some() {
+            if let Some(problem) = self.snapshot_shape_problem() {
+                bad("snapshot.topic", problem);
+            }
+        }
         out
+    }
+
+    /// Why `snapshot` may not write to its topic: `snapshot` writes the project's own
+    /// `change` records, and a worker reading that topic with another `source.shape` would
+    /// dead-letter every one.
+    pub fn snapshot_shape_problem(&self) -> Option<String> {
+        if self.source.shape == Shape::Change {
+            return None;
+        }
+        let topic = self.snapshot.changes_topic(&self.kafka)?;
+        self.kafka.topics.iter().any(|t| *t == topic).then(|| {
+            format!(
+                "snapshot.topic {topic:?} is read by the worker with source.shape = {:?}, but \
+                 snapshot writes `change` records: set snapshot.topic to a topic of its own (read \
+                 by a worker with source.shape = \"change\")",
+                self.source.shape.name()
+            )
+        })
     }
 
     /// The effective configuration as TOML with secrets masked: the API key is shown as `***`
@@ -1119,7 +1326,11 @@ struct Schema {
 }
 
 /// A free-form table inside a section: any key, string values (numbers and booleans accepted).
-const FREE_TABLES: &[(&str, &str)] = &[("kafka", "properties"), ("snapshot", "storage")];
+const FREE_TABLES: &[(&str, &str)] = &[
+    ("kafka", "properties"),
+    ("source", "segments"),
+    ("snapshot", "storage"),
+];
 
 impl Schema {
     fn new() -> Schema {
@@ -1137,6 +1348,18 @@ impl Schema {
             *file = Some(String::new());
         }
         specimen.braze.ca_file = Some(String::new());
+        let src = &mut specimen.source;
+        src.unmapped = Some(Unmapped::Skip);
+        for key in [
+            &mut src.external_id,
+            &mut src.email,
+            &mut src.user_column,
+            &mut src.segment_column,
+            &mut src.email_column,
+            &mut src.member_column,
+        ] {
+            *key = Some(String::new());
+        }
         specimen.replay.spill_dir = Some(String::new());
         specimen.snapshot.topic = Some(String::new());
         specimen.snapshot.state_topic = Some(String::new());
@@ -1487,6 +1710,23 @@ mod tests {
         assert!(e.contains("snapshot.state_topic"), "{e}");
         let e = err("[snapshot]\ntransaction_records = 0\n", &[]);
         assert!(e.contains("snapshot.transaction_records"), "{e}");
+        // A topic the worker reads with another shape would dead-letter the changes.
+        let lytics = "[kafka]\ntopics = [\"t\"]\ndlq_topic = \"t.dlq\"\nformat = \"json\"\n\
+                      [source]\nshape = \"lytics\"\n";
+        let c = Config::from_toml_str_with(lytics, env(&[]), KeyRequirement::Optional).unwrap();
+        let problem = c.snapshot_shape_problem().unwrap();
+        assert!(
+            problem.contains("snapshot.topic \"t\"") && problem.contains("lytics"),
+            "{problem}"
+        );
+        let e = err(&format!("{lytics}[snapshot]\ntopic = \"t\"\n"), &[]);
+        assert!(
+            e.contains("snapshot.topic \"t\"") && e.contains("lytics"),
+            "{e}"
+        );
+        let own = format!("{lytics}[snapshot]\ntopic = \"members\"\n");
+        let c = Config::from_toml_str_with(&own, env(&[]), KeyRequirement::Optional).unwrap();
+        assert_eq!(c.snapshot_shape_problem(), None);
     }
 
     #[test]
@@ -1512,6 +1752,64 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn source_shapes_take_their_keys_and_adobe_needs_an_identity() {
+        let e = err(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"adobe-rtcdp\"\n",
+            &[],
+        );
+        assert!(e.contains("source.external_id or source.email"), "{e}");
+        let c = load(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"adobe-rtcdp\"\nexternal_id = \"/identityMap/crmId/0/id\"\n[source.segments]\n\"5b99\" = \"high_value\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.source.shape, Shape::AdobeRtcdp);
+        assert_eq!(c.source.segments["5b99"], "high_value");
+        assert_eq!(
+            c.source.unmapped(),
+            Unmapped::Skip,
+            "a table makes skip the default"
+        );
+        let c = load(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"lytics\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.source.unmapped(), Unmapped::UseId);
+        let e = err(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"debezium\"\n",
+            &[],
+        );
+        assert!(
+            e.contains("source.user_column") && e.contains("source.segment_column"),
+            "{e}"
+        );
+        let e = err("[source]\nshape = \"segment\"\n", &[]);
+        assert!(e.contains("kafka.format = \"json\""), "{e}");
+        let c = load(
+            "[source]\nshape = \"debezium\"\nuser_column = \"u\"\nsegment_column = \"s\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.kafka.format,
+            Format::AvroConfluent,
+            "Debezium's Avro converter is read"
+        );
+        let e = err(
+            "[kafka]\nformat = \"json\"\n[source]\nshape = \"segment\"\nemail = \"traits.email\"\n",
+            &[],
+        );
+        assert!(e.contains("not a JSON Pointer"), "{e}");
+        let c = load(
+            "[kafka]\nformat = \"json\"\n",
+            &[("SEGMENT_SYNC_SOURCE_SHAPE", "lytics")],
+        )
+        .unwrap();
+        assert_eq!(c.source.shape, Shape::Lytics);
     }
 
     #[test]

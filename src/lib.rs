@@ -13,6 +13,9 @@ pub mod start;
 pub mod offsets;
 /// Record payload → `Event`: JSON, plain Avro, Confluent wire format with a registry cache.
 pub mod decode;
+/// Pure: a record's value → the changes it holds, in the configured `[source] shape`
+/// (this project's change, Adobe Real-Time CDP, Twilio Segment, Lytics, Debezium).
+pub mod source;
 /// The decoded CDP event and the rules it must satisfy to be applied.
 pub mod event;
 /// Pure: pending changes per user, last write wins, repeats, stale and redundant changes.

@@ -12,6 +12,9 @@ pub struct Metrics {
     pub events_decoded: IntCounter,
     /// label `reason`: "undecodable" | "invalid"
     pub events_invalid: IntCounterVec,
+    /// label `reason`: "other_kind" | "unmapped_audience" | "tombstone": what the CDP
+    /// writes beside audience changes, settled without being applied.
+    pub events_ignored: IntCounterVec,
     pub events_deduplicated: IntCounter,
     pub events_stale: IntCounter,
     /// Changes that equal what was last delivered for the (user, segment): not written again.
@@ -107,6 +110,18 @@ impl Metrics {
                 "Records that could not be decoded or are invalid events",
                 &["reason"],
             ),
+            events_ignored: {
+                let c = counter_vec(
+                    &r,
+                    "events_ignored_total",
+                    "Records or audiences of the source shape that hold no change to apply, settled",
+                    &["reason"],
+                );
+                for reason in crate::source::Ignored::ALL {
+                    c.with_label_values(&[reason.label()]);
+                }
+                c
+            },
             events_deduplicated: counter(
                 &r,
                 "events_deduplicated_total",

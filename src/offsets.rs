@@ -46,13 +46,23 @@ pub struct PartitionId {
     epoch: u32,
 }
 
-/// One tracked record: which assignment it belongs to and its offset. 16 bytes, `Copy`, so the
-/// window can keep one beside every pending change without allocating.
+/// One tracked record, or one change of a record that holds several: which assignment it
+/// belongs to, its offset and which of its changes. 16 bytes, `Copy`, so the window can keep
+/// one beside every pending change without allocating: the change's number lives in the
+/// offset's top bits, above any offset Kafka will reach (2^48).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Position {
     partition: PartitionId,
+    /// The offset, and above [`PART_SHIFT`] the change's number (0: the record itself).
     offset: i64,
 }
+
+const PART_SHIFT: u32 = 48;
+const OFFSET_MASK: i64 = (1 << PART_SHIFT) - 1;
+
+/// The most changes one record may hold: the part number must fit the 15 bits above the
+/// offset, below the sign.
+pub const MAX_PARTS: usize = (1 << (63 - PART_SHIFT)) - 1;
 
 impl Position {
     pub fn partition(&self) -> PartitionId {
@@ -60,7 +70,41 @@ impl Position {
     }
 
     pub fn offset(&self) -> i64 {
-        self.offset
+        if self.offset < 0 {
+            self.offset
+        } else {
+            self.offset & OFFSET_MASK
+        }
+    }
+
+    /// Which change of a record with several (1..=n); 0 for the record itself.
+    pub fn part(&self) -> usize {
+        if self.offset < 0 {
+            0
+        } else {
+            (self.offset >> PART_SHIFT) as usize
+        }
+    }
+
+    /// The position of the record this change belongs to.
+    pub fn record(&self) -> Position {
+        Position {
+            partition: self.partition,
+            offset: self.offset(),
+        }
+    }
+
+    /// The position of change `part` (1..=[`MAX_PARTS`]) of this record; `None` for an
+    /// offset too large to carry a part number or a part out of range.
+    pub fn with_part(&self, part: usize) -> Option<Position> {
+        let offset = self.offset();
+        if !(1..=MAX_PARTS).contains(&part) || !(0..=OFFSET_MASK).contains(&offset) {
+            return None;
+        }
+        Some(Position {
+            partition: self.partition,
+            offset: offset | ((part as i64) << PART_SHIFT),
+        })
     }
 
     #[cfg(test)]
@@ -321,7 +365,7 @@ impl OffsetTracker {
     /// earlier epoch, and offsets never tracked, are ignored.
     pub fn settle(&mut self, pos: Position) {
         if let Some(state) = self.state_mut(pos.partition) {
-            self.unsettled -= state.settle(pos.offset);
+            self.unsettled -= state.settle(pos.offset());
         }
     }
 
@@ -380,6 +424,118 @@ impl OffsetTracker {
             .get_mut(id.slot as usize)?
             .as_mut()
             .filter(|s| s.epoch == id.epoch)
+    }
+}
+
+/// What became of a record with several changes when one of them got its outcome.
+#[derive(Debug, PartialEq)]
+pub enum Outcome<R> {
+    /// Changes of the record are still pending (or the part was known already).
+    Pending,
+    /// The last change settled and none was rejected: settle the record.
+    Settled(Position),
+    /// The last change has its outcome and some were rejected: dead-letter the record once,
+    /// with every reason, then settle it.
+    Rejected {
+        record: Position,
+        parts: usize,
+        /// (part number, why), in the order the outcomes came.
+        rejections: Vec<(usize, R)>,
+    },
+}
+
+struct Share<R> {
+    parts: usize,
+    /// One bit per part that has its outcome, so a part settled twice counts once.
+    done: Vec<u64>,
+    left: usize,
+    rejections: Vec<(usize, R)>,
+}
+
+/// The records that hold several changes, each with its changes still pending. Promises: a
+/// record comes out (settled or rejected) exactly once, when the last of its changes has an
+/// outcome, however many times and in whatever order its parts are reported; a record with
+/// a single change never enters, so the one-change path costs nothing here.
+#[derive(Default)]
+pub struct Shares<R> {
+    records: std::collections::HashMap<Position, Share<R>>,
+}
+
+impl<R> Shares<R> {
+    pub fn new() -> Self {
+        Shares {
+            records: std::collections::HashMap::new(),
+        }
+    }
+
+    /// `record` holds `parts` changes, numbered 1..=parts ([`Position::with_part`]).
+    pub fn split(&mut self, record: Position, parts: usize) {
+        self.records.insert(
+            record.record(),
+            Share {
+                parts,
+                done: vec![0; parts.div_ceil(64) + 1],
+                left: parts,
+                rejections: Vec::new(),
+            },
+        );
+    }
+
+    /// Part `part` of its record settled.
+    pub fn settle(&mut self, part: Position) -> Outcome<R> {
+        self.outcome(part, None)
+    }
+
+    /// Part `part` of its record was refused, for `why`.
+    pub fn reject(&mut self, part: Position, why: R) -> Outcome<R> {
+        self.outcome(part, Some(why))
+    }
+
+    fn outcome(&mut self, part: Position, why: Option<R>) -> Outcome<R> {
+        let record = part.record();
+        let Some(share) = self.records.get_mut(&record) else {
+            return Outcome::Pending;
+        };
+        let n = part.part();
+        if n == 0 || n > share.parts {
+            return Outcome::Pending;
+        }
+        let (word, bit) = (n / 64, 1u64 << (n % 64));
+        if share.done[word] & bit != 0 {
+            return Outcome::Pending;
+        }
+        share.done[word] |= bit;
+        share.left -= 1;
+        if let Some(why) = why {
+            share.rejections.push((n, why));
+        }
+        if share.left > 0 {
+            return Outcome::Pending;
+        }
+        let share = self.records.remove(&record).expect("present");
+        if share.rejections.is_empty() {
+            Outcome::Settled(record)
+        } else {
+            Outcome::Rejected {
+                record,
+                parts: share.parts,
+                rejections: share.rejections,
+            }
+        }
+    }
+
+    /// Forgets the records for which `gone` holds (a revoked partition's).
+    pub fn forget(&mut self, gone: impl Fn(&Position) -> bool) {
+        self.records.retain(|p, _| !gone(p));
+    }
+
+    /// Records with changes still pending.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
     }
 }
 
@@ -722,5 +878,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_record_with_several_changes_settles_when_the_last_settles_once() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let first = track(&mut t, p, 0);
+        let second = track(&mut t, p, 1);
+        let mut shares: Shares<&str> = Shares::new();
+        shares.split(first, 3);
+        let part = |n| first.with_part(n).expect("fits");
+        assert_eq!(part(2).offset(), 0);
+        assert_eq!(part(2).part(), 2);
+        assert_eq!(part(2).record(), first);
+        assert_ne!(part(1), part(2));
+        assert_eq!(shares.settle(part(2)), Outcome::Pending);
+        // A part reported twice (a redelivery, a duplicate in a flush) counts once.
+        assert_eq!(shares.settle(part(2)), Outcome::Pending);
+        t.settle(second);
+        assert_eq!(shares.settle(part(1)), Outcome::Pending);
+        assert_eq!(
+            t.committable("t", 0),
+            Some(0),
+            "the record still has a change pending"
+        );
+        match shares.settle(part(3)) {
+            Outcome::Settled(record) => t.settle(record),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.committable("t", 0), Some(2));
+        assert!(shares.is_empty());
+        // Late reports of a finished record change nothing.
+        assert_eq!(shares.settle(part(3)), Outcome::Pending);
+    }
+
+    #[test]
+    fn a_record_with_a_rejected_change_comes_out_once_with_every_reason() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let r = track(&mut t, p, 7);
+        let mut shares: Shares<&str> = Shares::new();
+        shares.split(r, 3);
+        let part = |n| r.with_part(n).expect("fits");
+        assert_eq!(shares.reject(part(1), "bad"), Outcome::Pending);
+        assert_eq!(shares.settle(part(3)), Outcome::Pending);
+        assert_eq!(
+            shares.reject(part(2), "worse"),
+            Outcome::Rejected {
+                record: r,
+                parts: 3,
+                rejections: vec![(1, "bad"), (2, "worse")],
+            }
+        );
+        assert_eq!(shares.reject(part(2), "again"), Outcome::Pending);
+    }
+
+    #[test]
+    fn part_numbers_stay_within_their_bits() {
+        let mut t = OffsetTracker::new();
+        let p = t.assign("t", 0);
+        let r = track(&mut t, p, (1 << 47) + 5);
+        assert_eq!(
+            r.with_part(MAX_PARTS).expect("fits").offset(),
+            (1 << 47) + 5
+        );
+        assert_eq!(r.with_part(MAX_PARTS).expect("fits").part(), MAX_PARTS);
+        assert_eq!(r.with_part(MAX_PARTS + 1), None);
+        assert_eq!(r.with_part(0), None);
     }
 }

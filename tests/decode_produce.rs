@@ -31,6 +31,7 @@ async fn produced_records_arrive_keyed_and_decodable() {
         email_only_rate: 0.1,
         seed: 3,
         topic: None,
+        shape: None,
     };
     let summary = produce::run(&cfg, &args).await.expect("produce");
     assert_eq!(summary.records, 5000);

@@ -586,6 +586,7 @@ fn metric_names() -> BTreeSet<String> {
     let s = segment_sync::metrics::SnapshotMetrics::register(&m.registry);
     let labelled = [
         m.events_invalid.desc(),
+        m.events_ignored.desc(),
         m.braze_requests.desc(),
         m.dlq_records.desc(),
         m.committed_offset.desc(),

@@ -30,6 +30,7 @@ pub fn produce_args(count: usize, users: usize, seed: u64, topic: Option<&str>) 
         email_only_rate: 0.1,
         seed,
         topic: topic.map(str::to_string),
+        shape: None,
     }
 }
 

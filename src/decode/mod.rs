@@ -6,6 +6,10 @@ mod confluent;
 mod json;
 mod registry;
 
+/// For the shapes read from Avro (`source::Source`): the wire format and a writer schema.
+pub(crate) use avro::parse_writer;
+pub(crate) use confluent::split;
+
 use std::sync::Arc;
 
 pub use avro::AvroError;

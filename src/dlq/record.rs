@@ -27,6 +27,9 @@ pub const HEADER_BRAZE_HTTP_STATUS: &str = "braze.http.status";
 /// Present when the dead-letter record lacks the original value (and perhaps key and
 /// headers): says why, so nobody mistakes it for a tombstone.
 pub const HEADER_VALUE_OMITTED: &str = "segment_sync.value.omitted";
+/// On the dead-letter copy of a record holding several changes, some refused by Braze: one
+/// line per change of the record, saying whether it settled or why it was refused.
+pub const HEADER_REJECTIONS: &str = "segment_sync.rejections";
 
 /// What `__connect.errors.connector.name` says. One name for every worker of the group,
 /// as Connect names the connector, not the worker.
@@ -236,6 +239,7 @@ fn is_context_header(name: &[u8]) -> bool {
         || name == HEADER_BRAZE_ERROR_TYPE.as_bytes()
         || name == HEADER_BRAZE_HTTP_STATUS.as_bytes()
         || name == HEADER_VALUE_OMITTED.as_bytes()
+        || name == HEADER_REJECTIONS.as_bytes()
 }
 
 /// `text` cut to at most `MAX_MESSAGE_BYTES`, on a character boundary, ending in an

@@ -36,6 +36,8 @@ pub struct RejectedEvents {
     pub partition: i32,
     pub positions: Vec<Position>,
     pub rejection: Rejection,
+    /// For a record holding several changes: `segment_sync.rejections`, one line a change.
+    pub lines: Option<String>,
 }
 
 /// The re-reading thread. Every position handed to it comes back as exactly one
@@ -116,7 +118,13 @@ fn serve(
             };
             for job in jobs {
                 for pos in &job.positions {
-                    let pending = pending_for(&topic, partition, *pos, &job.rejection, &found);
+                    let mut pending = pending_for(&topic, partition, *pos, &job.rejection, &found);
+                    if let Some(lines) = &job.lines {
+                        pending.record.headers.push((
+                            super::HEADER_REJECTIONS.into(),
+                            Some(lines.clone().into_bytes()),
+                        ));
+                    }
                     send(&dlq, pending, &stop);
                 }
             }

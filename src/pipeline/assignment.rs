@@ -4,7 +4,19 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::offsets::{OffsetTracker, PartitionId, Position, TopicPartition};
+use crate::braze::Rejection;
+use crate::offsets::{OffsetTracker, Outcome, PartitionId, Position, Shares, TopicPartition};
+
+/// A record with several changes, some of which Braze refused: it goes to the dead-letter
+/// topic once, now that all of them have an outcome.
+pub struct RejectedRecord {
+    pub tp: TopicPartition,
+    pub record: Position,
+    /// The first refusal, for the Connect headers.
+    pub rejection: Rejection,
+    /// One line per change of the record: `segment_sync.rejections`.
+    pub lines: String,
+}
 
 /// The only part that knows which partitions this worker holds. Promises: a record is
 /// tracked only under the assignment it was polled in, so a record polled before a revoke
@@ -17,6 +29,10 @@ pub struct Assignment {
     generation: Arc<AtomicU64>,
     /// The generation at which each partition's current assignment began.
     since: HashMap<TopicPartition, u64>,
+    /// Records with several changes, until the last of them has an outcome.
+    shares: Shares<Rejection>,
+    /// Such records with a refused change, waiting for the dead letters to take them.
+    rejected: Vec<RejectedRecord>,
 }
 
 impl Assignment {
@@ -25,6 +41,8 @@ impl Assignment {
             tracker: OffsetTracker::new(),
             generation: Arc::new(AtomicU64::new(0)),
             since: HashMap::new(),
+            shares: Shares::new(),
+            rejected: Vec::new(),
         }
     }
 
@@ -45,6 +63,10 @@ impl Assignment {
 
     /// Forgets the partition: its positions settle nothing from now on.
     pub fn revoke(&mut self, tp: &TopicPartition) {
+        if let Some(id) = self.tracker.partition_id(&tp.topic, tp.partition) {
+            self.shares.forget(|p| p.partition() == id);
+            self.rejected.retain(|r| r.record.partition() != id);
+        }
         self.bump();
         self.tracker.revoke(&tp.topic, tp.partition);
         self.since.remove(tp);
@@ -74,8 +96,85 @@ impl Assignment {
         self.tracker.track(id, offset)
     }
 
+    /// A record, or one change of a record with several, settled. A record with several
+    /// changes settles with the last of them, or waits in [`Assignment::take_rejected`] when
+    /// one of them was refused.
     pub fn settle(&mut self, pos: Position) {
-        self.tracker.settle(pos);
+        if pos.part() == 0 {
+            self.tracker.settle(pos);
+            return;
+        }
+        let outcome = self.shares.settle(pos);
+        self.settled(outcome);
+    }
+
+    /// The record at `pos` holds `parts` changes (more than one), settled one by one through
+    /// `pos.with_part(1..=parts)`. False when it holds too many to be tracked so.
+    pub fn split(&mut self, pos: Position, parts: usize) -> bool {
+        if pos.with_part(parts).is_none() {
+            return false;
+        }
+        self.shares.split(pos, parts);
+        true
+    }
+
+    /// Braze refused the change at `pos`. `Some`: a record of its own, dead-letter it now;
+    /// `None`: one change of a record with several, which is dead-lettered (once) when all
+    /// of them have an outcome.
+    pub fn reject(&mut self, pos: Position, rejection: Rejection) -> Option<Rejection> {
+        if pos.part() == 0 {
+            return Some(rejection);
+        }
+        let outcome = self.shares.reject(pos, rejection);
+        self.settled(outcome);
+        None
+    }
+
+    fn settled(&mut self, outcome: Outcome<Rejection>) {
+        match outcome {
+            Outcome::Pending => {}
+            Outcome::Settled(record) => self.tracker.settle(record),
+            Outcome::Rejected {
+                record,
+                parts,
+                rejections,
+            } => {
+                let Some(tp) = self.tracker.name(record.partition()) else {
+                    return;
+                };
+                let mut lines = String::new();
+                for n in 1..=parts {
+                    match rejections.iter().find(|(part, _)| *part == n) {
+                        Some((_, r)) => lines.push_str(&format!(
+                            "change {n} of {parts}: rejected: {} {}: {}\n",
+                            r.status, r.error_type, r.message
+                        )),
+                        None => lines.push_str(&format!("change {n} of {parts}: settled\n")),
+                    }
+                }
+                let first = rejections[0].1.clone();
+                let rejection = Rejection {
+                    status: first.status,
+                    error_type: first.error_type,
+                    message: format!(
+                        "{} of the record's {parts} changes rejected; the first: {}",
+                        rejections.len(),
+                        first.message
+                    ),
+                };
+                self.rejected.push(RejectedRecord {
+                    tp,
+                    record,
+                    rejection,
+                    lines: lines.trim_end().to_string(),
+                });
+            }
+        }
+    }
+
+    /// Records with several changes whose last outcome came in and some were refused.
+    pub fn take_rejected(&mut self) -> Vec<RejectedRecord> {
+        std::mem::take(&mut self.rejected)
     }
 
     /// The partition a position belongs to, while its assignment lasts.

@@ -76,13 +76,21 @@ impl DeadLetters {
 
     /// Dead-letters the records of `positions` that Braze refused: they are read back from
     /// the log first, on the re-reader's thread.
-    pub fn rejected(&mut self, tp: TopicPartition, positions: Vec<Position>, rejection: Rejection) {
+    /// `lines`: for a record holding several changes, the `segment_sync.rejections` header.
+    pub fn rejected(
+        &mut self,
+        tp: TopicPartition,
+        positions: Vec<Position>,
+        rejection: Rejection,
+        lines: Option<String>,
+    ) {
         let n = positions.len();
         let job = RejectedEvents {
             topic: tp.topic,
             partition: tp.partition,
             positions,
             rejection,
+            lines,
         };
         if self.rereader.submit(job) {
             self.pending += n;

@@ -91,6 +91,8 @@ pub struct RunSummary {
     pub decoded: u64,
     pub undecodable: u64,
     pub invalid: u64,
+    /// Records (and audiences of records) of the source shape holding no change to apply.
+    pub ignored: u64,
     pub duplicates: u64,
     pub stale: u64,
     pub redundant: u64,
@@ -135,6 +137,9 @@ impl std::fmt::Display for RunSummary {
         writeln!(f, "  decoded             {}", self.decoded)?;
         writeln!(f, "  undecodable         {}", self.undecodable)?;
         writeln!(f, "  invalid             {}", self.invalid)?;
+        if self.ignored > 0 {
+            writeln!(f, "  ignored (no change) {}", self.ignored)?;
+        }
         writeln!(f, "  duplicates dropped  {}", self.duplicates)?;
         writeln!(f, "  stale dropped       {}", self.stale)?;
         writeln!(f, "  redundant (unsent)  {}", self.redundant)?;

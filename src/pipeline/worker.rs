@@ -31,11 +31,12 @@ use super::ingest::{Ingest, Verdict};
 use super::{kafka, PipelineError, Progress, RunOptions, RunSummary};
 use crate::braze::BrazeClient;
 use crate::config::{Config, Format};
-use crate::decode::{Decoder, RegistryClient, SchemaSource};
+use crate::decode::{RegistryClient, SchemaSource};
 use crate::dlq::{DlqWriter, Rereader};
 use crate::fold::{Fold, FoldConfig};
 use crate::mapping::Mapping;
 use crate::replay::RunMark;
+use crate::source::Source;
 use crate::start::{StartAt, Until};
 use crate::window::{Window, WindowConfig};
 use std::io::Write;
@@ -64,6 +65,10 @@ struct Taking<'m> {
 enum Fate<'m> {
     /// A valid event, with what the window will look up for it.
     Admit(Lookup, Event<'m>),
+    /// A record holding several valid changes: it settles when the last of them settles.
+    AdmitMany(Vec<(Lookup, Event<'m>)>),
+    /// Nothing to apply: settle it.
+    Ignore,
     DeadLetter(DlqReason),
 }
 
@@ -108,7 +113,7 @@ impl Worker {
             Format::AvroConfluent => Some(Arc::new(RegistryClient::from_config(&cfg.kafka)?)),
             _ => None,
         };
-        let decoder = Decoder::new(cfg.kafka.format, registry)?;
+        let source = Source::from_config(cfg, registry)?;
         let committing = dry_run.is_none();
         let sink = match dry_run {
             Some(out) => Sink::DryRun(out),
@@ -173,7 +178,7 @@ impl Worker {
         let rules = mapping.rules_for(cfg.window.max_future_ms);
         Ok(Worker {
             assignment: Assignment::new(),
-            ingest: Ingest::new(decoder, rules, metrics.clone()),
+            ingest: Ingest::new(source, rules, metrics.clone()),
             delivery: Delivery::new(
                 window,
                 mapping,
@@ -328,6 +333,25 @@ impl Worker {
                     fate: Fate::Admit(lookup, event),
                 })
             }
+            Verdict::AdmitMany(events) => {
+                let fate = events
+                    .into_iter()
+                    .map(|event| {
+                        let Some(identity) = event.identity() else {
+                            unreachable!("ingest admits only events with an identity");
+                        };
+                        (self.delivery.lookup(&event, identity), event)
+                    })
+                    .collect();
+                Examined::Take(Taking {
+                    id,
+                    fate: Fate::AdmitMany(fate),
+                })
+            }
+            Verdict::Ignore => Examined::Take(Taking {
+                id,
+                fate: Fate::Ignore,
+            }),
             Verdict::DeadLetter(reason) => Examined::Take(Taking {
                 id,
                 fate: Fate::DeadLetter(reason),
@@ -344,50 +368,78 @@ impl Worker {
             return;
         };
         match &record.fate {
-            Fate::Admit(_, event) if self.fold.is_some() => {
-                let Some(identity) = event.identity() else {
-                    unreachable!("ingest admits only events with an identity");
-                };
-                let fold = self.fold.as_mut().expect("matched above");
-                let assignment = &mut self.assignment;
-                let mut superseded = 0u64;
-                let folded = fold.absorb(event, identity, m.partition(), m.offset(), pos, |p| {
-                    superseded += 1;
-                    assignment.settle(p);
-                });
-                self.metrics.events_redundant.inc_by(superseded);
-                if let Err(e) = folded {
-                    self.fail(format!("the replay's fold: {e}"));
+            Fate::Admit(lookup, event) => self.admit(m, lookup, event, pos, now_ms),
+            Fate::AdmitMany(changes) => {
+                if !self.assignment.split(pos, changes.len()) {
+                    let reason = DlqReason::Invalid {
+                        message: format!(
+                            "the record holds {} changes, more than the {} one record may hold",
+                            changes.len(),
+                            crate::offsets::MAX_PARTS
+                        ),
+                    };
+                    self.dead_letters.record(m, pos, &reason);
+                    return;
+                }
+                for (i, (lookup, event)) in changes.iter().enumerate() {
+                    let Some(part) = pos.with_part(i + 1) else {
+                        unreachable!("split checked that every part fits");
+                    };
+                    self.admit(m, lookup, event, part, now_ms);
                 }
             }
-            Fate::Admit(lookup, event) => {
-                let Some(identity) = event.identity() else {
-                    unreachable!("ingest admits only events with an identity");
-                };
-                match self.delivery.admit(
-                    lookup,
-                    event,
-                    identity,
-                    m.partition(),
-                    m.offset(),
-                    pos,
-                    now_ms,
-                ) {
-                    Admit::Pending | Admit::Superseded => {}
-                    Admit::Duplicate => {
-                        self.metrics.events_deduplicated.inc();
-                        self.assignment.settle(pos);
-                    }
-                    Admit::Stale => {
-                        self.metrics.events_stale.inc();
-                        self.assignment.settle(pos);
-                    }
-                }
-            }
+            Fate::Ignore => self.assignment.settle(pos),
             Fate::DeadLetter(reason) => {
                 tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
                 reason = ?reason, "record to the dead-letter topic");
                 self.dead_letters.record(m, pos, reason);
+            }
+        }
+    }
+
+    /// One change to the window: `pos` is its record's, or its own part of a record with
+    /// several.
+    fn admit<M: Message>(
+        &mut self,
+        m: &M,
+        lookup: &Lookup,
+        event: &Event<'_>,
+        pos: Position,
+        now_ms: u64,
+    ) {
+        let Some(identity) = event.identity() else {
+            unreachable!("ingest admits only events with an identity");
+        };
+        if let Some(fold) = self.fold.as_mut() {
+            let assignment = &mut self.assignment;
+            let mut superseded = 0u64;
+            let folded = fold.absorb(event, identity, m.partition(), m.offset(), pos, |p| {
+                superseded += 1;
+                assignment.settle(p);
+            });
+            self.metrics.events_redundant.inc_by(superseded);
+            if let Err(e) = folded {
+                self.fail(format!("the replay's fold: {e}"));
+            }
+            return;
+        }
+        match self.delivery.admit(
+            lookup,
+            event,
+            identity,
+            m.partition(),
+            m.offset(),
+            pos,
+            now_ms,
+        ) {
+            Admit::Pending | Admit::Superseded => {}
+            Admit::Duplicate => {
+                self.metrics.events_deduplicated.inc();
+                self.assignment.settle(pos);
+            }
+            Admit::Stale => {
+                self.metrics.events_stale.inc();
+                self.assignment.settle(pos);
             }
         }
     }
@@ -473,6 +525,7 @@ impl Worker {
         let now = self.now_ms();
         let assignment = &mut self.assignment;
         self.delivery.flush(now, false, |p| assignment.settle(p));
+        self.dead_letter_rejected();
         self.send_folded();
         if self.commits.due() {
             self.commit(consumer, CommitMode::Async);
@@ -530,21 +583,36 @@ impl Worker {
                 for (positions, rejection) in answer.rejected {
                     let mut by_partition: HashMap<PartitionId, Vec<Position>> = HashMap::new();
                     for p in positions {
-                        by_partition.entry(p.partition()).or_default().push(p);
+                        // A change of a record with several waits for the others.
+                        if self.assignment.reject(p, rejection.clone()).is_some() {
+                            by_partition.entry(p.partition()).or_default().push(p);
+                        }
                     }
                     for (pid, positions) in by_partition {
                         // A partition revoked meanwhile: its next owner reads these again.
                         if let Some(tp) = self.assignment.name(pid) {
-                            self.dead_letters.rejected(tp, positions, rejection.clone());
+                            self.dead_letters
+                                .rejected(tp, positions, rejection.clone(), None);
                         }
                     }
                 }
+                self.dead_letter_rejected();
             }
             Ack::DeadLetter(outcome) => {
                 let assignment = &mut self.assignment;
                 self.dead_letters
                     .on_outcome(outcome, |p| assignment.settle(p));
             }
+        }
+    }
+
+    /// Records with several changes that were refused in part, once all their changes have
+    /// an outcome: to the dead-letter topic, once each.
+    fn dead_letter_rejected(&mut self) {
+        for r in self.assignment.take_rejected() {
+            tracing::warn!(partition = %r.tp, offset = r.record.offset(), "a record with several changes had some refused; to the dead-letter topic");
+            self.dead_letters
+                .rejected(r.tp, vec![r.record], r.rejection, Some(r.lines));
         }
     }
 
@@ -557,6 +625,7 @@ impl Worker {
             let now = self.now_ms();
             let assignment = &mut self.assignment;
             self.delivery.flush(now, true, |p| assignment.settle(p));
+            self.dead_letter_rejected();
             if !self.shutting_down {
                 self.send_folded();
             }
@@ -710,6 +779,10 @@ impl Worker {
             decoded: m.events_decoded.get(),
             undecodable: m.events_invalid.with_label_values(&["undecodable"]).get(),
             invalid: m.events_invalid.with_label_values(&["invalid"]).get(),
+            ignored: crate::source::Ignored::ALL
+                .iter()
+                .map(|r| m.events_ignored.with_label_values(&[r.label()]).get())
+                .sum(),
             duplicates: m.events_deduplicated.get(),
             stale: m.events_stale.get(),
             redundant: m.events_redundant.get(),

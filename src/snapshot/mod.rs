@@ -250,6 +250,9 @@ pub fn run(
         .snapshot
         .state_topic_for(&cfg.kafka)
         .unwrap_or_else(|| format!("{changes_topic}.snapshots"));
+    if let Some(problem) = cfg.snapshot_shape_problem() {
+        return Err(SnapshotError::Usage(problem));
+    }
     if args.segment.is_empty() || args.segment.contains('\0') {
         return Err(SnapshotError::Usage(
             "--segment must be a non-empty id without NUL".into(),

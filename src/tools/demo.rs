@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use rdkafka::mocking::MockCluster;
 
-use crate::config::{Config, Format};
+use crate::config::{Config, Format, Shape};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RunOptions};
@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// dead-letter path.
     #[arg(long, default_value = "user-00004")]
     pub reject_prefix: String,
+    /// The shape of the records: this project's change, or a CDP's as it writes them.
+    #[arg(long, value_enum, default_value = "change")]
+    pub shape: Shape,
     /// Instead of the generated stream: two Customer Insights export runs of a sample segment
     /// through `segment-sync snapshot`, and the users who left it reaching Braze as EXITED.
     #[arg(long)]
@@ -47,6 +50,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.kafka.brokers = cluster.bootstrap_servers();
     cfg.kafka.format = Format::Json;
     cfg.kafka.group_id = "segment-sync-demo".into();
+    cfg.source = crate::tools::shapes::source_config(args.shape);
     cluster
         .create_topic(&cfg.kafka.topics[0], args.partitions, 1)
         .context("creating the demo topic")?;
@@ -73,7 +77,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.braze.api_key = Some(API_KEY.into());
     cfg.window.linger_ms = 200;
 
-    println!("segment-sync demo");
+    println!("segment-sync demo (source.shape = {:?})", args.shape.name());
     println!("  kafka (librdkafka mock cluster)  {}", cfg.kafka.brokers);
     println!("  braze (simulator)                {}", braze.url());
     if args.snapshot {
@@ -123,6 +127,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             email_only_rate: 0.1,
             seed: 7,
             topic: None,
+            shape: None,
         },
     )
     .await

@@ -8,5 +8,7 @@ pub mod encode;
 pub mod generate;
 /// `segment-sync produce`: writes generated changes to the topic.
 pub mod produce;
+/// Sample records in each CDP shape (`produce --shape`, `demo --shape`, tests).
+pub mod shapes;
 /// The Braze simulator (`braze-sim` and tests).
 pub mod sim;

@@ -10,10 +10,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-use crate::config::{Config, Format};
+use crate::config::{Config, Format, Shape};
 use crate::decode::{RegistryClient, SCHEMA};
 use crate::tools::encode;
 use crate::tools::generate::{Generator, GeneratorConfig, Record};
+use crate::tools::shapes::Samples;
 
 /// Deliveries awaited at once: enough to keep librdkafka's batches full.
 const MAX_IN_FLIGHT: usize = 50_000;
@@ -47,6 +48,12 @@ pub struct ProduceArgs {
     /// Defaults to the configuration's first topic.
     #[arg(long)]
     pub topic: Option<String>,
+    /// The shape of the records (default: the configuration's `source.shape`). The CDP
+    /// shapes write sample records as each vendor documents them, several changes to a
+    /// record where the shape allows, with redeliveries and what the CDP writes beside
+    /// audience changes; the rates above are for `change`.
+    #[arg(long, value_enum)]
+    pub shape: Option<Shape>,
 }
 
 pub fn generator_config(args: &ProduceArgs) -> GeneratorConfig {
@@ -125,6 +132,10 @@ pub async fn run(cfg: &Config, args: &ProduceArgs) -> anyhow::Result<ProduceSumm
         .clone()
         .or_else(|| cfg.kafka.topics.first().cloned())
         .context("no topic: pass --topic or set kafka.topics")?;
+    let shape = args.shape.unwrap_or(cfg.source.shape);
+    if shape != Shape::Change {
+        return run_shape(cfg, args, shape, &topic).await;
+    }
     let format = cfg.kafka.format;
     let schema_id = match format {
         Format::AvroConfluent => {
@@ -164,6 +175,51 @@ pub async fn run(cfg: &Config, args: &ProduceArgs) -> anyhow::Result<ProduceSumm
                     break;
                 }
                 // librdkafka's queue is full: let deliveries drain, then try again.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if in_flight.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    } else {
+                        settled(in_flight.next().await)?;
+                    }
+                }
+                Err((e, _)) => return Err(e).context("producing a record"),
+            }
+        }
+        while in_flight.len() >= MAX_IN_FLIGHT {
+            settled(in_flight.next().await)?;
+        }
+    }
+    while let Some(delivery) = in_flight.next().await {
+        settled(Some(delivery))?;
+    }
+    Ok(summary)
+}
+
+/// `produce --shape` for a CDP shape: sample records as the vendor writes them, in JSON.
+async fn run_shape(
+    cfg: &Config,
+    args: &ProduceArgs,
+    shape: Shape,
+    topic: &str,
+) -> anyhow::Result<ProduceSummary> {
+    let producer = producer(cfg)?;
+    let mut in_flight = FuturesUnordered::new();
+    let mut summary = ProduceSummary::default();
+    for r in Samples::new(shape, args.users, args.segments, args.seed).take(args.count) {
+        summary.records += 1;
+        if !r.changes.is_empty() {
+            summary.valid += 1;
+        }
+        loop {
+            let mut record = FutureRecord::to(topic).key(&r.key);
+            if let Some(v) = &r.value {
+                record = record.payload(v);
+            }
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    in_flight.push(delivery);
+                    break;
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     if in_flight.is_empty() {
                         tokio::time::sleep(Duration::from_millis(5)).await;

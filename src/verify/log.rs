@@ -14,12 +14,13 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{Config, Format};
-use crate::decode::{Decoder, RegistryClient, SchemaSource};
+use crate::decode::{RegistryClient, SchemaSource};
 use crate::dlq::{HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC};
 use crate::event::{Event, Identity, Rules};
 use crate::kafka::TimeLookup;
 use crate::mapping::Mapping;
 use crate::offsets::TopicPartition;
+use crate::source::Source;
 use crate::start::{decide, StartAt, StartDecision};
 
 use super::state::Coord;
@@ -48,7 +49,7 @@ pub struct Log {
     reader: BaseConsumer,
     /// Carries the live group's id to ask for its committed offsets; never subscribes.
     live: BaseConsumer,
-    decoder: Decoder,
+    source: Source,
     rules: Rules,
     topics: Vec<String>,
     dlq_topic: String,
@@ -87,7 +88,7 @@ impl Log {
             live: live
                 .create()
                 .map_err(kafka("creating the committed-offset reader"))?,
-            decoder: Decoder::new(cfg.kafka.format, registry)?,
+            source: Source::from_config(cfg, registry)?,
             rules: Mapping::from_config(cfg).rules_for(cfg.window.max_future_ms),
             topics: cfg.kafka.topics.clone(),
             dlq_topic: cfg.kafka.dlq_topic.clone(),
@@ -206,7 +207,7 @@ impl Log {
         let mut last_check = Instant::now();
         let Log {
             reader,
-            decoder,
+            source,
             rules,
             ..
         } = self;
@@ -231,7 +232,7 @@ impl Log {
                             offset: m.offset(),
                         };
                         read.records += 1;
-                        if !apply(decoder, rules, m.payload(), now, &at, stop, &mut take)? {
+                        if !apply(source, rules, m.payload(), now, &at, stop, &mut take)? {
                             read.skipped += 1;
                         }
                     }
@@ -368,11 +369,12 @@ impl Log {
     }
 }
 
-/// Decodes and validates one payload as the worker would and hands a valid event over;
-/// false when the worker would dead-letter it. A payload the registry cannot decode yet is
-/// tried again, as the worker holds it.
+/// Reads and validates one payload as the worker would (through the configured shape) and
+/// hands its valid changes over; false when the worker would dead-letter it (a record with
+/// several changes goes whole). A payload the registry cannot decode yet is tried again, as
+/// the worker holds it.
 fn apply(
-    decoder: &mut Decoder,
+    source: &mut Source,
     rules: &Rules,
     payload: Option<&[u8]>,
     now_epoch_ms: i64,
@@ -380,12 +382,9 @@ fn apply(
     stop: &AtomicBool,
     take: &mut impl FnMut(&Event<'_>, Identity<'_>, &Coord),
 ) -> Result<bool, VerifyError> {
-    let Some(payload) = payload else {
-        return Ok(false);
-    };
-    let event = loop {
-        match decoder.decode(payload) {
-            Ok(e) => break e,
+    let read = loop {
+        match source.read(payload) {
+            Ok(r) => break r,
             Err(e) if e.is_retryable() => {
                 tracing::warn!(error = %e, "the schema registry cannot decode a record yet; trying again");
                 if stop.load(Ordering::Relaxed) {
@@ -396,13 +395,19 @@ fn apply(
             Err(_) => return Ok(false),
         }
     };
-    match event.validate_with(rules, now_epoch_ms) {
-        Ok(identity) => {
-            take(&event, identity, at);
-            Ok(true)
-        }
-        Err(_) => Ok(false),
+    let events = read.into_events();
+    if events
+        .iter()
+        .any(|e| e.validate_with(rules, now_epoch_ms).is_err())
+    {
+        return Ok(false);
     }
+    for event in &events {
+        if let Ok(identity) = event.validate_with(rules, now_epoch_ms) {
+            take(event, identity, at);
+        }
+    }
+    Ok(true)
 }
 
 /// The original record a dead-letter record names (its newest Connect headers).

@@ -288,6 +288,8 @@ pub struct WorkerConfig {
     pub max_pending_users: usize,
     /// librdkafka properties; the defaults make a killed member's partitions move soon.
     pub properties: BTreeMap<String, String>,
+    /// Sections written after the others as they are (e.g. `[source]`).
+    pub extra: String,
 }
 
 impl WorkerConfig {
@@ -314,6 +316,7 @@ impl WorkerConfig {
             drain_timeout_ms: 10_000,
             max_pending_users: 100_000,
             properties,
+            extra: String::new(),
         }
     }
 
@@ -353,6 +356,8 @@ max_pending_users = {pending}
 
 [server]
 listen = {listen:?}
+
+{extra}
 "#,
             brokers = self.brokers,
             group = self.group_id,
@@ -367,6 +372,7 @@ listen = {listen:?}
             commit = self.commit_interval_ms,
             drain = self.drain_timeout_ms,
             pending = self.max_pending_users,
+            extra = self.extra,
         )
     }
 
