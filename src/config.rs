@@ -1193,7 +1193,7 @@ impl Config {
             return None;
         }
         let topic = self.snapshot.changes_topic(&self.kafka)?;
-        self.kafka.topics.iter().any(|t| *t == topic).then(|| {
+        self.kafka.topics.contains(&topic).then(|| {
             format!(
                 "snapshot.topic {topic:?} is read by the worker with source.shape = {:?}, but \
                  snapshot writes `change` records: set snapshot.topic to a topic of its own (read \
