@@ -523,7 +523,14 @@ pub struct WindowConfig {
     /// change. 0 turns the check off; otherwise at least [`MIN_MAX_FUTURE_MS`], so that
     /// ordinary clock skew between the CDP and the worker never rejects a good event.
     pub max_future_ms: u64,
+    /// How many records below its committed offset a partition newly assigned to `run` is
+    /// read back, so that what was written orders the changes that follow (an older one is
+    /// stale) across restarts and rebalances. Per partition; 0 turns the restore off.
+    pub restore_records: u64,
 }
+
+/// Above this, one partition's restore would hold more versions than any window remembers.
+pub const MAX_RESTORE_RECORDS: u64 = 10_000_000;
 
 impl Default for WindowConfig {
     fn default() -> Self {
@@ -536,6 +543,7 @@ impl Default for WindowConfig {
             drain_timeout_ms: 20_000,
             commit_interval_ms: 1000,
             max_future_ms: 86_400_000,
+            restore_records: 100_000,
         }
     }
 }
@@ -1097,6 +1105,15 @@ impl Config {
                 format!(
                     "window.max_future_ms = {} is too small: ordinary clock skew between the CDP and the worker would dead-letter good events; use 0 to turn the check off, or {MIN_MAX_FUTURE_MS} (one minute) or more",
                     w.max_future_ms
+                ),
+            );
+        }
+        if w.restore_records > MAX_RESTORE_RECORDS {
+            bad(
+                "window.restore_records",
+                format!(
+                    "window.restore_records = {} is over {MAX_RESTORE_RECORDS}: what a partition restores is remembered in window.delivered_memory, which cannot use that many; use 0 to turn the restore off",
+                    w.restore_records
                 ),
             );
         }
@@ -2068,6 +2085,22 @@ mod tests {
                     [braze]\nbatch_size = 1\n[window]\nlinger_ms = 300000\nmax_pending_users = 1\n";
         let c = load(text, &[]).unwrap();
         assert_eq!(c.braze.batch_size, 1);
+    }
+
+    #[test]
+    fn restore_records_defaults_to_100000_zero_turns_it_off_and_it_is_bounded() {
+        assert_eq!(load("", &[]).unwrap().window.restore_records, 100_000);
+        assert_eq!(
+            load("[window]\nrestore_records = 0", &[])
+                .unwrap()
+                .window
+                .restore_records,
+            0
+        );
+        let e = load("[window]\nrestore_records = 10000001", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("window.restore_records"), "{e}");
     }
 
     #[test]

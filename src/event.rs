@@ -64,8 +64,9 @@ pub struct Event<'a> {
     /// Source order (a CDC LSN, a version), compared before `occurred_at` in last write
     /// wins. It is opaque, so no value can be refused as too large: a wrong huge one wins
     /// against every later correct change of its (user, segment), which are dropped as stale
-    /// for as long as the window remembers what it sent (`window.delivered_memory`, until a
-    /// rebalance or a restart); the next correct change after that is written again.
+    /// for as long as the window remembers what it sent (`window.delivered_memory`; across a
+    /// rebalance or a restart too, within `window.restore_records`, since a partition's new
+    /// owner restores it from the log); the next correct change after that is written again.
     pub sequence: Option<i64>,
     /// In the order the writer gave them; an absent map and an empty map are the same.
     pub attributes: Vec<(Cow<'a, str>, AttrValue<'a>)>,

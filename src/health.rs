@@ -26,6 +26,9 @@ pub enum Fault {
     SchemaRegistry,
     /// Dead-letter writes keep failing: the watermark holds.
     DeadLetters,
+    /// Newly assigned partitions have waited over a minute for their history to be read
+    /// back: they are not consumed meanwhile.
+    Restore,
 }
 
 impl Fault {
@@ -33,6 +36,7 @@ impl Fault {
         match self {
             Fault::SchemaRegistry => "schema registry",
             Fault::DeadLetters => "dead-letter topic",
+            Fault::Restore => "restore on assignment",
         }
     }
 }

@@ -22,6 +22,9 @@ pub mod event;
 pub mod window;
 /// Pure: the window's bounded memories of event ids seen and of what was sent.
 pub mod recent;
+/// Pure: a partition's history folded into each (user, segment)'s greatest version, which
+/// the window loads when the partition is assigned.
+pub mod versions;
 /// Cache hints that let the window's memory waits overlap across a burst of events.
 pub mod prefetch;
 /// A replay's fold: the range read, reduced to each user's final state, spilled by user

@@ -48,6 +48,10 @@ pub struct Metrics {
     /// shutdown) are acknowledged by Kafka; the periodic ones are asynchronous and librdkafka
     /// reports no outcome for them, so there it is the time the new offset was sent.
     pub last_commit_timestamp: GaugeVec,
+    /// Records read back from assigned partitions' histories (`window.restore_records`).
+    pub restore_records: IntCounter,
+    /// How long each partition's restore took, from its assignment to its versions loaded.
+    pub restore_seconds: Histogram,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -100,6 +104,20 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(braze_request_duration.clone()))
+            .expect("unique metric");
+        let restore_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "segment_sync_restore_seconds",
+                "Time a newly assigned partition waited for its history to be read back",
+            )
+            // 100,000 records read back take a fraction of a second; a minute is where
+            // /readyz starts to name the partition.
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        )
+        .expect("valid metric");
+        r.register(Box::new(restore_seconds.clone()))
             .expect("unique metric");
         Metrics {
             events_consumed: counter(&r, "events_consumed_total", "Records read from Kafka"),
@@ -208,6 +226,12 @@ impl Metrics {
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
+            restore_records: counter(
+                &r,
+                "restore_records_total",
+                "Records read back below the committed offset of newly assigned partitions",
+            ),
+            restore_seconds,
             registry: r,
         }
     }

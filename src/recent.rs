@@ -8,6 +8,11 @@
 //! saved); a false match would not be (a real change dropped), so entries keep the whole
 //! 64-bit hash: two keys are confused only if their hashes are equal.
 //!
+//! An entry may be marked as one that gives way (`Packed::gives_way`): versions restored from
+//! a partition's history rather than delivered by this worker. A full bucket forgets the
+//! oldest of those first, and an entry that gives way never pushes out one that does not,
+//! so filling the memory with restored versions never costs what this worker delivered.
+//!
 //! Tags and values are `u64` words in zeroed vectors, so the memory is taken from the system
 //! lazily, page by page, as buckets are first written.
 
@@ -18,6 +23,10 @@ pub trait Packed: Sized {
     const WORDS: usize;
     fn pack(&self, out: &mut [u64]);
     fn unpack(words: &[u64]) -> Self;
+    /// Whether the value gives way to others when its bucket is full.
+    fn gives_way(&self) -> bool {
+        false
+    }
 }
 
 impl Packed for () {
@@ -104,7 +113,8 @@ impl<V: Packed> Recent<V> {
         Some(self.value(first + way))
     }
 
-    /// Remembers `value` under `hash` and returns what was remembered before.
+    /// Remembers `value` under `hash` and returns what was remembered before. A value that
+    /// gives way is not remembered when its bucket is full of values that do not.
     pub fn put(&mut self, hash: u64, value: V) -> Option<V> {
         let first = self.bucket(hash)?;
         let tag = Self::tag(hash);
@@ -114,8 +124,22 @@ impl<V: Packed> Recent<V> {
                 Some(V::unpack(&values[w * V::WORDS..(w + 1) * V::WORDS])),
                 w,
             ),
-            // Not there: an empty entry, else the oldest (the last) makes room.
-            None => (None, tags.iter().position(|&t| t == 0).unwrap_or(WAYS - 1)),
+            // Not there: an empty entry, else the oldest that gives way, else the oldest (the
+            // last) makes room, unless this one would give way to it.
+            None => match tags.iter().position(|&t| t == 0) {
+                Some(w) => (None, w),
+                None => {
+                    // Rare: only a full bucket is searched, and only missing keys land here.
+                    let yielding = (0..WAYS).rev().find(|&w| {
+                        V::unpack(&values[w * V::WORDS..(w + 1) * V::WORDS]).gives_way()
+                    });
+                    match yielding {
+                        Some(w) => (None, w),
+                        None if value.gives_way() => return None,
+                        None => (None, WAYS - 1),
+                    }
+                }
+            },
         };
         // Move the entries before `slot` one place down and put this one first, so the
         // bucket stays ordered from the most recently written. An entry at a time, each a
@@ -200,6 +224,51 @@ mod tests {
         assert!(r.get(1 << 8).is_some());
         assert!(r.get(2 << 8).is_none(), "the oldest went");
         assert!(r.get(99 << 8).is_some());
+    }
+
+    /// A value whose odd numbers give way, as restored versions do.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Tagged(u64);
+
+    impl Packed for Tagged {
+        const WORDS: usize = 1;
+        fn pack(&self, out: &mut [u64]) {
+            out[0] = self.0;
+        }
+        fn unpack(w: &[u64]) -> Self {
+            Tagged(w[0])
+        }
+        fn gives_way(&self) -> bool {
+            self.0 % 2 == 1
+        }
+    }
+
+    #[test]
+    fn entries_that_give_way_are_forgotten_first_and_never_push_out_others() {
+        let mut r: Recent<Tagged> = Recent::new(WAYS);
+        // Oldest first: a delivered entry, then one that gives way, then delivered ones.
+        r.put(1 << 8, Tagged(2));
+        r.put(2 << 8, Tagged(3));
+        r.put(3 << 8, Tagged(4));
+        r.put(4 << 8, Tagged(6));
+        // The bucket is full: the one that gives way goes, not the oldest.
+        r.put(5 << 8, Tagged(8));
+        assert_eq!(r.get(2 << 8), None);
+        assert_eq!(r.get(1 << 8), Some(Tagged(2)));
+        // Full of entries that do not give way: one that does is not taken in.
+        assert_eq!(r.put(6 << 8, Tagged(9)), None);
+        assert_eq!(r.get(6 << 8), None);
+        for k in [1, 3, 4, 5] {
+            assert!(r.get(k << 8).is_some(), "{k} kept");
+        }
+        // Its own key is still replaced in place, whatever it holds.
+        assert_eq!(r.put(1 << 8, Tagged(11)), Some(Tagged(2)));
+        assert_eq!(r.get(1 << 8), Some(Tagged(11)));
+        // Among several that give way, the oldest goes.
+        r.put(3 << 8, Tagged(13));
+        r.put(7 << 8, Tagged(10));
+        assert_eq!(r.get(1 << 8), None, "the older of the two that give way");
+        assert_eq!(r.get(3 << 8), Some(Tagged(13)));
     }
 
     #[test]

@@ -160,11 +160,16 @@ impl Segments {
     }
 }
 
-/// What was last sent for a (user, segment) or a user's extra attribute.
+/// What was last sent for a (user, segment) or a user's extra attribute, or, `restored`,
+/// the greatest version read back from a partition's history when it was assigned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Sent {
     order: Order,
     change: Change,
+    /// Read back, not delivered by this worker: it orders (an older change is stale) but
+    /// never proves a change redundant (the record may have been rejected and dead-lettered),
+    /// and it gives way first when the memory is full.
+    restored: bool,
 }
 
 impl Packed for Sent {
@@ -174,7 +179,8 @@ impl Packed for Sent {
         out[0] = self.order.sequence as u64;
         out[1] = self.order.occurred_at as u64;
         let entered = u64::from(self.change == Change::Entered);
-        out[2] = (self.order.partition as u32 as u64) << 1 | entered;
+        let restored = u64::from(self.restored) << 1;
+        out[2] = (self.order.partition as u32 as u64) << 2 | restored | entered;
         out[3] = self.order.offset as u64;
     }
 
@@ -183,7 +189,7 @@ impl Packed for Sent {
             order: Order {
                 sequence: w[0] as i64,
                 occurred_at: w[1] as i64,
-                partition: (w[2] >> 1) as u32 as i32,
+                partition: (w[2] >> 2) as u32 as i32,
                 offset: w[3] as i64,
             },
             change: if w[2] & 1 == 1 {
@@ -191,7 +197,12 @@ impl Packed for Sent {
             } else {
                 Change::Exited
             },
+            restored: w[2] & 2 != 0,
         }
+    }
+
+    fn gives_way(&self) -> bool {
+        self.restored
     }
 }
 
@@ -911,99 +922,144 @@ impl<P: Copy + PartialEq> Window<P> {
                 break;
             }
             self.queue.pop_front();
-            let slot = &mut self.slots[idx];
-            slot.queued = false;
-            if !slot.is_pending() {
-                // Emptied by a revoke while queued.
-                if !slot.in_flight {
-                    self.release(idx);
-                }
-                continue;
-            }
-            let changes = std::mem::take(&mut slot.changes);
-            let More { attrs, extra } = slot.more.take().map_or_else(More::default, |m| *m);
-            // In flight now: bounded by the requests in flight, not by the window.
-            self.pending_bytes = self.pending_bytes.saturating_sub(
-                changes.len() * CHANGE_BYTES
-                    + attrs
-                        .iter()
-                        .map(|a| attr_bytes(&a.name, &a.value))
-                        .sum::<usize>(),
-            );
-            self.pending_users -= 1;
-            self.pending_changes -= changes.len();
-            let (kind, key, hash) = (slot.kind, slot.key.clone(), slot.hash);
-            let c0 = flush.changes.len() as u32;
-            let a0 = flush.attributes.len() as u32;
-            let p0 = flush.positions.len() as u32;
-            for c in &changes {
-                let dk = segment_key(hash, c.segment());
-                let sent = Sent {
-                    order: c.order(),
-                    change: c.change(),
-                };
-                let redundant = self
-                    .delivered
-                    .put(dk, sent)
-                    .is_some_and(|last| last.change == c.change());
-                if redundant {
-                    flush.redundant += 1;
-                } else {
-                    flush.changes.push((c.segment(), c.change()));
-                    flush.orders.push(c.order());
-                }
-            }
-            // Extra attributes cannot be shown redundant (their last values are not kept), so
-            // they are written even when every segment change was. The object settles every
-            // record of the user, those of its redundant changes too; a user with nothing to
-            // write settles them all now.
-            let written = flush.changes.len() as u32 > c0 || !attrs.is_empty();
-            let settle = if written {
-                &mut flush.positions
-            } else {
-                &mut flush.settled_now
-            };
-            settle.extend(changes.iter().map(|c| c.first));
-            settle.extend(extra.iter().map(|&(_, p)| p));
-            if written {
-                for a in attrs {
-                    let dk = delivered_key(kind, &key, &a.name);
-                    let sent = Sent {
-                        order: a.order,
-                        change: Change::Entered,
-                    };
-                    self.delivered.put(dk, sent);
-                    flush.positions.extend(a.positions);
-                    flush.attributes.push((a.name, a.value));
-                    flush.attribute_orders.push(a.order);
-                }
-                if std::mem::take(&mut self.slots[idx].requeued) {
-                    let mut mine = flush.positions.split_off(p0 as usize);
-                    let mut unique: Vec<P> = Vec::with_capacity(mine.len());
-                    for p in mine.drain(..) {
-                        if !unique.contains(&p) {
-                            unique.push(p);
-                        }
-                    }
-                    flush.positions.extend(unique);
-                }
-                flush.users.push(FlushedUser {
-                    slot: idx,
-                    kind,
-                    id: key,
-                    changes: c0..flush.changes.len() as u32,
-                    attributes: a0..flush.attributes.len() as u32,
-                    positions: p0..flush.positions.len() as u32,
-                });
-                self.slots[idx].in_flight = true;
-            } else {
-                self.release(idx);
-            }
+            self.take_user(idx, &mut flush);
         }
         if flush.users.is_empty() && flush.settled_now.is_empty() {
             return None;
         }
         Some(flush)
+    }
+
+    /// Takes up to `batch_size` waiting users that hold a record `pick` accepts, whatever
+    /// their linger, oldest first, and leaves every other user waiting: the drain of a revoke
+    /// sends what the revoked partitions need, and the users of the partitions kept keep
+    /// coalescing. `None` when no such user waits.
+    pub fn pop_batch_holding(&mut self, pick: impl Fn(&P) -> bool) -> Option<Flush<P>> {
+        let mut chosen = Vec::new();
+        for &idx in &self.queue {
+            if chosen.len() >= self.cfg.batch_size {
+                break;
+            }
+            let s = &self.slots[idx];
+            let holds = s.changes.iter().any(|c| pick(&c.first))
+                || s.more.as_deref().is_some_and(|m| {
+                    m.extra.iter().any(|(_, p)| pick(p))
+                        || m.attrs.iter().any(|a| a.positions.iter().any(&pick))
+                });
+            if holds {
+                chosen.push(idx);
+            }
+        }
+        if chosen.is_empty() {
+            return None;
+        }
+        // Rare (a revoke) and bounded by the queue: a scan rather than an index.
+        self.queue.retain(|i| !chosen.contains(i));
+        let mut flush = Flush::default();
+        for idx in chosen {
+            self.take_user(idx, &mut flush);
+        }
+        if flush.users.is_empty() && flush.settled_now.is_empty() {
+            return None;
+        }
+        Some(flush)
+    }
+
+    /// Takes a user just taken off the queue into `flush`: its changes (less those equal to
+    /// what was last delivered), attributes and records. The slot is in flight from now on,
+    /// or released when nothing was left to write.
+    #[inline]
+    fn take_user(&mut self, idx: u32, flush: &mut Flush<P>) {
+        let slot = &mut self.slots[idx];
+        slot.queued = false;
+        if !slot.is_pending() {
+            // Emptied by a revoke while queued.
+            if !slot.in_flight {
+                self.release(idx);
+            }
+            return;
+        }
+        let changes = std::mem::take(&mut slot.changes);
+        let More { attrs, extra } = slot.more.take().map_or_else(More::default, |m| *m);
+        // In flight now: bounded by the requests in flight, not by the window.
+        self.pending_bytes = self.pending_bytes.saturating_sub(
+            changes.len() * CHANGE_BYTES
+                + attrs
+                    .iter()
+                    .map(|a| attr_bytes(&a.name, &a.value))
+                    .sum::<usize>(),
+        );
+        self.pending_users -= 1;
+        self.pending_changes -= changes.len();
+        let (kind, key, hash) = (slot.kind, slot.key.clone(), slot.hash);
+        let c0 = flush.changes.len() as u32;
+        let a0 = flush.attributes.len() as u32;
+        let p0 = flush.positions.len() as u32;
+        for c in &changes {
+            let dk = segment_key(hash, c.segment());
+            let sent = Sent {
+                order: c.order(),
+                change: c.change(),
+                restored: false,
+            };
+            let redundant = self
+                .delivered
+                .put(dk, sent)
+                .is_some_and(|last| !last.restored && last.change == c.change());
+            if redundant {
+                flush.redundant += 1;
+            } else {
+                flush.changes.push((c.segment(), c.change()));
+                flush.orders.push(c.order());
+            }
+        }
+        // Extra attributes cannot be shown redundant (their last values are not kept), so
+        // they are written even when every segment change was. The object settles every
+        // record of the user, those of its redundant changes too; a user with nothing to
+        // write settles them all now.
+        let written = flush.changes.len() as u32 > c0 || !attrs.is_empty();
+        let settle = if written {
+            &mut flush.positions
+        } else {
+            &mut flush.settled_now
+        };
+        settle.extend(changes.iter().map(|c| c.first));
+        settle.extend(extra.iter().map(|&(_, p)| p));
+        if written {
+            for a in attrs {
+                let dk = delivered_key(kind, &key, &a.name);
+                let sent = Sent {
+                    order: a.order,
+                    change: Change::Entered,
+                    restored: false,
+                };
+                self.delivered.put(dk, sent);
+                flush.positions.extend(a.positions);
+                flush.attributes.push((a.name, a.value));
+                flush.attribute_orders.push(a.order);
+            }
+            if std::mem::take(&mut self.slots[idx].requeued) {
+                let mut mine = flush.positions.split_off(p0 as usize);
+                let mut unique: Vec<P> = Vec::with_capacity(mine.len());
+                for p in mine.drain(..) {
+                    if !unique.contains(&p) {
+                        unique.push(p);
+                    }
+                }
+                flush.positions.extend(unique);
+            }
+            flush.users.push(FlushedUser {
+                slot: idx,
+                kind,
+                id: key,
+                changes: c0..flush.changes.len() as u32,
+                attributes: a0..flush.attributes.len() as u32,
+                positions: p0..flush.positions.len() as u32,
+            });
+            self.slots[idx].in_flight = true;
+        } else {
+            self.release(idx);
+        }
     }
 
     /// Starts loading what flushing the user `ahead` places down the queue will read: its
@@ -1152,6 +1208,50 @@ impl<P: Copy + PartialEq> Window<P> {
             slot.queued = true;
             self.queue.push_back(user.slot);
         }
+    }
+
+    /// Loads a version read back from a newly assigned partition's history (below its
+    /// committed offset, so settled): kept when it is greater, by the last-write-wins order,
+    /// than what is remembered of the (user, segment). From then on an older change is stale;
+    /// a change equal to it is still written, since the record may have been rejected. It
+    /// gives way first when the memory is full and never pushes out a delivered version.
+    /// Returns whether it was kept.
+    pub fn restore_change(
+        &mut self,
+        kind: IdKind,
+        id: &str,
+        segment_id: &str,
+        change: Change,
+        order: Order,
+    ) -> bool {
+        if self.segments.is_full() {
+            return false;
+        }
+        let segment = self.segments.intern(segment_id, segment_hash(segment_id));
+        let key = segment_key(user_hash(kind, id), segment);
+        self.restore_at(key, change, order)
+    }
+
+    /// `restore_change` for a user's extra attribute.
+    pub fn restore_attribute(&mut self, kind: IdKind, id: &str, name: &str, order: Order) -> bool {
+        self.restore_at(delivered_key(kind, id, name), Change::Entered, order)
+    }
+
+    fn restore_at(&mut self, key: u64, change: Change, order: Order) -> bool {
+        if self
+            .delivered
+            .get(key)
+            .is_some_and(|had| had.order >= order)
+        {
+            return false;
+        }
+        let sent = Sent {
+            order,
+            change,
+            restored: true,
+        };
+        self.delivered.put(key, sent);
+        self.delivered.get(key) == Some(sent)
     }
 
     /// After a revoke: forgets the event ids seen and what was sent from the revoked
@@ -1559,6 +1659,220 @@ mod tests {
         assert_eq!(
             admit(&mut w, &ev("e", "u2", "s", Change::Entered, 5), 5, 0),
             Admit::Pending
+        );
+    }
+
+    fn order(seq: i64, offset: i64) -> Order {
+        Order {
+            sequence: seq,
+            occurred_at: 1_000,
+            partition: 0,
+            offset,
+        }
+    }
+
+    fn deliver(w: &mut Window<i64>) -> Flush<i64> {
+        let f = w.pop_batch(u64::MAX / 2, true).unwrap();
+        for u in &f.users {
+            w.complete(&f, u, false);
+        }
+        f
+    }
+
+    #[test]
+    fn a_restored_version_makes_older_changes_stale_and_never_redundant() {
+        let mut w = Window::new(cfg());
+        let ext = IdKind::ExternalId;
+        assert!(w.restore_change(ext, "u1", "s", Change::Entered, order(10, 3)));
+        assert!(w.restore_change(ext, "u2", "s", Change::Entered, order(10, 4)));
+        // Older, read after the restore: stale.
+        assert_eq!(
+            admit(&mut w, &ev("a", "u1", "s", Change::Exited, 5), 10, 0),
+            Admit::Stale
+        );
+        assert_eq!(w.pending_users(), 0);
+        // Newer and equal in value to what was restored: written all the same, as the
+        // restored record may have been rejected.
+        assert_eq!(
+            admit(&mut w, &ev("b", "u2", "s", Change::Entered, 11), 11, 0),
+            Admit::Pending
+        );
+        let f = deliver(&mut w);
+        assert_eq!(f.redundant, 0);
+        assert!(f.settled_now.is_empty());
+        assert_eq!(
+            written(&w, &f),
+            vec![("u2".into(), "s".into(), Change::Entered)]
+        );
+        // Once delivered by this worker, an equal change is redundant as usual.
+        admit(&mut w, &ev("c", "u2", "s", Change::Entered, 12), 12, 0);
+        let f = w.pop_batch(u64::MAX / 2, true).unwrap();
+        assert_eq!(f.redundant, 1);
+    }
+
+    #[test]
+    fn the_greatest_restored_version_wins_whatever_the_offset_order() {
+        let mut w = Window::new(cfg());
+        let ext = IdKind::ExternalId;
+        // A misordered history: the newer change (sequence 10) at the lower offset.
+        assert!(w.restore_change(ext, "u1", "s", Change::Entered, order(10, 1)));
+        assert!(!w.restore_change(ext, "u1", "s", Change::Exited, order(7, 5)));
+        // Without a sequence, occurred_at orders, then the offset.
+        let late = Order {
+            sequence: i64::MIN,
+            occurred_at: 2_000,
+            partition: 0,
+            offset: 2,
+        };
+        assert!(w.restore_change(ext, "u3", "s", Change::Exited, late));
+        assert!(!w.restore_change(
+            ext,
+            "u3",
+            "s",
+            Change::Entered,
+            Order {
+                occurred_at: 1_500,
+                offset: 9,
+                ..late
+            }
+        ));
+        for (id, seq) in [("a", 8), ("b", 9)] {
+            assert_eq!(
+                admit(&mut w, &ev(id, "u1", "s", Change::Exited, seq), 20, 0),
+                Admit::Stale,
+                "sequence {seq}"
+            );
+        }
+        assert_eq!(
+            admit(&mut w, &ev("d", "u1", "s", Change::Exited, 11), 21, 0),
+            Admit::Pending
+        );
+        // A restored version never lowers what this worker delivered.
+        let f = deliver(&mut w);
+        assert_eq!(f.users.len(), 1);
+        assert!(!w.restore_change(ext, "u1", "s", Change::Entered, order(10, 30)));
+        assert_eq!(
+            admit(&mut w, &ev("e", "u1", "s", Change::Entered, 10), 22, 0),
+            Admit::Stale
+        );
+    }
+
+    #[test]
+    fn a_restored_attribute_makes_an_older_one_unwritten() {
+        let mut w = Window::new(cfg());
+        assert!(w.restore_attribute(IdKind::ExternalId, "u1", "tier", order(10, 1)));
+        let mut old = ev("a", "u1", "s", Change::Entered, 5);
+        old.attributes = vec![("tier".into(), AttrValue::String("bronze".into()))];
+        assert_eq!(admit(&mut w, &old, 2, 0), Admit::Pending);
+        let f = deliver(&mut w);
+        assert!(
+            f.attributes.is_empty(),
+            "the older attribute is not written"
+        );
+        assert_eq!(
+            f.changes.len(),
+            1,
+            "its segment change, with no restored version, is"
+        );
+    }
+
+    #[test]
+    fn restored_versions_give_way_first_and_never_push_out_a_delivery() {
+        // One bucket of four entries: every key meets every other.
+        let mut w = Window::new(WindowConfig {
+            delivered_memory: 4,
+            ..cfg()
+        });
+        admit(&mut w, &ev("a", "mine", "s", Change::Entered, 10), 0, 0);
+        deliver(&mut w);
+        let ext = IdKind::ExternalId;
+        let kept = (0..10)
+            .filter(|i| {
+                w.restore_change(ext, &format!("r{i}"), "s", Change::Entered, order(10, *i))
+            })
+            .count();
+        assert!(kept <= 10);
+        // What this worker delivered is still remembered.
+        assert_eq!(
+            admit(&mut w, &ev("b", "mine", "s", Change::Exited, 5), 1, 0),
+            Admit::Stale
+        );
+        // Three deliveries fill the bucket: every restored version has given way to them.
+        for i in 0..3 {
+            admit(
+                &mut w,
+                &ev(
+                    &format!("d{i}"),
+                    &format!("new{i}"),
+                    "s",
+                    Change::Entered,
+                    10,
+                ),
+                2,
+                0,
+            );
+        }
+        deliver(&mut w);
+        for i in 0..10 {
+            assert_eq!(
+                admit(
+                    &mut w,
+                    &ev(&format!("o{i}"), &format!("r{i}"), "s", Change::Exited, 5),
+                    3,
+                    0
+                ),
+                Admit::Pending,
+                "r{i} forgotten"
+            );
+        }
+        assert_eq!(
+            admit(&mut w, &ev("c", "mine", "s", Change::Exited, 6), 4, 0),
+            Admit::Stale
+        );
+    }
+
+    #[test]
+    fn no_delivered_memory_restores_nothing() {
+        let mut w = Window::new(WindowConfig {
+            delivered_memory: 0,
+            ..cfg()
+        });
+        assert!(!w.restore_change(IdKind::ExternalId, "u1", "s", Change::Entered, order(10, 1)));
+        assert_eq!(
+            admit(&mut w, &ev("a", "u1", "s", Change::Exited, 5), 1, 0),
+            Admit::Pending
+        );
+    }
+
+    #[test]
+    fn a_revoke_flushes_the_users_of_the_revoked_records_only() {
+        let mut w = Window::new(WindowConfig {
+            batch_size: 2,
+            ..cfg()
+        });
+        // Offsets stand for positions: below 100 on the revoked partition.
+        admit(&mut w, &ev("a", "kept1", "s", Change::Entered, 1), 500, 0);
+        admit(&mut w, &ev("b", "gone1", "s", Change::Entered, 1), 10, 0);
+        admit(&mut w, &ev("c", "kept2", "s", Change::Entered, 1), 501, 0);
+        admit(&mut w, &ev("d", "gone2", "s", Change::Entered, 1), 11, 0);
+        admit(&mut w, &ev("e", "gone3", "s", Change::Entered, 1), 12, 0);
+        // A user with records on both sides goes with the revoked ones.
+        admit(&mut w, &ev("f", "kept1", "t", Change::Entered, 1), 13, 0);
+        let revoked = |p: &i64| *p < 100;
+        let mut sent = Vec::new();
+        while let Some(f) = w.pop_batch_holding(revoked) {
+            assert!(f.users.len() <= 2);
+            sent.extend(written(&w, &f).into_iter().map(|(u, _, _)| u));
+        }
+        sent.sort();
+        sent.dedup();
+        assert_eq!(sent, vec!["gone1", "gone2", "gone3", "kept1"]);
+        // kept2 still lingers: not due at time 0, due after its linger.
+        assert!(w.pop_batch(0, false).is_none());
+        let f = w.pop_batch(cfg().linger_ms, false).unwrap();
+        assert_eq!(
+            written(&w, &f),
+            vec![("kept2".into(), "s".into(), Change::Entered)]
         );
     }
 

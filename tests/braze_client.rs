@@ -474,3 +474,48 @@ async fn a_refusal_that_echoes_the_key_does_not_repeat_it() {
         task.abort();
     }
 }
+
+/// Issue 19, the revoke drain: Braze refuses a malformed request before doing any work, so
+/// its 400 comes back far sooner than a processed request. Taken as how fast Braze is, those
+/// answers made every ordinary answer look slow, and the in-flight limit collapsed to one
+/// request at a time while a batch was being split: the drain then ran out of time.
+#[tokio::test]
+async fn quick_refusals_do_not_shrink_the_in_flight_limit() {
+    let sim = simulator(
+        0,
+        Faults {
+            latency_ms: 60,
+            bad_request_marker: Some("poison".into()),
+            ..Faults::default()
+        },
+    )
+    .await;
+    let c = client(&sim, KEY);
+    // Ordinary answers first: the limit grows while probing.
+    for _ in 0..4 {
+        c.client.deliver(objects(&["a", "b"])).await;
+    }
+    let before = c.metrics.braze_concurrency_limit.get();
+    // A request split down to its bad object: every refusal is answered at once.
+    let ids: Vec<String> = (0..16)
+        .map(|i| {
+            if i == 9 {
+                "poison-9".into()
+            } else {
+                format!("u{i}")
+            }
+        })
+        .collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    c.client.deliver(objects(&refs)).await;
+    assert!(requests(&c.metrics, "4xx") >= 4);
+    // Ordinary answers again, as slow as before: no sign of overload.
+    for _ in 0..4 {
+        c.client.deliver(objects(&["a", "b"])).await;
+    }
+    let after = c.metrics.braze_concurrency_limit.get();
+    assert!(
+        after >= before,
+        "the in-flight limit fell from {before} to {after} after quick 400s"
+    );
+}

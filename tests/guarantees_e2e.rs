@@ -8,7 +8,8 @@
 //! - dead letters: a record whose dead-letter copy Kafka can never take does not wedge the
 //!   worker.
 //! - last write wins: a partition moving in a cooperative rebalance does not make the worker
-//!   forget what it delivered on the partitions it kept.
+//!   forget what it delivered on the partitions it kept; and a partition's new owner, after
+//!   a rebalance or a crash, restores what was written there (`window.restore_records`).
 //!
 //! Every test bounds its own runtime; the processes it started are killed when it ends,
 //! however it ends (`Proc`'s Drop and parent-death signal).
@@ -1137,4 +1138,206 @@ fn older_change_after_scale_out_is_stale_on_kept_partitions() {
         wrong.iter().take(5).map(|u| (u, profiles.get(u))).collect::<Vec<_>>(),
         w1.proc.report()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Restore on assignment: a partition's new owner (after a rebalance or a crash) knows
+//    what was written, so an older change arriving late is stale there too.
+
+/// How a partition changes owner in `older_change_after_a_new_owner`.
+#[derive(Debug, Clone, Copy)]
+enum Handover {
+    /// A second worker joins and the cooperative rebalance moves a partition to it.
+    ScaleOut,
+    /// The only worker is killed with -9 and started again.
+    Crash,
+}
+
+/// What became of the users after the older changes.
+struct Outcome {
+    /// Users whose records are on a partition that changed owner.
+    moved: BTreeSet<String>,
+    /// Users (of any partition) whose seg_vip is not the newer `true`.
+    wrong: BTreeSet<String>,
+    stale: Vec<Option<f64>>,
+    restored: Vec<Option<f64>>,
+    reports: String,
+}
+
+/// ENTERED (sequence 10) for every user is delivered and committed; a partition changes owner
+/// (`handover`); then EXITED (sequence 5, computed later) arrives for every user. Deterministic
+/// without the restore: the new owner has nothing in memory, so each older change is written.
+fn older_change_after_a_new_owner(
+    topic: &str,
+    handover: Handover,
+    restore_records: Option<u64>,
+) -> Outcome {
+    let (broker, dir) = setup(topic, 3);
+    let dir = dir.path();
+    let users = 3000;
+    let base = segment_sync::tools::generate::BASE_TIME_MS;
+    let entered: Vec<_> = (0..users)
+        .map(|u| membership(u, Change::Entered, 10, base + u as i64, "entered"))
+        .collect();
+    let sim = Sim::start(dir, "sim", &[]);
+    let mut cfg = WorkerConfig::new(&broker.bootstrap(), topic, &sim.url);
+    cfg.restore_records = restore_records;
+    let mut w1 = Worker::start(dir, "w1", &cfg);
+    let landed_entered = produce(&broker.bootstrap(), topic, &entered);
+    wait_committed_to_end(
+        broker,
+        &cfg.group_id,
+        topic,
+        &sim,
+        &mut [&mut w1.proc],
+        CONVERGE,
+    )
+    .unwrap_or_else(|e| panic!("setup: the first worker: {e}"));
+    profiles_match(
+        &sim,
+        &boolean_profiles(&landed_entered, ""),
+        "setup: ENTERED delivered",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let (mut workers, moved_partitions): (Vec<Worker>, BTreeSet<i32>) = match handover {
+        Handover::ScaleOut => {
+            let (_, before) = group_assignments(broker, &cfg.group_id, topic);
+            let w1_id = match before.iter().find(|(_, ps)| ps.len() == 3) {
+                Some((id, _)) if before.len() == 1 => id.clone(),
+                _ => panic!("setup: the first worker should hold all 3 partitions: {before:?}"),
+            };
+            let mut w2 = Worker::start(dir, "w2", &cfg);
+            let deadline = Instant::now() + Duration::from_secs(45);
+            let moved = loop {
+                let (state, members) = group_assignments(broker, &cfg.group_id, topic);
+                let all: BTreeSet<i32> = members.values().flatten().copied().collect();
+                if state == "Stable"
+                    && members.len() == 2
+                    && members.values().all(|ps| !ps.is_empty())
+                    && all.len() == 3
+                    && ready(&w1)
+                    && ready(&w2)
+                {
+                    let kept = members.get(&w1_id).cloned().unwrap_or_default();
+                    break all.difference(&kept).copied().collect();
+                }
+                assert!(
+                    Instant::now() < deadline
+                        && w1.proc.exited().is_none()
+                        && w2.proc.exited().is_none(),
+                    "setup: the group did not settle with both members assigned: {state} {members:?}\n{}\n{}",
+                    w1.proc.report(),
+                    w2.proc.report()
+                );
+                thread::sleep(Duration::from_millis(100));
+            };
+            (vec![w1, w2], moved)
+        }
+        Handover::Crash => {
+            w1.proc.sigkill();
+            let _ = w1.proc.wait_exit(Duration::from_secs(10));
+            let w2 = Worker::start(dir, "w1-again", &cfg);
+            (vec![w2], (0..3).collect())
+        }
+    };
+    assert!(
+        !moved_partitions.is_empty(),
+        "setup: no partition changed owner"
+    );
+
+    let exited: Vec<_> = (0..users)
+        .map(|u| membership(u, Change::Exited, 5, base + 100_000 + u as i64, "exited"))
+        .collect();
+    let landed_exited = produce(&broker.bootstrap(), topic, &exited);
+    {
+        let mut procs: Vec<&mut Proc> = workers.iter_mut().map(|w| &mut w.proc).collect();
+        wait_committed_to_end(broker, &cfg.group_id, topic, &sim, &mut procs, CONVERGE)
+            .unwrap_or_else(|e| panic!("after the older changes: {e}"));
+    }
+
+    let all: BTreeSet<String> = landed_entered
+        .iter()
+        .filter_map(|l| l.event.as_ref().and_then(profile_key))
+        .collect();
+    let moved = landed_entered
+        .iter()
+        .chain(&landed_exited)
+        .filter(|l| moved_partitions.contains(&l.partition))
+        .filter_map(|l| l.event.as_ref().and_then(profile_key))
+        .collect();
+    let profiles = sim.profiles();
+    let wrong = all
+        .into_iter()
+        .filter(|u| profiles.get(u).and_then(|p| p.get("seg_vip")) != Some(&Value::Bool(true)))
+        .collect();
+    let mut reports = String::new();
+    for w in workers.iter_mut() {
+        reports.push_str(&w.proc.report());
+        reports.push('\n');
+    }
+    Outcome {
+        moved,
+        wrong,
+        stale: workers
+            .iter()
+            .map(|w| w.metric("segment_sync_events_stale_total"))
+            .collect(),
+        restored: workers
+            .iter()
+            .map(|w| w.metric("segment_sync_restore_records_total"))
+            .collect(),
+        reports,
+    }
+}
+
+fn assert_none_wrong(what: &str, o: &Outcome) {
+    assert!(
+        o.wrong.is_empty(),
+        "{what}: {} of the users ({} on partitions that changed owner) lost seg_vip = true (sequence 10) to an older EXITED (sequence 5); stale counted {:?}, records restored {:?}. First: {:?}\n{}",
+        o.wrong.len(),
+        o.moved.len(),
+        o.stale,
+        o.restored,
+        o.wrong.iter().take(5).collect::<Vec<_>>(),
+        o.reports
+    );
+}
+
+/// Issue 19: after a scale-out, the moved partition's new owner restores what was written
+/// there, so every older change is stale on every partition.
+#[test]
+fn older_change_after_a_partition_moves_is_stale_on_its_new_owner() {
+    let o = older_change_after_a_new_owner("g-restore-scale-out", Handover::ScaleOut, None);
+    assert!(!o.moved.is_empty());
+    assert_none_wrong("after a partition moved", &o);
+}
+
+/// Issue 19: a worker killed with -9 and started again restores what it had written.
+#[test]
+fn older_change_after_a_crash_and_restart_is_stale() {
+    let o = older_change_after_a_new_owner("g-restore-crash", Handover::Crash, None);
+    assert_none_wrong("after kill -9 and a restart", &o);
+}
+
+/// The two scenarios above with `window.restore_records = 0`: every user of a partition that
+/// changed owner ends wrong, which shows the restore is what holds them.
+#[test]
+fn without_the_restore_every_moved_user_ends_with_the_older_change() {
+    for (topic, handover) in [
+        ("g-no-restore-scale-out", Handover::ScaleOut),
+        ("g-no-restore-crash", Handover::Crash),
+    ] {
+        let o = older_change_after_a_new_owner(topic, handover, Some(0));
+        assert!(!o.moved.is_empty(), "{handover:?}: nothing moved");
+        assert_eq!(
+            o.wrong,
+            o.moved,
+            "{handover:?}: without the restore exactly the moved users should be wrong ({} moved, {} wrong)\n{}",
+            o.moved.len(),
+            o.wrong.len(),
+            o.reports
+        );
+        assert_eq!(o.restored.iter().flatten().sum::<f64>(), 0.0);
+    }
 }

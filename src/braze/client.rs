@@ -13,6 +13,7 @@ use super::access::Access;
 use super::classify::{classify, RateLimitHeaders, Verdict};
 use super::concurrency::Gate;
 use super::pacing::Pacer;
+use super::split::Bisection;
 use super::BrazeError;
 use crate::config::BrazeConfig;
 use crate::health::Health;
@@ -132,36 +133,42 @@ impl BrazeClient {
     /// long as it takes.
     pub async fn deliver(&self, objects: Vec<Bytes>) -> Vec<ObjectOutcome> {
         let mut outcomes = vec![ObjectOutcome::Delivered; objects.len()];
-        // Depth first, first half first, so a bad object is isolated in log2(n) steps.
-        let mut todo: Vec<(usize, usize)> = vec![(0, objects.len())];
-        while let Some((start, end)) = todo.pop() {
-            let range = start..end;
-            if range.is_empty() {
-                continue;
+        // The parts of a round go together (see `split`): a refused request is settled in
+        // about log2(n) round trips, not one round trip per part.
+        let mut parts = Bisection::new(objects.len());
+        loop {
+            let round = parts.round();
+            if round.is_empty() {
+                break;
             }
-            match self.send(&objects[range.clone()]).await {
-                Settled::Answered { status, rejected } => {
-                    for (i, error_type) in rejected {
-                        outcomes[range.start + i] = ObjectOutcome::Rejected(Rejection {
-                            status,
-                            message: format!("Braze rejected the attributes object: {error_type}"),
-                            error_type,
-                        });
+            let answers =
+                futures::future::join_all(round.iter().map(|r| self.send(&objects[r.clone()])))
+                    .await;
+            for (range, answer) in round.into_iter().zip(answers) {
+                match answer {
+                    Settled::Answered { status, rejected } => {
+                        for (i, error_type) in rejected {
+                            outcomes[range.start + i] = ObjectOutcome::Rejected(Rejection {
+                                status,
+                                message: format!(
+                                    "Braze rejected the attributes object: {error_type}"
+                                ),
+                                error_type,
+                            });
+                        }
+                    }
+                    Settled::Refused { status, message } => {
+                        if !parts.refused(range.clone()) {
+                            outcomes[range.start] = ObjectOutcome::Rejected(Rejection {
+                                status,
+                                error_type: format!("HTTP {status}"),
+                                message,
+                            });
+                        }
                     }
                 }
-                Settled::Refused { status, message } if range.len() == 1 => {
-                    outcomes[range.start] = ObjectOutcome::Rejected(Rejection {
-                        status,
-                        error_type: format!("HTTP {status}"),
-                        message,
-                    });
-                }
-                Settled::Refused { .. } => {
-                    let mid = range.start + range.len() / 2;
-                    todo.push((mid, end));
-                    todo.push((start, mid));
-                }
             }
+            parts.end_round();
         }
         let rejected = outcomes
             .iter()
@@ -196,15 +203,21 @@ impl BrazeClient {
                 .metrics
                 .braze_request_duration
                 .observe(latency.as_secs_f64());
-            // A 429, a 5xx or no answer at all asks for fewer requests at once; any other
-            // answer says how fast Braze is.
-            let overloaded = match &answer {
-                Ok((status, _, _)) => *status == 429 || *status >= 500,
-                Err(_) => true,
+            // A 429, a 5xx or no answer at all asks for fewer requests at once; a request
+            // Braze processed (2xx) says how fast it is. Other answers (a 400 or 413 refusing
+            // the request, a 401) come back before any work is done: taken as Braze's speed,
+            // they made every processed request look slow and shrank the limit to one while
+            // a refused batch was split (issue 19), so they say nothing here.
+            let (overloaded, processed) = match &answer {
+                Ok((status, _, _)) => (
+                    *status == 429 || *status >= 500,
+                    (200..300).contains(status),
+                ),
+                Err(_) => (true, false),
             };
             if overloaded {
                 inner.gate.on_overload();
-            } else {
+            } else if processed {
                 inner.gate.on_answer(latency);
             }
             inner

@@ -9,6 +9,7 @@ pub mod concurrency;
 pub mod endpoint;
 mod error;
 pub mod pacing;
+mod split;
 
 pub(crate) use access::{ca_certificates, Access};
 pub use classify::{classify, RateLimitHeaders, Verdict};

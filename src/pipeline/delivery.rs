@@ -133,6 +133,30 @@ impl Delivery {
         }
     }
 
+    /// Sends, whatever their linger, the users holding a record `pick` accepts (those of
+    /// partitions being revoked), while there is room in flight; every other user keeps
+    /// waiting for its linger.
+    pub fn flush_holding(
+        &mut self,
+        pick: impl Fn(&Position) -> bool,
+        mut settle: impl FnMut(Position),
+    ) {
+        while self.in_flight.len() < self.max_in_flight {
+            match self.window.pop_batch_holding(&pick) {
+                Some(flush) => {
+                    for p in &flush.settled_now {
+                        settle(*p);
+                    }
+                    self.metrics.events_redundant.inc_by(flush.redundant as u64);
+                    if !flush.users.is_empty() {
+                        self.dispatch(flush);
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+
     fn dispatch(&mut self, flush: Flush<Position>) {
         let encoded = mapping::encode(&self.mapping, self.window.segments(), &flush);
         self.send(flush, encoded, false);
@@ -244,6 +268,31 @@ impl Delivery {
             }
         }
         answer
+    }
+
+    /// Loads a newly assigned partition's restored versions into the window's memory of
+    /// what was written. Returns how many it kept (the others were older than what it
+    /// remembered, or found it full of what this worker delivered).
+    pub fn restore(&mut self, versions: &crate::versions::Versions) -> usize {
+        let mut kept = 0;
+        // Oldest first: when the memory cannot hold them all, the restored versions that
+        // give way to later ones are the oldest, and late misordered changes are most often
+        // near the newest.
+        let mut changes: Vec<_> = versions.changes().collect();
+        changes.sort_unstable_by_key(|c| c.order.offset);
+        for c in changes {
+            kept += usize::from(self.window.restore_change(
+                c.kind,
+                c.id,
+                c.segment_id,
+                c.change,
+                c.order,
+            ));
+        }
+        for a in versions.attributes() {
+            kept += usize::from(self.window.restore_attribute(a.kind, a.id, a.name, a.order));
+        }
+        kept
     }
 
     /// Partitions were revoked: their pending changes leave the window (their next owner

@@ -25,6 +25,8 @@ pub struct Flow {
     paused: bool,
     /// Partitions read to a replay's end: paused for good.
     finished: HashSet<TopicPartition>,
+    /// Partitions waiting for their restore: paused until it is done.
+    restoring: HashSet<TopicPartition>,
     to_pause: Vec<TopicPartition>,
     held: VecDeque<Held>,
     /// Why records are held, while they are.
@@ -41,6 +43,7 @@ impl Flow {
         Flow {
             paused: false,
             finished: HashSet::new(),
+            restoring: HashSet::new(),
             to_pause: Vec::new(),
             held: VecDeque::new(),
             waiting: None,
@@ -132,10 +135,8 @@ impl Flow {
         } else {
             let mut tpl = TopicPartitionList::new();
             for e in assignment.elements() {
-                if !self
-                    .finished
-                    .contains(&TopicPartition::new(e.topic(), e.partition()))
-                {
+                let tp = TopicPartition::new(e.topic(), e.partition());
+                if !self.finished.contains(&tp) && !self.restoring.contains(&tp) {
                     tpl.add_partition(e.topic(), e.partition());
                 }
             }
@@ -147,6 +148,35 @@ impl Flow {
                 tracing::debug!(paused = hold, "flow");
             }
             Err(e) => tracing::warn!(error = %e, "cannot pause/resume partitions"),
+        }
+    }
+
+    /// Newly assigned partitions that must wait for their restore: paused now, before their
+    /// first fetch.
+    pub fn restoring(&mut self, consumer: &GroupConsumer, tps: &[TopicPartition]) {
+        if tps.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for tp in tps {
+            self.restoring.insert(tp.clone());
+            tpl.add_partition(&tp.topic, tp.partition);
+        }
+        if let Err(e) = consumer.pause(&tpl) {
+            tracing::warn!(error = %e, "cannot pause partitions for their restore");
+        }
+    }
+
+    /// The partition's restore is done (or it was revoked): read it, unless everything is
+    /// paused, in which case the next resume includes it.
+    pub fn restored(&mut self, consumer: &GroupConsumer, tp: &TopicPartition, resume: bool) {
+        if !self.restoring.remove(tp) || !resume || self.paused || self.finished.contains(tp) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.topic, tp.partition);
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::warn!(error = %e, partition = %tp, "cannot resume a restored partition");
         }
     }
 

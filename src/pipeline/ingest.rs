@@ -22,6 +22,34 @@ pub enum Verdict<'a> {
     Wait(String),
 }
 
+/// What a record read back by the restore holds: its valid events, through the same
+/// `Source` and `Rules` as the live path, so the restore reads a record as `Ingest` did.
+/// Empty for a record that was dead-lettered or ignored when it was read live (a record with
+/// several changes is dead-lettered whole when one is invalid). `Err` when it must wait
+/// (the schema registry is unreachable). `at_epoch_ms` is what `window.max_future_ms` is
+/// judged against: the record's Kafka timestamp, not today's clock.
+pub fn restore_read<'a>(
+    source: &mut Source,
+    rules: &Rules,
+    payload: Option<&'a [u8]>,
+    at_epoch_ms: i64,
+) -> Result<Vec<Event<'a>>, String> {
+    let events = match source.read(payload) {
+        Ok(Read::One(event)) => vec![event],
+        Ok(Read::Many { events, .. }) => events,
+        Ok(Read::Ignored(_)) => Vec::new(),
+        Err(e) if e.is_retryable() => return Err(e.to_string()),
+        Err(_) => Vec::new(),
+    };
+    if events
+        .iter()
+        .any(|e| e.validate_with(rules, at_epoch_ms).is_err())
+    {
+        return Ok(Vec::new());
+    }
+    Ok(events)
+}
+
 /// Reads and validates. Promises: sends nothing and keeps no record; a record is
 /// dead-lettered only for a fault of its own, never for one of the environment; a record
 /// with several changes is dead-lettered whole when one of them is invalid.

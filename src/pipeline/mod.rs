@@ -15,6 +15,7 @@ mod delivery;
 mod dead_letters;
 mod commits;
 mod flow;
+mod restore;
 mod bounds;
 mod acks;
 mod worker;

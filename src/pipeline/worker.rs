@@ -28,6 +28,7 @@ use super::delivery::Delivery;
 use super::delivery::Sink;
 use super::flow::{Flow, Held};
 use super::ingest::{Ingest, Verdict};
+use super::restore::{Restored, Restorer};
 use super::{kafka, PipelineError, Progress, RunOptions, RunSummary};
 use crate::braze::BrazeClient;
 use crate::config::{Config, Format};
@@ -41,6 +42,9 @@ use crate::start::{StartAt, Until};
 use crate::window::{Window, WindowConfig};
 use std::io::Write;
 use std::sync::mpsc::channel;
+
+/// After this long waiting for its restore, a partition is named by `/readyz`.
+const RESTORE_OVERDUE: Duration = Duration::from_secs(60);
 
 /// What became of a record offered to the pipeline.
 enum Taken {
@@ -82,6 +86,12 @@ pub struct Worker {
     flow: Flow,
     /// `None` for the live worker, which runs until stopped.
     bounds: Option<Bounds>,
+    /// Reads newly assigned partitions' histories back; `None` for a replay (which starts
+    /// where it is told) or when `window.restore_records` is 0.
+    restorer: Option<Restorer>,
+    /// `/readyz` names partitions whose restore is overdue (kept to touch the health lock
+    /// only when that changes).
+    restore_overdue: bool,
     /// A replay's fold (docs/design.md, "Backfills": it writes the final state): what it reads is
     /// folded to each user's final state, sent once read to the end, and committed only
     /// when everything read is sent and settled. `None` for the live worker.
@@ -113,7 +123,7 @@ impl Worker {
             Format::AvroConfluent => Some(Arc::new(RegistryClient::from_config(&cfg.kafka)?)),
             _ => None,
         };
-        let source = Source::from_config(cfg, registry)?;
+        let source = Source::from_config(cfg, registry.clone())?;
         let committing = dry_run.is_none();
         let sink = match dry_run {
             Some(out) => Sink::DryRun(out),
@@ -176,6 +186,20 @@ impl Worker {
         let mapping = Mapping::from_config(cfg);
         // Built beside the worker's clock, which `Rules::epoch_ms` counts from.
         let rules = mapping.rules_for(cfg.window.max_future_ms);
+        let restorer = if opts.start == StartAt::Committed && cfg.window.restore_records > 0 {
+            Some(
+                Restorer::start(
+                    cfg,
+                    group_id,
+                    Source::from_config(cfg, registry)?,
+                    rules.clone(),
+                    cfg.window.restore_records,
+                )
+                .map_err(kafka("creating the restore reader"))?,
+            )
+        } else {
+            None
+        };
         Ok(Worker {
             assignment: Assignment::new(),
             ingest: Ingest::new(source, rules, metrics.clone()),
@@ -197,6 +221,8 @@ impl Worker {
             ),
             flow: Flow::new(),
             bounds,
+            restorer,
+            restore_overdue: false,
             fold,
             failed: None,
             acks: acks_rx,
@@ -517,9 +543,11 @@ impl Worker {
         }
     }
 
-    /// Between polls: acknowledgements, held records, flushes, commits, back-pressure.
+    /// Between polls: acknowledgements, restores done, held records, flushes, commits,
+    /// back-pressure.
     pub fn service(&mut self, consumer: &GroupConsumer) {
         self.take_acks();
+        self.take_restores(consumer);
         self.dead_letters.service();
         self.retake_held();
         let now = self.now_ms();
@@ -539,6 +567,46 @@ impl Worker {
             || !self.health.braze_ok.load(Ordering::Relaxed)
             || self.dead_letters.is_failing();
         self.flow.apply(consumer, hold);
+    }
+
+    /// Loads what the restoring thread read back, and lets those partitions be read.
+    fn take_restores(&mut self, consumer: &GroupConsumer) {
+        let Some(restorer) = self.restorer.as_mut() else {
+            return;
+        };
+        let done = restorer.take_done();
+        let overdue: Vec<String> = restorer
+            .overdue(RESTORE_OVERDUE)
+            .into_iter()
+            .map(ToString::to_string)
+            .collect();
+        for r in done {
+            self.restored(consumer, r);
+        }
+        if overdue.is_empty() && !self.restore_overdue {
+            return;
+        }
+        self.restore_overdue = !overdue.is_empty();
+        let fault = self.restore_overdue.then(|| {
+            format!(
+                "partitions waiting over {} s for their restore: {}",
+                RESTORE_OVERDUE.as_secs(),
+                overdue.join(", ")
+            )
+        });
+        self.health.set_fault(Fault::Restore, fault);
+    }
+
+    fn restored(&mut self, consumer: &GroupConsumer, r: Restored) {
+        let started = Instant::now();
+        let kept = self.delivery.restore(&r.versions);
+        let elapsed = r.elapsed + started.elapsed();
+        self.metrics.restore_records.inc_by(r.versions.records());
+        self.metrics.restore_seconds.observe(elapsed.as_secs_f64());
+        tracing::info!(partition = %r.tp, from = r.from, to = r.to,
+            records = r.versions.records(), users = r.versions.users(), kept,
+            seconds = elapsed.as_secs_f64(), "partition restored");
+        self.flow.restored(consumer, &r.tp, true);
     }
 
     pub fn commit(&mut self, consumer: &GroupConsumer, mode: CommitMode) {
@@ -616,15 +684,25 @@ impl Worker {
         }
     }
 
-    /// Flushes everything and serves acknowledgements until `done` holds or the deadline
-    /// passes. A bounded wait: the drain of a revoke or of the shutdown.
-    pub fn drain(&mut self, deadline: Instant, done: impl Fn(&Worker) -> bool) -> bool {
+    /// Flushes the users holding a record `only` accepts (everyone when `None`), and serves
+    /// acknowledgements until `done` holds or the deadline passes. A bounded wait: the drain
+    /// of a revoke (the revoked partitions' users only: the others keep their linger) or of
+    /// the shutdown (everyone).
+    pub fn drain(
+        &mut self,
+        deadline: Instant,
+        only: Option<&dyn Fn(&Position) -> bool>,
+        done: impl Fn(&Worker) -> bool,
+    ) -> bool {
         loop {
             self.take_acks();
             self.dead_letters.service();
             let now = self.now_ms();
             let assignment = &mut self.assignment;
-            self.delivery.flush(now, true, |p| assignment.settle(p));
+            match only {
+                Some(pick) => self.delivery.flush_holding(pick, |p| assignment.settle(p)),
+                None => self.delivery.flush(now, true, |p| assignment.settle(p)),
+            }
             self.dead_letter_rejected();
             if !self.shutting_down {
                 self.send_folded();
@@ -656,7 +734,11 @@ impl Worker {
     }
 
     pub fn poll_timeout(&self) -> Duration {
-        if self.delivery.has_in_flight() || !self.dead_letters.is_idle() || self.flow.is_holding() {
+        if self.delivery.has_in_flight()
+            || !self.dead_letters.is_idle()
+            || self.flow.is_holding()
+            || self.restorer.as_ref().is_some_and(Restorer::is_busy)
+        {
             return Duration::from_millis(2);
         }
         let now = self.now_ms();
@@ -736,11 +818,11 @@ impl Worker {
         // A fold stopped before it sent everything commits nothing: wait only for what
         // is in flight.
         let drained = if self.fold.as_ref().is_some_and(|f| !f.is_empty()) {
-            self.drain(deadline, |w| {
+            self.drain(deadline, None, |w| {
                 !w.delivery.has_in_flight() && w.dead_letters.is_idle()
             })
         } else {
-            self.drain(deadline, Worker::settled_everything)
+            self.drain(deadline, None, Worker::settled_everything)
         };
         if !drained {
             tracing::warn!(
@@ -809,15 +891,28 @@ impl RebalanceHandler for Worker {
     }
 
     fn assigned(&mut self, consumer: &GroupConsumer, tpl: &TopicPartitionList) {
+        let mut restoring = Vec::new();
         for e in tpl.elements() {
-            self.assignment
-                .assign(&TopicPartition::new(e.topic(), e.partition()));
+            let tp = TopicPartition::new(e.topic(), e.partition());
+            self.assignment.assign(&tp);
+            if let Some(r) = self.restorer.as_mut() {
+                r.submit(
+                    tp.clone(),
+                    self.assignment.generation().load(Ordering::Acquire),
+                );
+                restoring.push(tp);
+            }
         }
-        tracing::info!(partitions = tpl.count(), "partitions assigned");
+        tracing::info!(
+            partitions = tpl.count(),
+            restoring = restoring.len(),
+            "partitions assigned"
+        );
         self.health
             .assigned
             .store(!self.assignment.is_empty(), Ordering::Relaxed);
         self.flow.on_assigned(consumer, tpl);
+        self.flow.restoring(consumer, &restoring);
     }
 
     /// Drain the revoked partitions (bounded), commit them, then let them go: stop any
@@ -835,12 +930,17 @@ impl RebalanceHandler for Worker {
         let lost = consumer.assignment_lost();
         tracing::info!(partitions = ?revoked.iter().map(ToString::to_string).collect::<Vec<_>>(),
             lost, "partitions revoked; draining");
+        let ids: Vec<PartitionId> = revoked
+            .iter()
+            .filter_map(|tp| self.assignment.id(tp))
+            .collect();
+        let gone = |p: &Position| ids.contains(&p.partition());
         // At shutdown the run has drained already, under its own deadline; a lost
         // assignment has other owners already, so there is nothing to commit.
         // A folding replay commits only when everything it read is sent and settled.
         if !lost && !self.shutting_down && self.may_commit() {
             let deadline = Instant::now() + self.drain_timeout;
-            let drained = self.drain(deadline, |w| {
+            let drained = self.drain(deadline, Some(&gone), |w| {
                 revoked.iter().all(|tp| w.assignment.unsettled_in(tp) == 0)
             });
             if !drained {
@@ -854,11 +954,6 @@ impl RebalanceHandler for Worker {
                 tracing::warn!(error = %e, "commit on revoke failed");
             }
         }
-        let ids: Vec<PartitionId> = revoked
-            .iter()
-            .filter_map(|tp| self.assignment.id(tp))
-            .collect();
-        let gone = |p: &Position| ids.contains(&p.partition());
         let now = self.now_ms();
         let stopped = self.delivery.give_up(gone, now);
         if stopped > 0 {
@@ -875,6 +970,10 @@ impl RebalanceHandler for Worker {
                 .any(|tp| tp.partition == partition && &*tp.topic == topic)
         });
         for tp in &revoked {
+            if let Some(r) = self.restorer.as_mut() {
+                r.cancel(tp);
+            }
+            self.flow.restored(consumer, tp, false);
             self.assignment.revoke(tp);
             self.commits.forget(tp);
             // At shutdown the last values stay for a final scrape.

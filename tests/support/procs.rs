@@ -286,6 +286,8 @@ pub struct WorkerConfig {
     pub commit_interval_ms: u64,
     pub drain_timeout_ms: u64,
     pub max_pending_users: usize,
+    /// `window.restore_records`; the worker's default when `None`.
+    pub restore_records: Option<u64>,
     /// librdkafka properties; the defaults make a killed member's partitions move soon.
     pub properties: BTreeMap<String, String>,
     /// Sections written after the others as they are (e.g. `[source]`).
@@ -315,6 +317,7 @@ impl WorkerConfig {
             commit_interval_ms: 200,
             drain_timeout_ms: 10_000,
             max_pending_users: 100_000,
+            restore_records: None,
             properties,
             extra: String::new(),
         }
@@ -353,7 +356,7 @@ linger_ms = {linger}
 commit_interval_ms = {commit}
 drain_timeout_ms = {drain}
 max_pending_users = {pending}
-
+{restore}
 [server]
 listen = {listen:?}
 
@@ -372,6 +375,10 @@ listen = {listen:?}
             commit = self.commit_interval_ms,
             drain = self.drain_timeout_ms,
             pending = self.max_pending_users,
+            restore = self
+                .restore_records
+                .map(|n| format!("restore_records = {n}\n"))
+                .unwrap_or_default(),
             extra = self.extra,
         )
     }

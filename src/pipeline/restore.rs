@@ -1,0 +1,341 @@
+//! Reads a newly assigned partition's settled history back (DESIGN.md, "Versions restored on
+//! assignment"): the records below its committed offset, at most `window.restore_records` of
+//! them, folded into each (user, segment)'s and attribute's greatest version for the window.
+//!
+//! On a thread and a client of its own, as the dead-letter re-reader does, so the poll loop
+//! never waits for it: the partitions wait, paused, until their restore is done. A read that
+//! fails is tried again from the start of the partition's range until it answers or the
+//! worker stops; a history shortened by retention restores what is left of it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::ingest::restore_read;
+use crate::config::Config;
+use crate::event::Rules;
+use crate::offsets::TopicPartition;
+use crate::source::Source;
+use crate::versions::Versions;
+
+/// A partition's restore, done.
+pub struct Restored {
+    pub tp: TopicPartition,
+    pub versions: Versions,
+    /// The offsets read: `from..to` (`to` is the committed offset).
+    pub from: i64,
+    pub to: i64,
+    pub elapsed: Duration,
+}
+
+struct Job {
+    tp: TopicPartition,
+    generation: u64,
+}
+
+/// Owns the restoring thread and which partitions wait for it. Promises: a partition handed
+/// over is reported done exactly once per assignment (`generation`), unless it is cancelled
+/// (revoked) first or the worker stops; a result for an assignment that has ended is dropped.
+pub struct Restorer {
+    jobs: Option<Sender<Job>>,
+    results: Receiver<(u64, Restored)>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Partitions waiting: the generation of their assignment and when they began to wait.
+    waiting: BTreeMap<TopicPartition, (u64, Instant)>,
+}
+
+impl Restorer {
+    /// `records`: at most this many records per partition (`window.restore_records`, > 0).
+    pub fn start(
+        cfg: &Config,
+        group_id: &str,
+        source: Source,
+        rules: Rules,
+        records: u64,
+    ) -> Result<Restorer, KafkaError> {
+        let reader = Reader {
+            consumer: reader_config(cfg, group_id).create()?,
+            source,
+            rules,
+            records: i64::try_from(records).unwrap_or(i64::MAX),
+        };
+        let first_topic = cfg.kafka.topics.first().cloned();
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+        let (results_tx, results_rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("restore".into())
+            .spawn(move || {
+                if let Some(topic) = first_topic {
+                    reader.warm_up(&topic);
+                }
+                serve(reader, jobs_rx, results_tx, flag)
+            })
+            .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+        Ok(Restorer {
+            jobs: Some(jobs_tx),
+            results: results_rx,
+            stop,
+            thread: Some(thread),
+            waiting: BTreeMap::new(),
+        })
+    }
+
+    /// The partition was assigned at `generation`: restore it before it is read.
+    pub fn submit(&mut self, tp: TopicPartition, generation: u64) {
+        self.waiting
+            .insert(tp.clone(), (generation, Instant::now()));
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|tx| tx.send(Job { tp, generation }).is_ok());
+        if !sent {
+            tracing::error!("the restoring thread is gone; partitions wait");
+        }
+    }
+
+    /// The partition was revoked: its restore, if still running, no longer matters.
+    pub fn cancel(&mut self, tp: &TopicPartition) {
+        self.waiting.remove(tp);
+    }
+
+    /// Some partition waits for its restore: the poll loop should come back soon to take it.
+    pub fn is_busy(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Restores finished for partitions still waiting for them.
+    pub fn take_done(&mut self) -> Vec<Restored> {
+        let mut done = Vec::new();
+        while let Ok((generation, r)) = self.results.try_recv() {
+            if self
+                .waiting
+                .get(&r.tp)
+                .is_some_and(|(g, _)| *g == generation)
+            {
+                self.waiting.remove(&r.tp);
+                done.push(r);
+            }
+        }
+        done
+    }
+
+    /// Partitions that have waited longer than `after`.
+    pub fn overdue(&self, after: Duration) -> Vec<&TopicPartition> {
+        self.waiting
+            .iter()
+            .filter(|(_, (_, since))| since.elapsed() > after)
+            .map(|(tp, _)| tp)
+            .collect()
+    }
+}
+
+impl Drop for Restorer {
+    /// Stops the read (within one poll) and closes its client before the worker returns.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A consumer that reads a range of a partition: assigned, never subscribed. It carries the
+/// group's id to read the group's committed offsets, but never joins the group or commits.
+fn reader_config(cfg: &Config, group_id: &str) -> rdkafka::ClientConfig {
+    let mut c = crate::kafka::client_config(cfg);
+    c.set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        // Records deleted by retention between the watermark read and the fetch: read from
+        // what is left.
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10");
+    c
+}
+
+struct Reader {
+    consumer: BaseConsumer,
+    source: Source,
+    rules: Rules,
+    records: i64,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(100);
+/// A read that brings nothing for this long is started again.
+const STALLED: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("schema registry: {0}")]
+    Registry(String),
+    #[error("no record for {0:?}")]
+    Stalled(Duration),
+}
+
+fn serve(
+    mut reader: Reader,
+    jobs: Receiver<Job>,
+    results: Sender<(u64, Restored)>,
+    stop: Arc<AtomicBool>,
+) {
+    while let Ok(job) = jobs.recv() {
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        let outcome = loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match reader.read(&job.tp, &stop) {
+                Ok(Some(range)) => break range,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(partition = %job.tp, error = %e, retry_in = ?backoff,
+                        "restore read failed; trying again");
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(POLL.min(until - Instant::now()));
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        let (versions, from, to) = outcome;
+        let restored = Restored {
+            tp: job.tp,
+            versions,
+            from,
+            to,
+            elapsed: started.elapsed(),
+        };
+        if results.send((job.generation, restored)).is_err() {
+            return;
+        }
+    }
+}
+
+impl Reader {
+    /// Asks for a committed offset once while the group is still being joined, so the client
+    /// knows the group's coordinator before the first partition is assigned: found only at
+    /// the first request, it added a second to every start, even one with nothing to restore.
+    fn warm_up(&self, topic: &str) {
+        let mut any = TopicPartitionList::new();
+        any.add_partition(topic, 0);
+        if let Err(e) = self.consumer.committed_offsets(any, TIMEOUT) {
+            tracing::debug!(error = %e, "restore reader warm-up");
+        }
+    }
+
+    /// One attempt at the partition's range; `Ok(None)` when stopped.
+    fn read(
+        &mut self,
+        tp: &TopicPartition,
+        stop: &AtomicBool,
+    ) -> Result<Option<(Versions, i64, i64)>, ReadError> {
+        let mut versions = Versions::new();
+        let mut wanted = TopicPartitionList::new();
+        wanted.add_partition(&tp.topic, tp.partition);
+        let committed = self.consumer.committed_offsets(wanted, TIMEOUT)?;
+        let to = match committed
+            .find_partition(&tp.topic, tp.partition)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(o)) => o,
+            // Nothing committed: the group starts this partition afresh, with no history.
+            _ => return Ok(Some((versions, 0, 0))),
+        };
+        let (low, _) = self
+            .consumer
+            .fetch_watermarks(&tp.topic, tp.partition, TIMEOUT)?;
+        let from = to.saturating_sub(self.records).max(low);
+        if from >= to {
+            return Ok(Some((versions, from, to)));
+        }
+        versions = Versions::with_capacity(usize::try_from(to - from).unwrap_or(0));
+        let mut range = TopicPartitionList::new();
+        range.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(from))?;
+        self.consumer.assign(&range)?;
+        let result = self.read_range(tp.partition, to, &mut versions, stop);
+        let _ = self.consumer.unassign();
+        Ok(result?.then_some((versions, from, to)))
+    }
+
+    /// Folds records until the one before `to` (or the first at or past it, or the end of
+    /// the log: a record below `to` may be a transaction marker that is never delivered).
+    /// `Ok(false)` when stopped.
+    fn read_range(
+        &mut self,
+        partition: i32,
+        to: i64,
+        versions: &mut Versions,
+        stop: &AtomicBool,
+    ) -> Result<bool, ReadError> {
+        let mut last_progress = Instant::now();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            match self.consumer.poll(POLL) {
+                Some(Ok(m)) => {
+                    last_progress = Instant::now();
+                    if m.offset() >= to {
+                        return Ok(true);
+                    }
+                    // `max_future_ms` is judged against when the record was written, so an
+                    // event dead-lettered as too far ahead then is not valid now.
+                    let at = m
+                        .timestamp()
+                        .to_millis()
+                        .unwrap_or_else(|| self.rules.epoch_ms(0));
+                    // A record dead-lettered or ignored when it was read live has no version.
+                    let events = restore_read(&mut self.source, &self.rules, m.payload(), at)
+                        .map_err(ReadError::Registry)?;
+                    for event in &events {
+                        if let Some(identity) = event.identity() {
+                            versions.add(event, identity, partition, m.offset());
+                        }
+                    }
+                    if m.offset() + 1 >= to {
+                        return Ok(true);
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(true),
+                Some(Err(e)) => {
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(RDKafkaErrorCode::OffsetOutOfRange)
+                    ) {
+                        // auto.offset.reset moves on to what is left; keep reading.
+                        continue;
+                    }
+                    return Err(e.into());
+                }
+                None => {
+                    if last_progress.elapsed() > STALLED {
+                        return Err(ReadError::Stalled(STALLED));
+                    }
+                }
+            }
+        }
+    }
+}
