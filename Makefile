@@ -16,7 +16,7 @@ include mk/fuzz.mk
 
 CARGO ?= cargo
 
-.PHONY: all build test lint demo deps
+.PHONY: all build test lint demo deps azurite
 
 all: build
 
@@ -26,8 +26,12 @@ build:
 deps:
 	bash scripts/install-deps.sh
 
-test: kafka-jars
+test: kafka-jars azurite
 	$(CARGO) test
+
+# Azurite (the Azure Storage emulator) from npm, pinned, for the snapshot tests.
+azurite:
+	bash tests/azurite/fetch.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -13,18 +13,19 @@
 #   make bench-verify       verify of a 1/100 sample of 1,000,000 events: time and memory
 #   make bench-restore      restore on assignment of 1,000,000 records; startup with nothing to restore
 #   make bench-replay-fold  a backfill's fold of 1,000,000 changes: CPU, memory, the floor
+#   make bench-snapshot     snapshot: 1,000,000 members unchanged in time, 10,000,000 in memory
 
 CARGO ?= cargo
 BENCH_FLAGS ?=
 
 .PHONY: bench bench-hot-path bench-memory bench-backlog bench-braze-rate bench-writes bench-e2e \
-	bench-verify bench-restore bench-replay-fold
+	bench-verify bench-restore bench-replay-fold bench-snapshot
 
 bench: kafka-jars
 	$(CARGO) bench --no-fail-fast $(BENCH_FLAGS) \
 		--bench hot_path --bench window_memory --bench attribute_writes \
 		--bench braze_rate --bench end_to_end --bench backlog_memory --bench verify_sample \
-		--bench restore --bench replay_fold
+		--bench restore --bench replay_fold --bench snapshot
 
 bench-hot-path:
 	$(CARGO) bench $(BENCH_FLAGS) --bench hot_path
@@ -52,3 +53,6 @@ bench-restore:
 
 bench-replay-fold:
 	$(CARGO) bench $(BENCH_FLAGS) --bench replay_fold
+
+bench-snapshot: kafka-jars
+	$(CARGO) bench $(BENCH_FLAGS) --bench snapshot

@@ -2,7 +2,8 @@
 # Installs what building and testing segment-sync needs, when it is missing. From Debian's
 # packages: a C toolchain and CMake (librdkafka is built from source), pkg-config, OpenSSL's
 # and zlib's headers (TLS, SASL and compression to Kafka), Java 17 with Maven (the Apache
-# Kafka broker of the end-to-end tests) and Python's YAML module (scripts/check-monitoring.py,
+# Kafka broker of the end-to-end tests), Node.js with npm (Azurite, the Azure Storage emulator
+# of the snapshot tests, comes from npm) and Python's YAML module (scripts/check-monitoring.py,
 # in `make lint`). Rust itself comes from rustup.
 #
 # `make lint` also needs promtool. Debian ships it only inside the prometheus package, whose
@@ -41,6 +42,8 @@ main() {
   dpkg -s zlib1g-dev >/dev/null 2>&1 || need+=(zlib1g-dev)
   command -v java >/dev/null || need+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null || need+=(maven)
+  command -v node >/dev/null || need+=(nodejs)
+  command -v npm >/dev/null || need+=(npm)
   has_yaml || need+=(python3-yaml)
   [ -x "$promtool_dir/promtool" ] || command -v promtool >/dev/null || need_promtool=true
 

@@ -16,6 +16,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub source: SourceConfig,
     pub replay: ReplayConfig,
+    pub snapshot: SnapshotConfig,
 }
 
 /// `[source] shape`: how a record's decoded value becomes changes (DESIGN.md, "Sources").
@@ -593,6 +594,74 @@ impl Default for ServerConfig {
     }
 }
 
+/// `segment-sync snapshot`: where the changes of a member list go and where its state is kept.
+/// `Debug` is written by hand below: `storage` holds the object store's credentials.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotConfig {
+    /// The topic the changes are written to; unset means the first of `kafka.topics`.
+    pub topic: Option<String>,
+    /// The compacted topic of the segments' membership; unset means `<topic>.snapshots`.
+    pub state_topic: Option<String>,
+    /// Changes per Kafka transaction, so that no transaction of a large run outlives the
+    /// broker's transaction timeout or holds the worker at the last stable offset for long.
+    pub transaction_records: usize,
+    /// The object store's options under its own names (`azure_storage_account_name`,
+    /// `aws_access_key_id`, ...), besides its environment variables; secrets are masked.
+    pub storage: BTreeMap<String, String>,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            topic: None,
+            state_topic: None,
+            transaction_records: 100_000,
+            storage: BTreeMap::new(),
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// The topic the changes go to: `snapshot.topic`, else the first of `kafka.topics`.
+    pub fn changes_topic(&self, kafka: &KafkaConfig) -> Option<String> {
+        self.topic.clone().or_else(|| kafka.topics.first().cloned())
+    }
+
+    /// The state topic: `snapshot.state_topic`, else `<changes topic>.snapshots`.
+    pub fn state_topic_for(&self, kafka: &KafkaConfig) -> Option<String> {
+        self.state_topic
+            .clone()
+            .or_else(|| self.changes_topic(kafka).map(|t| format!("{t}.snapshots")))
+    }
+
+    /// `storage` with every value whose name marks a secret shown as `***`.
+    fn masked_storage(&self) -> BTreeMap<String, String> {
+        self.storage
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) {
+                    "***".to_string()
+                } else {
+                    v.clone()
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for SnapshotConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotConfig")
+            .field("topic", &self.topic)
+            .field("state_topic", &self.state_topic)
+            .field("transaction_records", &self.transaction_records)
+            .field("storage", &self.masked_storage())
+            .finish()
+    }
+}
+
 /// Every environment variable that overrides a key starts with this.
 pub const ENV_PREFIX: &str = "SEGMENT_SYNC_";
 
@@ -1089,7 +1158,66 @@ impl Config {
                 ),
             );
         }
+        let snap = &self.snapshot;
+        if snap.transaction_records < 1 {
+            bad(
+                "snapshot.transaction_records",
+                "snapshot.transaction_records = 0 is out of range: set it to 1 or more".into(),
+            );
+        }
+        for (key, topic) in [
+            ("snapshot.topic", &snap.topic),
+            ("snapshot.state_topic", &snap.state_topic),
+        ] {
+            if topic.as_ref().is_some_and(|t| t.trim().is_empty()) {
+                bad(
+                    key,
+                    format!("{key} is empty: name a topic, or remove the key for the default"),
+                );
+            }
+        }
+        let changes = snap.changes_topic(&self.kafka);
+        let state = snap.state_topic_for(&self.kafka);
+        if changes.is_some() && changes == state {
+            bad(
+                "snapshot.state_topic",
+                "snapshot.state_topic is the changes topic: the state needs a compacted topic of its own".into(),
+            );
+        }
+        // Unset, it is the first of kafka.topics, which has its own check against the DLQ.
+        if snap.topic.as_deref() == Some(self.kafka.dlq_topic.as_str()) {
+            bad(
+                "snapshot.topic",
+                "snapshot.topic is kafka.dlq_topic: write the changes to a topic the worker reads"
+                    .into(),
+            );
+        }
+        // Set explicitly, it is checked here; left to its default (the worker's own topic), a
+        // configuration for another shape is fine until `snapshot` itself runs with it.
+        if snap.topic.is_some() {
+            if let Some(problem) = self.snapshot_shape_problem() {
+                bad("snapshot.topic", problem);
+            }
+        }
         out
+    }
+
+    /// Why `snapshot` may not write to its topic: `snapshot` writes the project's own
+    /// `change` records, and a worker reading that topic with another `source.shape` would
+    /// dead-letter every one.
+    pub fn snapshot_shape_problem(&self) -> Option<String> {
+        if self.source.shape == Shape::Change {
+            return None;
+        }
+        let topic = self.snapshot.changes_topic(&self.kafka)?;
+        self.kafka.topics.contains(&topic).then(|| {
+            format!(
+                "snapshot.topic {topic:?} is read by the worker with source.shape = {:?}, but \
+                 snapshot writes `change` records: set snapshot.topic to a topic of its own (read \
+                 by a worker with source.shape = \"change\")",
+                self.source.shape.name()
+            )
+        })
     }
 
     /// The effective configuration as TOML with secrets masked: the API key is shown as `***`
@@ -1106,6 +1234,7 @@ impl Config {
                 *value = "***".into();
             }
         }
+        shown.snapshot.storage = self.snapshot.masked_storage();
         let key = if self.braze.api_key.is_some() {
             "\"***\""
         } else {
@@ -1214,7 +1343,11 @@ struct Schema {
 }
 
 /// A free-form table inside a section: any key, string values (numbers and booleans accepted).
-const FREE_TABLES: &[(&str, &str)] = &[("kafka", "properties"), ("source", "segments")];
+const FREE_TABLES: &[(&str, &str)] = &[
+    ("kafka", "properties"),
+    ("source", "segments"),
+    ("snapshot", "storage"),
+];
 
 impl Schema {
     fn new() -> Schema {
@@ -1245,6 +1378,8 @@ impl Schema {
             *key = Some(String::new());
         }
         specimen.replay.spill_dir = Some(String::new());
+        specimen.snapshot.topic = Some(String::new());
+        specimen.snapshot.state_topic = Some(String::new());
         let sections = match toml::Value::try_from(&specimen) {
             Ok(toml::Value::Table(top)) => top
                 .into_iter()
@@ -1374,7 +1509,13 @@ impl Schema {
                 ),
             });
         }
-        let property = name.to_ascii_lowercase().replace('_', ".");
+        // librdkafka's names are dotted; the object store's (`azure_storage_account_key`)
+        // keep their underscores.
+        let property = if (section, key) == ("snapshot", "storage") {
+            name.to_ascii_lowercase()
+        } else {
+            name.to_ascii_lowercase().replace('_', ".")
+        };
         let table = section_table(doc, section);
         let entry = table
             .entry(key.to_string())
@@ -1555,6 +1696,54 @@ mod tests {
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.braze.batch_size, 75);
         assert_eq!(c.server.listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn snapshot_keys_default_from_the_topics_and_storage_secrets_are_masked() {
+        let c = Config::from_toml_str_with(
+            "[kafka]\ntopics = [\"t\"]\ndlq_topic = \"t.dlq\"\n\n[snapshot.storage]\n\
+             azure_storage_account_name = \"acct\"\n",
+            env(&[(
+                "SEGMENT_SYNC_SNAPSHOT_STORAGE_AZURE_STORAGE_ACCOUNT_KEY",
+                "s3cr3t",
+            )]),
+            KeyRequirement::Optional,
+        )
+        .unwrap();
+        assert_eq!(c.snapshot.changes_topic(&c.kafka).as_deref(), Some("t"));
+        assert_eq!(
+            c.snapshot.state_topic_for(&c.kafka).as_deref(),
+            Some("t.snapshots")
+        );
+        assert_eq!(c.snapshot.storage["azure_storage_account_key"], "s3cr3t");
+        let shown = c.to_masked_toml();
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("acct"), "{shown}");
+        assert!(!format!("{:?}", c.snapshot).contains("s3cr3t"));
+        let e = err(
+            "[kafka]\ntopics = [\"t\"]\ndlq_topic = \"t.dlq\"\n[snapshot]\nstate_topic = \"t\"\n",
+            &[],
+        );
+        assert!(e.contains("snapshot.state_topic"), "{e}");
+        let e = err("[snapshot]\ntransaction_records = 0\n", &[]);
+        assert!(e.contains("snapshot.transaction_records"), "{e}");
+        // A topic the worker reads with another shape would dead-letter the changes.
+        let lytics = "[kafka]\ntopics = [\"t\"]\ndlq_topic = \"t.dlq\"\nformat = \"json\"\n\
+                      [source]\nshape = \"lytics\"\n";
+        let c = Config::from_toml_str_with(lytics, env(&[]), KeyRequirement::Optional).unwrap();
+        let problem = c.snapshot_shape_problem().unwrap();
+        assert!(
+            problem.contains("snapshot.topic \"t\"") && problem.contains("lytics"),
+            "{problem}"
+        );
+        let e = err(&format!("{lytics}[snapshot]\ntopic = \"t\"\n"), &[]);
+        assert!(
+            e.contains("snapshot.topic \"t\"") && e.contains("lytics"),
+            "{e}"
+        );
+        let own = format!("{lytics}[snapshot]\ntopic = \"members\"\n");
+        let c = Config::from_toml_str_with(&own, env(&[]), KeyRequirement::Optional).unwrap();
+        assert_eq!(c.snapshot_shape_problem(), None);
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub mod dlq;
 pub mod pipeline;
 /// `segment-sync replay`: `--from`, the group, how a run marks its commits.
 pub mod replay;
+/// `segment-sync snapshot`: member lists (Customer Insights exports, CSV, NDJSON) → ENTERED /
+/// EXITED changes and their state, in Kafka transactions.
+pub mod snapshot;
 /// `segment-sync verify`: the log's last writes against the profiles Braze exports; repair.
 pub mod verify;
 

@@ -72,6 +72,15 @@ enum Command {
         #[command(flatten)]
         args: segment_sync::verify::VerifyArgs,
     },
+    /// A segment's member list (a Customer Insights export run, a CSV or NDJSON file) diffed
+    /// against the last applied run: ENTERED / EXITED changes, exactly once. Exit 0 applied
+    /// or nothing to do, 1 refused, 2 error.
+    Snapshot {
+        #[command(flatten)]
+        config: ConfigFile,
+        #[command(flatten)]
+        args: segment_sync::snapshot::SnapshotArgs,
+    },
     /// Load the configuration as `run` does and refuse what `run` would refuse at start (exit
     /// 2, the same message); else print the effective configuration, secrets masked.
     CheckConfig {
@@ -184,6 +193,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             eprintln!("{summary}");
             Ok(ExitCode::from(summary.exit_code()))
         }
+        Command::Snapshot { config, args } => snapshot(config.path, args).await,
         Command::CheckConfig { config } => {
             // `run`'s own checks, in its order; an error takes the same way out (exit 2).
             let cfg = Config::load(&config.path)?;
@@ -192,6 +202,124 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `snapshot`: reads and writes block, so they run on a thread of their own; the progress bar
+/// and `--metrics` are served meanwhile.
+async fn snapshot(
+    config: PathBuf,
+    args: segment_sync::snapshot::SnapshotArgs,
+) -> anyhow::Result<ExitCode> {
+    use segment_sync::snapshot;
+    let cfg = Config::load_with(&config, KeyRequirement::Optional)?;
+    let schema_id =
+        if cfg.kafka.format == segment_sync::config::Format::AvroConfluent && !args.dry_run {
+            let topic = cfg
+                .snapshot
+                .changes_topic(&cfg.kafka)
+                .context("no topic: set snapshot.topic or kafka.topics")?;
+            let registry = segment_sync::decode::RegistryClient::from_config(&cfg.kafka)?;
+            let subject = format!("{topic}-value");
+            tokio::task::spawn_blocking(move || {
+                registry.register(&subject, segment_sync::decode::SCHEMA)
+            })
+            .await
+            .context("registering the schema")?
+            .context("registering the schema of the changes")?
+        } else {
+            0
+        };
+    let progress = Arc::new(snapshot::Progress::default());
+    let metrics = Arc::new(Metrics::new());
+    let snap_metrics = Arc::new(segment_sync::metrics::SnapshotMetrics::register(
+        &metrics.registry,
+    ));
+    let server = if args.metrics {
+        let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+            .await
+            .with_context(|| format!("server.listen = {:?}: cannot listen", cfg.server.listen))?;
+        Some(tokio::spawn(server::serve(
+            listener,
+            metrics.clone(),
+            Arc::new(Health::new()),
+            std::future::pending::<()>(),
+        )))
+    } else {
+        None
+    };
+    let on_terminal = std::io::stderr().is_terminal() && !args.dry_run;
+    let ticker = (on_terminal || args.metrics).then(|| {
+        let bar = if on_terminal {
+            indicatif::ProgressBar::new(0)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} snapshot [{elapsed_precise}] {wide_bar} {pos}/{len} changes",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let p = progress.clone();
+        let m = snap_metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                let total = p.total.load(Ordering::Relaxed);
+                let written = p.written.load(Ordering::Relaxed);
+                bar.set_length(total);
+                bar.set_position(written);
+                m.changes_written.set(written as i64);
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        })
+    });
+    let p = progress.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut out = std::io::stdout().lock();
+        snapshot::run(&cfg, &args, schema_id, &p, &mut out)
+    })
+    .await
+    .context("the snapshot thread died")?;
+    if let Some(ticker) = ticker {
+        ticker.abort();
+    }
+    let code = match result {
+        Ok(outcome) => {
+            let c = &outcome.counts;
+            for (name, v) in [
+                ("members", c.members),
+                ("entered", c.entered),
+                ("exited", c.exited),
+                ("unchanged", c.unchanged),
+                ("restated", c.restated),
+                ("skipped_rows", c.skipped_rows),
+                ("duplicates", c.duplicates),
+                ("previous", c.previous),
+            ] {
+                snap_metrics.counts.with_label_values(&[name]).set(v as i64);
+            }
+            snap_metrics
+                .changes_written
+                .set(progress.written.load(Ordering::Relaxed) as i64);
+            snap_metrics
+                .runs
+                .with_label_values(&[&outcome.status.replace(' ', "_")])
+                .inc();
+            eprintln!("{outcome}");
+            ExitCode::from(outcome.exit_code())
+        }
+        Err(e) => {
+            snap_metrics.runs.with_label_values(&["error"]).inc();
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    };
+    if let Some(server) = server {
+        // One last scrape window for a job's Prometheus before the process ends.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        server.abort();
+    }
+    Ok(code)
 }
 
 /// A progress bar on the terminal: records replayed and still to go.

@@ -251,3 +251,39 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+/// `segment-sync snapshot --metrics`: the figures of one run, registered beside the worker's
+/// on the registry the command serves (the worker itself never registers them).
+pub struct SnapshotMetrics {
+    /// label `count`: members, entered, exited, unchanged, restated, skipped_rows,
+    /// duplicates, previous
+    pub counts: IntGaugeVec,
+    pub changes_written: IntGauge,
+    /// label `status`: applied, nothing_to_do, refused, dry_run, error
+    pub runs: IntCounterVec,
+}
+
+impl SnapshotMetrics {
+    pub fn register(r: &Registry) -> SnapshotMetrics {
+        SnapshotMetrics {
+            counts: gauge_vec(
+                r,
+                "snapshot_members",
+                "The snapshot run's counts: members, entered, exited, unchanged, restated, \
+                 skipped_rows, duplicates, previous",
+                &["count"],
+            ),
+            changes_written: gauge(
+                r,
+                "snapshot_changes_written",
+                "Changes of the snapshot run written so far (committed or in the open transaction)",
+            ),
+            runs: counter_vec(
+                r,
+                "snapshot_runs_total",
+                "Snapshot runs by outcome",
+                &["status"],
+            ),
+        }
+    }
+}

@@ -582,6 +582,8 @@ fn metric_names() -> BTreeSet<String> {
     let m = Metrics::new();
     // `verify` registers its figures beside the worker's.
     let v = segment_sync::verify::VerifyMetrics::new(&m.registry).expect("verify metrics");
+    // So does `snapshot --metrics`.
+    let s = segment_sync::metrics::SnapshotMetrics::register(&m.registry);
     let labelled = [
         m.events_invalid.desc(),
         m.events_ignored.desc(),
@@ -592,6 +594,8 @@ fn metric_names() -> BTreeSet<String> {
         m.last_commit_timestamp.desc(),
         v.users.desc(),
         v.export_requests.desc(),
+        s.counts.desc(),
+        s.runs.desc(),
     ];
     m.registry
         .gather()

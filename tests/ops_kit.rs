@@ -109,13 +109,15 @@ fn exported(metrics: &Metrics, name: &str) -> bool {
     }
 }
 
-/// Every `segment_sync_*` series name in `text` that neither the worker nor `verify` exports; a
-/// histogram's `_bucket`, `_sum` and `_count` series count as its own.
+/// Every `segment_sync_*` series name in `text` that neither the worker nor `verify` nor
+/// `snapshot` exports; a histogram's `_bucket`, `_sum` and `_count` series count as its own.
 fn unknown_series(text: &str) -> Vec<String> {
     let metrics = Metrics::new();
-    // `verify` exports its own families beside the worker's, on the same registry.
+    // `verify` and `snapshot` export their own families beside the worker's, on the same
+    // registry.
     let _verify =
         segment_sync::verify::VerifyMetrics::new(&metrics.registry).expect("verify metrics");
+    let _snapshot = segment_sync::metrics::SnapshotMetrics::register(&metrics.registry);
     let histograms: BTreeSet<String> = metrics
         .registry
         .gather()

@@ -5,6 +5,7 @@
 // would otherwise warn as dead code in that binary.
 #![allow(dead_code)]
 
+pub mod azurite;
 pub mod expected;
 pub mod files;
 pub mod kafka;
