@@ -162,7 +162,14 @@ fn reader_config(cfg: &Config, group_id: &str) -> rdkafka::ClientConfig {
         // Records deleted by retention between the watermark read and the fetch: read from
         // what is left.
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10");
+        .set("fetch.wait.max.ms", "10")
+        // librdkafka's default waits a full second before fetching again once its local
+        // queue holds queued.min.messages; the restore drains that queue faster than the
+        // second, so the default stalled a partition's read for most of it.
+        .set("fetch.queue.backoff.ms", "10")
+        // Its default prefetch of 64 MB is memory the worker's budget (issue 13) does not
+        // have; 16 MB is still a good part of a second of reading ahead.
+        .set("queued.max.messages.kbytes", "16384");
     c
 }
 
