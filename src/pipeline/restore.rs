@@ -2,10 +2,11 @@
 //! assignment"): the records below its committed offset, at most `window.restore_records` of
 //! them, folded into each (user, segment)'s and attribute's greatest version for the window.
 //!
-//! On a thread and a client of its own, as the dead-letter re-reader does, so the poll loop
-//! never waits for it: the partitions wait, paused, until their restore is done. A read that
-//! fails is tried again from the start of the partition's range until it answers or the
-//! worker stops; a history shortened by retention restores what is left of it.
+//! On a thread and a client of its own (and, while a partition is read, a second thread that
+//! decodes and folds), as the dead-letter re-reader does, so the poll loop never waits for
+//! it: the partitions wait, paused, until their restore is done. A read that fails is tried
+//! again from the start of the partition's range until it answers or the worker stops; a
+//! history shortened by retention restores what is left of it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
