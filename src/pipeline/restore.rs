@@ -2,10 +2,11 @@
 //! assignment"): the records below its committed offset, at most `window.restore_records` of
 //! them, folded into each (user, segment)'s and attribute's greatest version for the window.
 //!
-//! On a thread and a client of its own, as the dead-letter re-reader does, so the poll loop
-//! never waits for it: the partitions wait, paused, until their restore is done. A read that
-//! fails is tried again from the start of the partition's range until it answers or the
-//! worker stops; a history shortened by retention restores what is left of it.
+//! On a thread and a client of its own (and, while a partition is read, a second thread that
+//! decodes and folds), as the dead-letter re-reader does, so the poll loop never waits for
+//! it: the partitions wait, paused, until their restore is done. A read that fails is tried
+//! again from the start of the partition's range until it answers or the worker stops; a
+//! history shortened by retention restores what is left of it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -162,7 +163,14 @@ fn reader_config(cfg: &Config, group_id: &str) -> rdkafka::ClientConfig {
         // Records deleted by retention between the watermark read and the fetch: read from
         // what is left.
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10");
+        .set("fetch.wait.max.ms", "10")
+        // librdkafka's default waits a full second before fetching again once its local
+        // queue holds queued.min.messages; the restore drains that queue faster than the
+        // second, so the default stalled a partition's read for most of it.
+        .set("fetch.queue.backoff.ms", "10")
+        // Its default prefetch of 64 MB is memory the worker's budget (issue 13) does not
+        // have; 16 MB is still a good part of a second of reading ahead.
+        .set("queued.max.messages.kbytes", "16384");
     c
 }
 
@@ -283,6 +291,10 @@ impl Reader {
     /// Folds records until the one before `to` (or the first at or past it, or the end of
     /// the log: a record below `to` may be a transaction marker that is never delivered).
     /// `Ok(false)` when stopped.
+    ///
+    /// Two threads in a pipeline: this one polls and copies the records into batches, a
+    /// second decodes and folds them. On one thread the decoding and folding (≈ 3/4 of a
+    /// partition's read) waited for each poll and the fetcher for them.
     fn read_range(
         &mut self,
         partition: i32,
@@ -290,52 +302,131 @@ impl Reader {
         versions: &mut Versions,
         stop: &AtomicBool,
     ) -> Result<bool, ReadError> {
-        let mut last_progress = Instant::now();
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(false);
+        let Reader {
+            consumer,
+            source,
+            rules,
+            ..
+        } = self;
+        let rules: &Rules = rules;
+        let (batches, inbox) = std::sync::mpsc::sync_channel::<Batch>(PIPELINE_BATCHES);
+        std::thread::scope(|scope| {
+            let folder =
+                scope.spawn(move || fold_batches(inbox, source, rules, partition, versions));
+            let read = poll_range(consumer, rules, to, stop, &batches);
+            drop(batches);
+            let folded = folder
+                .join()
+                .unwrap_or_else(|_| Err(ReadError::Registry("the folding thread panicked".into())));
+            // A fold that failed ended the polling (its inbox closed): its error is the one.
+            folded?;
+            read
+        })
+    }
+}
+
+/// Records in a batch between the polling and the folding thread.
+const PIPELINE_BATCH: usize = 2048;
+/// Batches in flight: enough to ride out a slow poll, few enough to bound the memory.
+const PIPELINE_BATCHES: usize = 8;
+
+/// Records copied out of librdkafka's messages: payloads end to end in one buffer.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    /// (payload's end in `bytes`, or `None` for a record without one; timestamp; offset).
+    records: Vec<(Option<usize>, i64, i64)>,
+}
+
+/// Polls the assigned range and hands it on in batches; `Ok(false)` when stopped or when the
+/// folding thread has gone (it reports why).
+fn poll_range(
+    consumer: &BaseConsumer,
+    rules: &Rules,
+    to: i64,
+    stop: &AtomicBool,
+    batches: &std::sync::mpsc::SyncSender<Batch>,
+) -> Result<bool, ReadError> {
+    let mut last_progress = Instant::now();
+    let mut batch = Batch::default();
+    let flush = |batch: &mut Batch| batches.send(std::mem::take(batch)).is_ok();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        // Nothing waiting in the client: what is batched goes on rather than wait for it.
+        let polled = consumer.poll(if batch.records.is_empty() {
+            POLL
+        } else {
+            Duration::ZERO
+        });
+        match polled {
+            Some(Ok(m)) => {
+                last_progress = Instant::now();
+                if m.offset() >= to {
+                    return Ok(flush(&mut batch));
+                }
+                // `max_future_ms` is judged against when the record was written, so an event
+                // dead-lettered as too far ahead then is not valid now.
+                let at = m
+                    .timestamp()
+                    .to_millis()
+                    .unwrap_or_else(|| rules.epoch_ms(0));
+                let end = m.payload().map(|p| {
+                    batch.bytes.extend_from_slice(p);
+                    batch.bytes.len()
+                });
+                batch.records.push((end, at, m.offset()));
+                if m.offset() + 1 >= to {
+                    return Ok(flush(&mut batch));
+                }
+                if batch.records.len() >= PIPELINE_BATCH && !flush(&mut batch) {
+                    return Ok(false);
+                }
             }
-            match self.consumer.poll(POLL) {
-                Some(Ok(m)) => {
-                    last_progress = Instant::now();
-                    if m.offset() >= to {
-                        return Ok(true);
-                    }
-                    // `max_future_ms` is judged against when the record was written, so an
-                    // event dead-lettered as too far ahead then is not valid now.
-                    let at = m
-                        .timestamp()
-                        .to_millis()
-                        .unwrap_or_else(|| self.rules.epoch_ms(0));
-                    // A record dead-lettered or ignored when it was read live has no version.
-                    let events = restore_read(&mut self.source, &self.rules, m.payload(), at)
-                        .map_err(ReadError::Registry)?;
-                    for event in &events {
-                        if let Some(identity) = event.identity() {
-                            versions.add(event, identity, partition, m.offset());
-                        }
-                    }
-                    if m.offset() + 1 >= to {
-                        return Ok(true);
-                    }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(flush(&mut batch)),
+            Some(Err(e)) => {
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::OffsetOutOfRange)
+                ) {
+                    // auto.offset.reset moves on to what is left; keep reading.
+                    continue;
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(true),
-                Some(Err(e)) => {
-                    if matches!(
-                        e.rdkafka_error_code(),
-                        Some(RDKafkaErrorCode::OffsetOutOfRange)
-                    ) {
-                        // auto.offset.reset moves on to what is left; keep reading.
-                        continue;
-                    }
-                    return Err(e.into());
+                return Err(e.into());
+            }
+            None => {
+                if !batch.records.is_empty() && !flush(&mut batch) {
+                    return Ok(false);
                 }
-                None => {
-                    if last_progress.elapsed() > STALLED {
-                        return Err(ReadError::Stalled(STALLED));
-                    }
+                if last_progress.elapsed() > STALLED {
+                    return Err(ReadError::Stalled(STALLED));
                 }
             }
         }
     }
+}
+
+/// Decodes and folds the batches until the polling thread closes the channel.
+fn fold_batches(
+    inbox: Receiver<Batch>,
+    source: &mut Source,
+    rules: &Rules,
+    partition: i32,
+    versions: &mut Versions,
+) -> Result<(), ReadError> {
+    for batch in inbox {
+        let mut start = 0;
+        for &(end, at, offset) in &batch.records {
+            let payload = end.map(|end| &batch.bytes[std::mem::replace(&mut start, end)..end]);
+            // A record dead-lettered or ignored when it was read live has no version.
+            let events = restore_read(source, rules, payload, at).map_err(ReadError::Registry)?;
+            for event in &events {
+                if let Some(identity) = event.identity() {
+                    versions.add(event, identity, partition, offset);
+                }
+            }
+        }
+    }
+    Ok(())
 }
