@@ -2469,7 +2469,37 @@ mod tests {
 
 /// `https://KEY:SECRET@host` → `https://KEY:***@host`: registry credentials may sit in the URL.
 fn mask_url_password(url: &str) -> String {
-    crate::decode::redact_url(url)
+    redact_url(url)
+}
+
+/// `url` fit to print: a password becomes `***`, and so does a user name given without one
+/// (`https://TOKEN@host`) and the whole user info of a URL that does not parse or that parses
+/// with an `@` left in its path (an unencoded `/` in a secret, as Confluent Cloud keys
+/// hold, ends the authority early). Without `@` there is no user info to hide.
+pub fn redact_url(url: &str) -> String {
+    let Some((_, host_part)) = url.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let hidden = || match url.split_once("://") {
+        Some((scheme, _)) => format!("{scheme}://***@{host_part}"),
+        None => format!("***@{host_part}"),
+    };
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return hidden();
+    };
+    let has_user_info = !parsed.username().is_empty() || parsed.password().is_some();
+    let stray_at = parsed.path().contains('@')
+        || parsed.query().is_some_and(|q| q.contains('@'))
+        || parsed.fragment().is_some_and(|f| f.contains('@'));
+    if !has_user_info || stray_at {
+        return hidden();
+    }
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
+    } else {
+        let _ = parsed.set_username("***");
+    }
+    parsed.to_string()
 }
 
 #[cfg(test)]
