@@ -125,6 +125,58 @@ fn settled(
     }
 }
 
+/// Records on their way to Kafka: at most `MAX_IN_FLIGHT` unacknowledged, and a full
+/// librdkafka queue waited out rather than treated as an error.
+struct Sends {
+    producer: FutureProducer,
+    in_flight: FuturesUnordered<DeliveryFuture>,
+}
+
+impl Sends {
+    fn new(producer: FutureProducer) -> Sends {
+        Sends {
+            producer,
+            in_flight: FuturesUnordered::new(),
+        }
+    }
+
+    async fn send(&mut self, topic: &str, key: &[u8], value: Option<&[u8]>) -> anyhow::Result<()> {
+        loop {
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).key(key);
+            if let Some(v) = value {
+                record = record.payload(v);
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    self.in_flight.push(delivery);
+                    break;
+                }
+                // librdkafka's queue is full: let deliveries drain, then try again.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if self.in_flight.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    } else {
+                        settled(self.in_flight.next().await)?;
+                    }
+                }
+                Err((e, _)) => return Err(e).context("producing a record"),
+            }
+        }
+        while self.in_flight.len() >= MAX_IN_FLIGHT {
+            settled(self.in_flight.next().await)?;
+        }
+        Ok(())
+    }
+
+    /// Returns once Kafka acknowledged every record sent.
+    async fn finish(mut self) -> anyhow::Result<()> {
+        while let Some(delivery) = self.in_flight.next().await {
+            settled(Some(delivery))?;
+        }
+        Ok(())
+    }
+}
+
 /// Writes `args.count` generated records and returns once Kafka acknowledged every one.
 pub async fn run(cfg: &Config, args: &ProduceArgs) -> anyhow::Result<ProduceSummary> {
     let topic = args
@@ -156,8 +208,7 @@ pub async fn run(cfg: &Config, args: &ProduceArgs) -> anyhow::Result<ProduceSumm
         Format::Avro | Format::Json => None,
     };
 
-    let producer = producer(cfg)?;
-    let mut in_flight = FuturesUnordered::new();
+    let mut sends = Sends::new(producer(cfg)?);
     let mut summary = ProduceSummary::default();
     for g in Generator::new(generator_config(args)).take(args.count) {
         match &g.record {
@@ -167,31 +218,9 @@ pub async fn run(cfg: &Config, args: &ProduceArgs) -> anyhow::Result<ProduceSumm
         }
         summary.records += 1;
         let payload = encode_record(format, schema_id, &g.record);
-        loop {
-            let record = FutureRecord::to(&topic).key(&g.key).payload(&payload);
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    in_flight.push(delivery);
-                    break;
-                }
-                // librdkafka's queue is full: let deliveries drain, then try again.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    if in_flight.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    } else {
-                        settled(in_flight.next().await)?;
-                    }
-                }
-                Err((e, _)) => return Err(e).context("producing a record"),
-            }
-        }
-        while in_flight.len() >= MAX_IN_FLIGHT {
-            settled(in_flight.next().await)?;
-        }
+        sends.send(&topic, &g.key, Some(&payload)).await?;
     }
-    while let Some(delivery) = in_flight.next().await {
-        settled(Some(delivery))?;
-    }
+    sends.finish().await?;
     Ok(summary)
 }
 
@@ -202,41 +231,16 @@ async fn run_shape(
     shape: Shape,
     topic: &str,
 ) -> anyhow::Result<ProduceSummary> {
-    let producer = producer(cfg)?;
-    let mut in_flight = FuturesUnordered::new();
+    let mut sends = Sends::new(producer(cfg)?);
     let mut summary = ProduceSummary::default();
     for r in Samples::new(shape, args.users, args.segments, args.seed).take(args.count) {
         summary.records += 1;
         if !r.changes.is_empty() {
             summary.valid += 1;
         }
-        loop {
-            let mut record = FutureRecord::to(topic).key(&r.key);
-            if let Some(v) = &r.value {
-                record = record.payload(v);
-            }
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    in_flight.push(delivery);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    if in_flight.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    } else {
-                        settled(in_flight.next().await)?;
-                    }
-                }
-                Err((e, _)) => return Err(e).context("producing a record"),
-            }
-        }
-        while in_flight.len() >= MAX_IN_FLIGHT {
-            settled(in_flight.next().await)?;
-        }
+        sends.send(topic, &r.key, r.value.as_deref()).await?;
     }
-    while let Some(delivery) = in_flight.next().await {
-        settled(Some(delivery))?;
-    }
+    sends.finish().await?;
     Ok(summary)
 }
 
