@@ -11,7 +11,7 @@ mod support;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 
 use segment_sync::config::Shape;
 use segment_sync::tools::shapes::{Samples, ShapedRecord};
@@ -34,38 +34,7 @@ fn produce(broker: &KafkaBroker, topic: &str, records: &[ShapedRecord]) -> Vec<L
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async {
-        let sends = records.iter().map(|r| {
-            let producer = &producer;
-            async move {
-                let mut record = FutureRecord::to(topic).key(&r.key);
-                if let Some(v) = &r.value {
-                    record = record.payload(v);
-                }
-                producer
-                    .send(record, Duration::from_secs(30))
-                    .await
-                    .map_err(|(e, _)| e)
-                    .expect("produce")
-            }
-        });
-        let delivered = futures::future::join_all(sends).await;
-        records
-            .iter()
-            .zip(delivered)
-            .flat_map(|(r, d)| {
-                r.changes.iter().map(move |e| {
-                    let mut e = e.clone();
-                    e.event_id = "read".into();
-                    Landed {
-                        event: Some(e),
-                        partition: d.partition,
-                        offset: d.offset,
-                    }
-                })
-            })
-            .collect()
-    })
+    support::expected::produce_shaped(&rt, &producer, topic, records)
 }
 
 fn source_toml(shape: Shape) -> String {

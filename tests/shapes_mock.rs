@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 
 use segment_sync::config::{Config, Shape};
 use segment_sync::health::Health;
@@ -49,38 +49,7 @@ fn produce(env: &MockEnv, cfg: &Config, records: &[ShapedRecord]) -> Vec<Landed>
         .create()
         .expect("producer");
     let topic = &cfg.kafka.topics[0];
-    env.rt.block_on(async {
-        let sends = records.iter().map(|r| {
-            let producer = &producer;
-            async move {
-                let mut record = FutureRecord::to(topic).key(&r.key);
-                if let Some(v) = &r.value {
-                    record = record.payload(v);
-                }
-                producer
-                    .send(record, Duration::from_secs(30))
-                    .await
-                    .map_err(|(e, _)| e)
-                    .expect("produce")
-            }
-        });
-        let delivered = futures::future::join_all(sends).await;
-        records
-            .iter()
-            .zip(delivered)
-            .flat_map(|(r, d)| {
-                r.changes.iter().map(move |e| {
-                    let mut e = e.clone();
-                    e.event_id = "read".into();
-                    Landed {
-                        event: Some(e),
-                        partition: d.partition,
-                        offset: d.offset,
-                    }
-                })
-            })
-            .collect()
-    })
+    support::expected::produce_shaped(&env.rt, &producer, topic, records)
 }
 
 fn raw(value: &str) -> ShapedRecord {

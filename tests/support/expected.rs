@@ -4,7 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use segment_sync::event::{AttrValue, Change, Event};
+use segment_sync::tools::shapes::ShapedRecord;
 use serde_json::{Map, Value};
 
 /// A produced record and where it landed.
@@ -154,4 +158,43 @@ pub fn diff(
     }
     out.truncate(20);
     out
+}
+
+/// Produces vendor-shaped records, keyed, and returns one `Landed` per change they hold
+/// (event ids left out: the shapes derive their own).
+pub fn produce_shaped(
+    rt: &tokio::runtime::Runtime,
+    producer: &FutureProducer,
+    topic: &str,
+    records: &[ShapedRecord],
+) -> Vec<Landed> {
+    rt.block_on(async {
+        let sends = records.iter().map(|r| async move {
+            let mut record = FutureRecord::to(topic).key(&r.key);
+            if let Some(v) = &r.value {
+                record = record.payload(v);
+            }
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)
+                .expect("produce")
+        });
+        let delivered = futures::future::join_all(sends).await;
+        records
+            .iter()
+            .zip(delivered)
+            .flat_map(|(r, d)| {
+                r.changes.iter().map(move |e| {
+                    let mut e = e.clone();
+                    e.event_id = "read".into();
+                    Landed {
+                        event: Some(e),
+                        partition: d.partition,
+                        offset: d.offset,
+                    }
+                })
+            })
+            .collect()
+    })
 }
