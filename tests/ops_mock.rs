@@ -198,9 +198,12 @@ fn race(until: Until) -> (Env, Config, Vec<Landed>) {
         Duration::from_secs(60),
         || caught_up(&cfg, &cfg.kafka.group_id, 2),
     );
-    // A slow replay: one small request at a time, so wave 1 takes it a few seconds.
+    // A slow replay: one request of two users at a time, so sending wave 1's 400 users takes
+    // it about 8 s (200 requests of 40 ms). Wave 2 lands after its first 50 and the live group
+    // delivers it within a second or two even on a loaded machine; with ten users a request
+    // (1.6 s in all) the replay could finish first under load, and the race did not show.
     let mut slow = cfg.clone();
-    slow.braze.batch_size = 10;
+    slow.braze.batch_size = 2;
     slow.braze.max_in_flight = 1;
     let replay_group = format!("{}.replay", cfg.kafka.group_id);
     let replay = start(&env, &slow, Some(&replay_group), StartAt::Earliest, until);
