@@ -86,7 +86,7 @@ pub struct Versions {
     attributes: Names,
     changes: FxHashMap<(u32, u32), (Order, Change)>,
     attribute_orders: FxHashMap<(u32, u32), Order>,
-    records: u64,
+    added: u64,
 }
 
 /// One (user, segment)'s greatest version.
@@ -125,7 +125,7 @@ impl Versions {
 
     /// A valid event read at (partition, offset); `identity` is its validation's answer.
     pub fn add(&mut self, event: &Event<'_>, identity: Identity<'_>, partition: i32, offset: i64) {
-        self.records += 1;
+        self.added += 1;
         let order = Order::of(event, partition, offset);
         let (kind, id) = match identity {
             Identity::ExternalId(v) => (IdKind::ExternalId, v),
@@ -150,9 +150,10 @@ impl Versions {
         }
     }
 
-    /// Records added.
-    pub fn records(&self) -> u64 {
-        self.records
+    /// Changes added (a record of a CDP shape may hold several: the restore counts its
+    /// records itself).
+    pub fn changes_added(&self) -> u64 {
+        self.added
     }
 
     /// Distinct users among them.
@@ -254,7 +255,7 @@ mod tests {
                 ("u3".into(), "s".into(), Change::Entered, 5),
             ]
         );
-        assert_eq!(v.records(), 8);
+        assert_eq!(v.changes_added(), 8);
         assert_eq!(v.users(), 3);
         assert!(v.changes().all(|c| c.order.partition == 3));
     }

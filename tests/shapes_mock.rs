@@ -433,3 +433,63 @@ fn debezium_avro_rows_reach_braze_through_the_registry() {
         end_offsets(&cfg.kafka.brokers, topic, PARTITIONS)
     );
 }
+
+/// A worker started on a group committed to the end of a Lytics log (records of several
+/// changes each) restores it: `segment_sync_restore_records_total` counts the records read
+/// back, not the changes they hold.
+#[test]
+fn a_restore_counts_the_records_it_reads_not_the_changes_they_hold() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let env = mock_env(Faults::default(), 0);
+    let topic = "shape-restore-count";
+    let cfg = setup(&env, topic, Shape::Lytics);
+    let records: Vec<ShapedRecord> = Samples::new(Shape::Lytics, 80, 5, 31).take(600).collect();
+    let changes: usize = records.iter().map(|r| r.changes.len()).sum();
+    assert!(
+        changes > records.len(),
+        "setup: records of several changes ({changes} changes in {} records)",
+        records.len()
+    );
+    produce(&env, &cfg, &records);
+    let ends = end_offsets(&cfg.kafka.brokers, topic, PARTITIONS);
+    // An idempotent producer's log has no control records: every offset is a record.
+    assert_eq!(ends.iter().sum::<i64>() as usize, records.len());
+    // The group's commits at the end, as a worker that delivered everything leaves them.
+    let committer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", &cfg.kafka.group_id)
+        .create()
+        .expect("committer");
+    let mut tpl = TopicPartitionList::new();
+    for (p, end) in ends.iter().enumerate() {
+        tpl.add_partition_offset(topic, p as i32, Offset::Offset(*end))
+            .unwrap();
+    }
+    committer.commit(&tpl, CommitMode::Sync).expect("commit");
+    drop(committer);
+
+    // A live worker (a run until caught up would end before its assignment: nothing is left
+    // to read), stopped once both partitions are restored.
+    let live = support::running::start(
+        &env.rt,
+        &cfg,
+        None,
+        segment_sync::pipeline::StartAt::Committed,
+        segment_sync::pipeline::Until::Stopped,
+    );
+    let restores = live.metrics.clone();
+    support::running::wait_until(
+        "both partitions are restored",
+        Duration::from_secs(60),
+        || restores.restore_seconds.get_sample_count() == PARTITIONS as u64,
+    );
+    let metrics = live.metrics.clone();
+    live.stop();
+    assert_eq!(
+        metric(&metrics, "segment_sync_restore_records_total"),
+        records.len() as u64,
+        "records restored ({changes} changes among them)"
+    );
+}

@@ -31,6 +31,8 @@ use crate::versions::Versions;
 pub struct Restored {
     pub tp: TopicPartition,
     pub versions: Versions,
+    /// Records read back (a record of a CDP shape may hold several changes, each a version).
+    pub records: u64,
     /// The offsets read: `from..to` (`to` is the committed offset).
     pub from: i64,
     pub to: i64,
@@ -228,10 +230,11 @@ fn serve(
                 }
             }
         };
-        let (versions, from, to) = outcome;
+        let (versions, records, from, to) = outcome;
         let restored = Restored {
             tp: job.tp,
             versions,
+            records,
             from,
             to,
             elapsed: started.elapsed(),
@@ -259,7 +262,7 @@ impl Reader {
         &mut self,
         tp: &TopicPartition,
         stop: &AtomicBool,
-    ) -> Result<Option<(Versions, i64, i64)>, ReadError> {
+    ) -> Result<Option<(Versions, u64, i64, i64)>, ReadError> {
         let mut versions = Versions::new();
         let mut wanted = TopicPartitionList::new();
         wanted.add_partition(&tp.topic, tp.partition);
@@ -270,14 +273,14 @@ impl Reader {
         {
             Some(Offset::Offset(o)) => o,
             // Nothing committed: the group starts this partition afresh, with no history.
-            _ => return Ok(Some((versions, 0, 0))),
+            _ => return Ok(Some((versions, 0, 0, 0))),
         };
         let (low, _) = self
             .consumer
             .fetch_watermarks(&tp.topic, tp.partition, TIMEOUT)?;
         let from = to.saturating_sub(self.records).max(low);
         if from >= to {
-            return Ok(Some((versions, from, to)));
+            return Ok(Some((versions, 0, from, to)));
         }
         versions = Versions::with_capacity(usize::try_from(to - from).unwrap_or(0));
         let mut range = TopicPartitionList::new();
@@ -285,12 +288,12 @@ impl Reader {
         self.consumer.assign(&range)?;
         let result = self.read_range(tp.partition, to, &mut versions, stop);
         let _ = self.consumer.unassign();
-        Ok(result?.then_some((versions, from, to)))
+        Ok(result?.map(|records| (versions, records, from, to)))
     }
 
     /// Folds records until the one before `to` (or the first at or past it, or the end of
     /// the log: a record below `to` may be a transaction marker that is never delivered).
-    /// `Ok(false)` when stopped.
+    /// The records read, or `Ok(None)` when stopped.
     ///
     /// Two threads in a pipeline: this one polls and copies the records into batches, a
     /// second decodes and folds them. On one thread the decoding and folding (≈ 3/4 of a
@@ -301,7 +304,7 @@ impl Reader {
         to: i64,
         versions: &mut Versions,
         stop: &AtomicBool,
-    ) -> Result<bool, ReadError> {
+    ) -> Result<Option<u64>, ReadError> {
         let Reader {
             consumer,
             source,
@@ -319,8 +322,8 @@ impl Reader {
                 .join()
                 .unwrap_or_else(|_| Err(ReadError::Registry("the folding thread panicked".into())));
             // A fold that failed ended the polling (its inbox closed): its error is the one.
-            folded?;
-            read
+            let records = folded?;
+            Ok(read?.then_some(records))
         })
     }
 }
@@ -407,15 +410,18 @@ fn poll_range(
     }
 }
 
-/// Decodes and folds the batches until the polling thread closes the channel.
+/// Decodes and folds the batches until the polling thread closes the channel; the records
+/// read (whatever each held: none, one or several changes).
 fn fold_batches(
     inbox: Receiver<Batch>,
     source: &mut Source,
     rules: &Rules,
     partition: i32,
     versions: &mut Versions,
-) -> Result<(), ReadError> {
+) -> Result<u64, ReadError> {
+    let mut records = 0;
     for batch in inbox {
+        records += batch.records.len() as u64;
         let mut start = 0;
         for &(end, at, offset) in &batch.records {
             let payload = end.map(|end| &batch.bytes[std::mem::replace(&mut start, end)..end]);
@@ -428,5 +434,5 @@ fn fold_batches(
             }
         }
     }
-    Ok(())
+    Ok(records)
 }

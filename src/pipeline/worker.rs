@@ -601,10 +601,10 @@ impl Worker {
         let started = Instant::now();
         let kept = self.delivery.restore(&r.versions);
         let elapsed = r.elapsed + started.elapsed();
-        self.metrics.restore_records.inc_by(r.versions.records());
+        self.metrics.restore_records.inc_by(r.records);
         self.metrics.restore_seconds.observe(elapsed.as_secs_f64());
         tracing::info!(partition = %r.tp, from = r.from, to = r.to,
-            records = r.versions.records(), users = r.versions.users(), kept,
+            records = r.records, changes = r.versions.changes_added(), users = r.versions.users(), kept,
             seconds = elapsed.as_secs_f64(), "partition restored");
         self.flow.restored(consumer, &r.tp, true);
     }
