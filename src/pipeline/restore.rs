@@ -52,8 +52,66 @@ pub struct Restorer {
     results: Receiver<(u64, Restored)>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Partitions waiting: the generation of their assignment and when they began to wait.
-    waiting: BTreeMap<TopicPartition, (u64, Instant)>,
+    waiting: Waiting,
+}
+
+/// The partitions waiting for their restore: the generation of each one's assignment and when
+/// it began to wait. Pure (the time is handed in), so what `/readyz` says is tested without
+/// waiting a minute. Promises: a partition is waiting from `wait` until `done` with the same
+/// generation or `cancel`; `overdue` names, in partition order, those waiting longer than the
+/// threshold at the given time.
+#[derive(Default)]
+pub struct Waiting {
+    partitions: BTreeMap<TopicPartition, (u64, Instant)>,
+}
+
+impl Waiting {
+    pub fn wait(&mut self, tp: TopicPartition, generation: u64, now: Instant) {
+        self.partitions.insert(tp, (generation, now));
+    }
+
+    pub fn cancel(&mut self, tp: &TopicPartition) {
+        self.partitions.remove(tp);
+    }
+
+    /// The restore of `tp` for `generation` is done: `false` when that assignment has ended
+    /// (revoked, or assigned again since), so its result is to be dropped.
+    pub fn done(&mut self, tp: &TopicPartition, generation: u64) -> bool {
+        let current = self
+            .partitions
+            .get(tp)
+            .is_some_and(|(g, _)| *g == generation);
+        if current {
+            self.partitions.remove(tp);
+        }
+        current
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.partitions.is_empty()
+    }
+
+    /// Partitions that have waited longer than `after` at `now`.
+    pub fn overdue(&self, now: Instant, after: Duration) -> Vec<&TopicPartition> {
+        self.partitions
+            .iter()
+            .filter(|(_, (_, since))| now.saturating_duration_since(*since) > after)
+            .map(|(tp, _)| tp)
+            .collect()
+    }
+
+    /// What `/readyz` says at `now`: `None` while no partition has waited longer than `after`.
+    pub fn fault(&self, now: Instant, after: Duration) -> Option<String> {
+        let overdue = self.overdue(now, after);
+        (!overdue.is_empty()).then(|| {
+            let names: Vec<String> = overdue.iter().map(ToString::to_string).collect();
+            format!(
+                "partitions waiting over {} s for their restore: {}",
+                after.as_secs(),
+                names.join(", ")
+            )
+        })
+    }
 }
 
 impl Restorer {
@@ -90,14 +148,13 @@ impl Restorer {
             results: results_rx,
             stop,
             thread: Some(thread),
-            waiting: BTreeMap::new(),
+            waiting: Waiting::default(),
         })
     }
 
     /// The partition was assigned at `generation`: restore it before it is read.
     pub fn submit(&mut self, tp: TopicPartition, generation: u64) {
-        self.waiting
-            .insert(tp.clone(), (generation, Instant::now()));
+        self.waiting.wait(tp.clone(), generation, Instant::now());
         let sent = self
             .jobs
             .as_ref()
@@ -109,7 +166,7 @@ impl Restorer {
 
     /// The partition was revoked: its restore, if still running, no longer matters.
     pub fn cancel(&mut self, tp: &TopicPartition) {
-        self.waiting.remove(tp);
+        self.waiting.cancel(tp);
     }
 
     /// Some partition waits for its restore: the poll loop should come back soon to take it.
@@ -121,25 +178,16 @@ impl Restorer {
     pub fn take_done(&mut self) -> Vec<Restored> {
         let mut done = Vec::new();
         while let Ok((generation, r)) = self.results.try_recv() {
-            if self
-                .waiting
-                .get(&r.tp)
-                .is_some_and(|(g, _)| *g == generation)
-            {
-                self.waiting.remove(&r.tp);
+            if self.waiting.done(&r.tp, generation) {
                 done.push(r);
             }
         }
         done
     }
 
-    /// Partitions that have waited longer than `after`.
-    pub fn overdue(&self, after: Duration) -> Vec<&TopicPartition> {
-        self.waiting
-            .iter()
-            .filter(|(_, (_, since))| since.elapsed() > after)
-            .map(|(tp, _)| tp)
-            .collect()
+    /// What `/readyz` should say now of partitions waiting longer than `after`.
+    pub fn overdue_fault(&self, after: Duration) -> Option<String> {
+        self.waiting.fault(Instant::now(), after)
     }
 }
 
@@ -435,4 +483,66 @@ fn fold_batches(
         }
     }
     Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> TopicPartition {
+        TopicPartition {
+            topic: "t".into(),
+            partition: p,
+        }
+    }
+
+    #[test]
+    fn readyz_names_only_the_partitions_waiting_longer_than_the_threshold() {
+        let minute = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut w = Waiting::default();
+        w.wait(tp(2), 1, t0);
+        w.wait(tp(0), 1, t0 + Duration::from_secs(30));
+        w.wait(tp(1), 1, t0 + Duration::from_secs(40));
+        assert_eq!(
+            w.fault(t0 + minute, minute),
+            None,
+            "exactly a minute is not over"
+        );
+        assert_eq!(
+            w.fault(t0 + Duration::from_secs(61), minute).as_deref(),
+            Some("partitions waiting over 60 s for their restore: t[2]")
+        );
+        // One done, one revoked: only the one still waiting is named, and the line goes once
+        // none is overdue.
+        assert!(w.done(&tp(2), 1));
+        w.cancel(&tp(1));
+        let late = t0 + Duration::from_secs(120);
+        assert_eq!(
+            w.fault(late, minute).as_deref(),
+            Some("partitions waiting over 60 s for their restore: t[0]")
+        );
+        assert!(w.done(&tp(0), 1));
+        assert_eq!(w.fault(late, minute), None);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn a_result_for_an_ended_assignment_is_dropped() {
+        let t0 = Instant::now();
+        let mut w = Waiting::default();
+        w.wait(tp(0), 1, t0);
+        // Revoked and assigned again: the first assignment's restore no longer counts, and a
+        // new assignment waits from its own start.
+        w.wait(tp(0), 2, t0 + Duration::from_secs(50));
+        assert!(!w.done(&tp(0), 1));
+        assert_eq!(
+            w.overdue(t0 + Duration::from_secs(70), Duration::from_secs(60)),
+            Vec::<&TopicPartition>::new()
+        );
+        assert!(w.done(&tp(0), 2));
+        w.wait(tp(1), 3, t0);
+        w.cancel(&tp(1));
+        assert!(!w.done(&tp(1), 3));
+    }
 }

@@ -575,25 +575,14 @@ impl Worker {
             return;
         };
         let done = restorer.take_done();
-        let overdue: Vec<String> = restorer
-            .overdue(RESTORE_OVERDUE)
-            .into_iter()
-            .map(ToString::to_string)
-            .collect();
+        let fault = restorer.overdue_fault(RESTORE_OVERDUE);
         for r in done {
             self.restored(consumer, r);
         }
-        if overdue.is_empty() && !self.restore_overdue {
+        if fault.is_none() && !self.restore_overdue {
             return;
         }
-        self.restore_overdue = !overdue.is_empty();
-        let fault = self.restore_overdue.then(|| {
-            format!(
-                "partitions waiting over {} s for their restore: {}",
-                RESTORE_OVERDUE.as_secs(),
-                overdue.join(", ")
-            )
-        });
+        self.restore_overdue = fault.is_some();
         self.health.set_fault(Fault::Restore, fault);
     }
 
