@@ -415,3 +415,135 @@ fn a_request_waiting_on_a_long_429_is_stopped_when_its_partition_moves() {
         d.join("\n")
     );
 }
+
+/// One change of `seg_vip` for user `user`, with the given sequence.
+fn vip(user: usize, change: segment_sync::event::Change, sequence: i64, tag: &str) -> Generated {
+    let id = format!("user-{user:05}");
+    Generated {
+        key: id.clone().into_bytes(),
+        record: Record::Valid(segment_sync::event::Event {
+            event_id: format!("{tag}-{user}").into(),
+            external_id: Some(id.into()),
+            email: None,
+            segment_id: "seg_vip".into(),
+            segment_name: None,
+            change,
+            occurred_at: segment_sync::tools::generate::BASE_TIME_MS + user as i64,
+            sequence: Some(sequence),
+            attributes: Vec::new(),
+        }),
+    }
+}
+
+/// SIGTERM (the stop flag) while partitions are still restoring (issue 19). The restore
+/// cannot finish while the schema registry is down (it is tried again and again), so the
+/// stop deterministically lands in it: the worker exits within seconds, commits nothing past
+/// what was delivered before it, and writes nothing. Started again with the registry back,
+/// it restores, and the older changes that arrived meanwhile are stale for every user.
+#[test]
+fn a_stop_while_partitions_restore_exits_promptly_and_a_restart_ends_right() {
+    use segment_sync::event::Change;
+    let env = mock_env(Faults::default(), 0);
+    let topic = "restore-stop";
+    env.cluster.create_topic(topic, 2, 1).unwrap();
+    env.cluster.create_topic("restore-stop.dlq", 1, 1).unwrap();
+    let registry = Registry::start();
+    assert_eq!(
+        registry.register(SCHEMA),
+        1,
+        "payloads are written with id 1"
+    );
+    let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    cfg.kafka.format = Format::AvroConfluent;
+    cfg.kafka.schema_registry_url = registry.url.clone();
+    // The mock coordinator waits out a session timeout before it rebalances.
+    cfg.kafka
+        .properties
+        .insert("session.timeout.ms".into(), "6000".into());
+    let users = 300;
+
+    // ENTERED (sequence 10) for every user, delivered and committed.
+    let entered: Vec<_> = (0..users)
+        .map(|u| vip(u, Change::Entered, 10, "entered"))
+        .collect();
+    let landed = produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &entered,
+    );
+    let w = worker(&env, &cfg);
+    wait_until(
+        "ENTERED is delivered and committed",
+        Duration::from_secs(60),
+        || all_committed(&cfg, 2),
+    );
+    w.stop();
+    let delivered = end_offsets(&cfg.kafka.brokers, topic, 2);
+    let applied = env.sim.state.stats().objects_applied;
+
+    // Older EXITED (sequence 5) for every user, behind the commits; the registry goes down,
+    // so the next start's restore cannot decode what it reads back.
+    let exited: Vec<_> = (0..users)
+        .map(|u| vip(u, Change::Exited, 5, "exited"))
+        .collect();
+    produce(
+        &env.rt,
+        &cfg.kafka.brokers,
+        topic,
+        cfg.kafka.format,
+        &exited,
+    );
+    registry.set_down(true);
+    let w = worker(&env, &cfg);
+    wait_until(
+        "the partitions are assigned",
+        Duration::from_secs(60),
+        || w.health.assigned.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    // Long enough for a read of 300 records and a retry or two.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        w.metrics.restore_seconds.get_sample_count(),
+        0,
+        "setup: the restore is still under way when the stop comes"
+    );
+    let stopped_at = std::time::Instant::now();
+    w.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while !w.thread.is_finished() {
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(5),
+            "the worker did not stop within 5 s of the stop flag while restoring"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let summary = w.thread.join().expect("the worker exits cleanly");
+    assert_eq!(summary.dlq_records, 0, "{summary}");
+    assert_eq!(
+        committed(&cfg.kafka.brokers, &cfg.kafka.group_id, topic, 2),
+        delivered,
+        "nothing is committed past what was delivered"
+    );
+    assert_eq!(
+        env.sim.state.stats().objects_applied,
+        applied,
+        "nothing is written while the partitions restore"
+    );
+
+    // Started again with the registry back: the restore finishes and every EXITED is stale.
+    registry.set_down(false);
+    let w = worker(&env, &cfg);
+    wait_until(
+        "EXITED is read and committed",
+        Duration::from_secs(60),
+        || all_committed(&cfg, 2),
+    );
+    let restored = w.metrics.restore_records.get();
+    let stale = w.metrics.events_stale.get();
+    w.stop();
+    assert_eq!(restored, users as u64, "every ENTERED record is read back");
+    assert_eq!(stale, users as u64, "every older EXITED is stale");
+    let d = profile_diff(env.sim.state.profiles(), &landed);
+    assert!(d.is_empty(), "every user still ENTERED:\n{}", d.join("\n"));
+}
