@@ -408,6 +408,15 @@ impl<P: Spill> Fold<P> {
         self.stage.users.len()
     }
 
+    /// Spill files of the stage being sent not yet read back: how far a spilled stage's
+    /// sending has come (0 when nothing spilled is being sent).
+    pub fn spill_buckets_left(&self) -> usize {
+        self.sending
+            .as_ref()
+            .filter(|s| s.spill.is_some())
+            .map_or(0, |s| BUCKETS - s.next_bucket)
+    }
+
     /// Nothing read waits to be sent, and nothing is being sent.
     pub fn is_empty(&self) -> bool {
         self.sending.is_none() && self.stage.users.is_empty() && self.stage.spill.is_none()

@@ -6,6 +6,8 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use crate::fold::FoldStats;
+
 pub struct Metrics {
     pub registry: Registry,
     pub events_consumed: IntCounter,
@@ -52,6 +54,76 @@ pub struct Metrics {
     pub restore_records: IntCounter,
     /// How long each partition's restore took, from its assignment to its versions loaded.
     pub restore_seconds: Histogram,
+    /// A backfill's fold (`replay`); zero in a live worker.
+    pub replay_fold: ReplayFoldMetrics,
+}
+
+/// What an operator watching a long backfill reads of its fold: how far the read has come,
+/// what it holds against `replay.fold_memory`, what it spilled and how far the sending has
+/// come. Promises: after `publish`, each figure is the fold's own (a process runs one fold).
+pub struct ReplayFoldMetrics {
+    pub changes: IntCounter,
+    pub users: IntGauge,
+    pub bytes: IntGauge,
+    pub spilled_bytes: IntCounter,
+    pub spill_buckets_left: IntGauge,
+    pub users_sent: IntCounter,
+    pub objects_sent: IntCounter,
+}
+
+impl ReplayFoldMetrics {
+    fn register(r: &Registry) -> ReplayFoldMetrics {
+        ReplayFoldMetrics {
+            changes: counter(
+                r,
+                "replay_fold_changes_total",
+                "Valid changes a backfill's fold has read",
+            ),
+            users: gauge(
+                r,
+                "replay_fold_users",
+                "Users the fold holds in memory for the stage being read",
+            ),
+            bytes: gauge(
+                r,
+                "replay_fold_bytes",
+                "Bytes the fold's in-memory state holds, as replay.fold_memory counts them",
+            ),
+            spilled_bytes: counter(
+                r,
+                "replay_fold_spilled_bytes_total",
+                "Bytes the fold wrote to its spill files under replay.spill_dir",
+            ),
+            spill_buckets_left: gauge(
+                r,
+                "replay_fold_spill_buckets_left",
+                "Spill files of the stage being sent still to be read back and sent",
+            ),
+            users_sent: counter(
+                r,
+                "replay_fold_users_sent_total",
+                "Users the fold has sent (again for a user the tail's re-read changed)",
+            ),
+            objects_sent: counter(
+                r,
+                "replay_fold_objects_sent_total",
+                "Attributes objects the fold has put in requests",
+            ),
+        }
+    }
+
+    /// Brings the figures to the fold's: its running totals (`stats`) and what it holds now.
+    pub fn publish(&self, stats: &FoldStats, users: usize, bytes: usize, buckets_left: usize) {
+        // One fold a process: a counter's own value is what was published before.
+        let advance = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        advance(&self.changes, stats.changes_read);
+        advance(&self.spilled_bytes, stats.bytes_spilled);
+        advance(&self.users_sent, stats.users);
+        advance(&self.objects_sent, stats.objects);
+        self.users.set(users as i64);
+        self.bytes.set(bytes as i64);
+        self.spill_buckets_left.set(buckets_left as i64);
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -232,6 +304,7 @@ impl Metrics {
                 "Records read back below the committed offset of newly assigned partitions",
             ),
             restore_seconds,
+            replay_fold: ReplayFoldMetrics::register(&r),
             registry: r,
         }
     }

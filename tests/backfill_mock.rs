@@ -175,3 +175,121 @@ fn a_backfill_stopped_while_sending_commits_nothing_and_runs_again_from_its_star
         end_offsets(&cfg.kafka.brokers, topic, 2)
     );
 }
+
+/// The fold's figures on `/metrics` say what happened in a backfill that spilled: every
+/// change read, each user sent once in one object, the bytes spilled (as the run's summary
+/// counts them), and, while it sends, the spill files left to send; nothing held at the end,
+/// and never more held than `replay.fold_memory`.
+#[test]
+fn the_fold_metrics_say_what_a_spilling_backfill_did() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let env = mock_env(
+        Faults {
+            latency_ms: 100,
+            ..Faults::default()
+        },
+        0,
+    );
+    let topic = "fold-metrics";
+    env.cluster.create_topic(topic, 2, 1).unwrap();
+    let mut cfg = test_config(&env.cluster.bootstrap_servers(), topic, &env.sim.url());
+    let spill = tempfile::tempdir().unwrap();
+    cfg.replay.fold_memory = segment_sync::config::MIN_FOLD_MEMORY;
+    cfg.replay.spill_dir = Some(spill.path().display().to_string());
+    // Sending 4,000 users takes a few seconds, for the sampling below to see it.
+    cfg.braze.max_in_flight = 2;
+    let recs = clean_records(8000, 23, 4000);
+    let landed = produce(&env.rt, &cfg.kafka.brokers, topic, cfg.kafka.format, &recs);
+    let users: BTreeSet<String> = landed
+        .iter()
+        .filter_map(|l| l.event.as_ref()?.external_id.as_deref().map(str::to_string))
+        .collect();
+    let changes = landed.iter().filter(|l| l.event.is_some()).count() as u64;
+    let group = format!("{}.replay", cfg.kafka.group_id);
+    let replay = support::running::start(
+        &env.rt,
+        &cfg,
+        Some(&group),
+        StartAt::Earliest,
+        Until::CaughtUp,
+    );
+
+    // What an operator's scrapes would see while it runs.
+    let (most_held, most_buckets_left) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicI64::new(0)));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (metrics, held, left, done) = (
+            replay.metrics.clone(),
+            most_held.clone(),
+            most_buckets_left.clone(),
+            done.clone(),
+        );
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                held.fetch_max(metrics.replay_fold.bytes.get(), Ordering::Relaxed);
+                left.fetch_max(
+                    metrics.replay_fold.spill_buckets_left.get(),
+                    Ordering::Relaxed,
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let summary = replay.thread.join().expect("the replay exits by itself");
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert!(summary.caught_up, "{summary}");
+    let fold = summary.fold.expect("a replay folds");
+    let m = &replay.metrics.replay_fold;
+
+    assert_eq!(m.changes.get(), changes, "changes read");
+    assert_eq!(fold.changes_read, changes);
+    assert_eq!(
+        m.users_sent.get(),
+        users.len() as u64,
+        "each user sent once"
+    );
+    assert_eq!(
+        m.objects_sent.get(),
+        users.len() as u64,
+        "in one object each"
+    );
+    assert_eq!(
+        env.sim.state.stats().objects_applied,
+        users.len() as u64,
+        "what Braze applied"
+    );
+    assert!(fold.bytes_spilled > 0, "setup: the fold spilled");
+    assert_eq!(m.spilled_bytes.get(), fold.bytes_spilled, "bytes spilled");
+    let held = most_held.load(Ordering::Relaxed);
+    assert!(
+        held > 0 && held as usize <= cfg.replay.fold_memory,
+        "held {held} bytes at most, within replay.fold_memory"
+    );
+    let left = most_buckets_left.load(Ordering::Relaxed);
+    assert!(
+        left > 0 && left as usize <= segment_sync::fold::BUCKETS,
+        "spill files left to send while sending: {left}"
+    );
+    assert_eq!(
+        (m.users.get(), m.bytes.get(), m.spill_buckets_left.get()),
+        (0, 0, 0),
+        "nothing held once everything is sent"
+    );
+    let text = replay.metrics.render();
+    for name in [
+        "segment_sync_replay_fold_changes_total",
+        "segment_sync_replay_fold_users_sent_total",
+        "segment_sync_replay_fold_spilled_bytes_total",
+    ] {
+        assert!(text.contains(name), "{name} on /metrics");
+    }
+    let d = diff(
+        &boolean_profiles(&landed, ""),
+        &strip_identifiers(env.sim.state.profiles()),
+    );
+    assert!(d.is_empty(), "{}", d.join("\n"));
+}

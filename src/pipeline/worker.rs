@@ -511,9 +511,22 @@ impl Worker {
                 Err(e) => {
                     let why = format!("the replay's fold: {e}");
                     self.fail(why);
-                    return;
+                    break;
                 }
             }
+        }
+        self.publish_fold();
+    }
+
+    /// The fold's figures to `/metrics`.
+    fn publish_fold(&self) {
+        if let Some(fold) = self.fold.as_ref() {
+            self.metrics.replay_fold.publish(
+                &fold.stats(),
+                fold.users(),
+                fold.bytes(),
+                fold.spill_buckets_left(),
+            );
         }
     }
 
