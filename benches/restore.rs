@@ -11,6 +11,10 @@
 //! every partition), beside a plain consumer's read of the same log. Startup
 //! is timed from the assignment to the first record read, so the group join's own variation
 //! (0.1-1 s) does not count.
+//! The worker's peak resident memory while it restores the whole log is measured on the built
+//! binary (`segment-sync run`, a child process, as benches/backlog_memory.rs does: its own
+//! `VmHWM`, so neither the broker nor this process counts), from its start until its log says
+//! every partition is restored.
 //! `cargo bench --bench restore`; `RESTORE_BENCH_EVENTS=100000` for a quicker run.
 
 mod common;
@@ -18,6 +22,8 @@ mod common;
 #[path = "../tests/support/kafka.rs"]
 mod kafka;
 
+use std::io::BufRead;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +44,9 @@ const TOPIC: &str = "bench.restore";
 const PARTITIONS: i32 = 6;
 /// DESIGN.md / issue 19: 1,000,000 records of 200,000 users restored within 2 s.
 const MAX_RESTORE: Duration = Duration::from_secs(2);
+/// DESIGN.md's backlog memory figure (benches/backlog_memory.rs), the closest target for
+/// what a worker holds while it restores.
+const TARGET_MB: f64 = 150.0;
 /// What a start with nothing to restore may add to one with the restore off: noise of the
 /// group join, not a read.
 const STARTUP_SLACK: Duration = Duration::from_millis(500);
@@ -196,6 +205,8 @@ fn main() {
         "restored {restored} records in {wall:.2?} from the assignment ({busy:.2?} summed over the partitions' reads and loads, which overlap)"
     );
 
+    let peak_mb = restore_peak_rss_mb(&cfg, &end);
+
     // Nothing committed (a new group): nothing to restore; against the restore turned off.
     let startup = |group: &str, restore_records: u64| {
         let mut c = cfg.clone();
@@ -223,6 +234,12 @@ fn main() {
         "s",
     );
     v.at_most(
+        "peak resident memory, worker restoring the log (backlog bench's target)",
+        peak_mb,
+        TARGET_MB,
+        "MB",
+    );
+    v.at_most(
         "start with nothing to restore, over the restore off",
         on.saturating_sub(off).as_secs_f64(),
         STARTUP_SLACK.as_secs_f64(),
@@ -230,4 +247,79 @@ fn main() {
     );
     drop(braze);
     v.finish();
+}
+
+/// Runs the built binary as the live worker of a group committed at `end` (so it restores the
+/// whole log and has nothing to consume), until its log says every partition is restored;
+/// its peak resident set in MB.
+fn restore_peak_rss_mb(cfg: &Config, end: &[i64]) -> f64 {
+    let group = "bench.restore.rss";
+    commit(&cfg.kafka.brokers, group, end);
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let config = dir.path().join("restore.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[kafka]
+brokers = {brokers:?}
+group_id = {group:?}
+topics = [{TOPIC:?}]
+dlq_topic = "{TOPIC}.dlq"
+format = "json"
+
+[braze]
+endpoint = {endpoint:?}
+
+[window]
+restore_records = {lookback}
+
+[server]
+listen = "127.0.0.1:0"
+"#,
+            brokers = cfg.kafka.brokers,
+            endpoint = cfg.braze.endpoint,
+            lookback = cfg.window.restore_records,
+        ),
+    )
+    .expect("write the worker's config");
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_segment-sync"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("BRAZE_API_KEY", API_KEY)
+        .env("RUST_LOG", "warn,segment_sync::pipeline::worker=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the segment-sync binary starts");
+    let peak = common::peak_rss_kb(child.id());
+    let stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut restored = 0;
+    for line in stderr.lines() {
+        let line = line.expect("the worker's log");
+        if line.contains("partition restored") {
+            restored += 1;
+            if restored == PARTITIONS {
+                break;
+            }
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(
+        restored, PARTITIONS,
+        "the worker ended before it restored every partition"
+    );
+    // A few of the probe's samples after the last load.
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: a signal to the child this function started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("the worker ends");
+    let peak_kb = peak.join().expect("the memory probe");
+    assert!(status.success(), "the worker failed: {status}");
+    let peak_mb = peak_kb as f64 * 1024.0 / 1e6;
+    println!(
+        "the worker binary restored the log in {took:.2?} from its start; peak resident {peak_mb:.1} MB ({peak_kb} KiB)"
+    );
+    peak_mb
 }
