@@ -6,6 +6,9 @@ use serde::Deserialize;
 
 use super::SnapshotError;
 
+/// The UTF-8 byte order mark some writers put before a file's first character.
+pub const UTF8_BOM: &str = "\u{feff}";
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Model {
     #[serde(default)]
@@ -35,6 +38,9 @@ pub struct Partition {
 
 impl Model {
     pub fn parse(text: &[u8], file: &str) -> Result<Model, SnapshotError> {
+        // Files written by .NET tools often start with a UTF-8 byte order mark, which JSON
+        // parsers refuse as a value.
+        let text = text.strip_prefix(UTF8_BOM.as_bytes()).unwrap_or(text);
         serde_json::from_slice(text).map_err(|e| SnapshotError::Refused {
             file: file.to_string(),
             line: e.line(),

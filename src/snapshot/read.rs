@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use super::diff::{By, Member};
-use super::model::Model;
+use super::model::{Model, UTF8_BOM};
 use super::SnapshotError;
 
 /// Which columns identify a member: Braze's `external_id` and, optionally, the email.
@@ -436,10 +436,14 @@ fn read_ndjson(
             line: line_no,
             reason: format!("cannot be read: {e}"),
         })?;
+        let line = match i {
+            0 => line.strip_prefix(UTF8_BOM).unwrap_or(&line),
+            _ => &line,
+        };
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&line)
+        let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line)
             .map_err(|e| SnapshotError::Refused {
                 file: shown.to_string(),
                 line: line_no,
@@ -731,5 +735,43 @@ mod tests {
             matches!(err, SnapshotError::Refused { line: 2, .. }),
             "{err:?}"
         );
+    }
+
+    /// What .NET writers and spreadsheet tools put in real exports: a byte order mark before
+    /// model.json, a CSV and an NDJSON file, CRLF line ends, every field quoted, an id holding
+    /// a comma or spaces, and a partition whose file name the model URL-encodes.
+    #[test]
+    fn byte_order_marks_crlf_quoting_and_encoded_names_are_read_as_written() {
+        let root = tempfile::tempdir().unwrap();
+        let export = root.path().join("c/CustomerInsights_9/exp");
+        let run = export.join("Seg/2026/12/04/0300");
+        std::fs::create_dir_all(&run).unwrap();
+        let base = "https://a.blob.core.windows.net/c/CustomerInsights_9/exp/Seg/2026/12/04/0300";
+        let model = format!(
+            "\u{feff}{{\"name\":\"m\",\"version\":\"1.0\",\"entities\":[{{\"$type\":\"LocalEntity\",\
+             \"name\":\"Seg\",\"attributes\":[{{\"name\":\"CustomerId\",\"dataType\":\"string\"}},\
+             {{\"name\":\"PrimaryEmail\",\"dataType\":\"string\"}}],\"partitions\":[\
+             {{\"name\":\"Seg 1\",\"location\":\"{base}/Seg%201.csv\"}},\
+             {{\"name\":\"Seg_2\",\"location\":\"{base}/Seg_2.csv\"}}]}}]}}"
+        );
+        std::fs::write(export.join("model.json"), model).unwrap();
+        std::fs::write(
+            run.join("Seg 1.csv"),
+            "\u{feff}\"CustomerId\",\"PrimaryEmail\"\r\n\"u 1\",\"a@x.io\"\r\n\"u,2\",\"\"\r\n",
+        )
+        .unwrap();
+        std::fs::write(run.join("Seg_2.csv"), "\u{feff}\"u3\",\"\"\r\n").unwrap();
+        let source = locate(run.to_str().unwrap(), false).unwrap();
+        let (members, counts) = all(&source).unwrap();
+        let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
+        assert_eq!(users, ["u 1", "u,2", "u3"]);
+        assert_eq!(counts.rows, 3);
+
+        let nd = root.path().join("members.ndjson");
+        std::fs::write(&nd, "\u{feff}{\"CustomerId\":\"u1\"}\r\n{\"CustomerId\":\"u2\"}\r\n").unwrap();
+        let run = locate(nd.to_str().unwrap(), false).unwrap();
+        let (members, _) = all(&run).unwrap();
+        let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
+        assert_eq!(users, ["u1", "u2"]);
     }
 }
