@@ -892,3 +892,65 @@ fn restate_repairs_a_dead_lettered_entry_while_the_worker_runs() {
     );
     worker.proc.sigterm();
 }
+
+/// The same export read through an `abfss://<container>@<account>.dfs.core.windows.net/` URL
+/// (the form ADLS Gen2 users copy) and an `az://` run folder URL, with a partition whose
+/// name holds a space and a model.json starting with a byte order mark.
+#[test]
+fn an_adls_gen2_abfss_url_and_an_az_run_folder_url_read_the_same_export() {
+    let azurite = Azurite::start();
+    azurite.create_container("exports");
+    let case = Case::new("abfss", 100_000);
+    let cols: &[&str] = &["CustomerId", "PrimaryEmail"];
+    let snapshot = |from: &str, extra: &[&str]| {
+        let out = case
+            .command("seg-abfss", Path::new(from), extra)
+            .env("AZURE_STORAGE_USE_EMULATOR", "true")
+            .env("AZURITE_BLOB_STORAGE_URL", azurite.blob_url())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    write_files(
+        &case.export,
+        "HighValue",
+        &[
+            ("2026/12/03/0300", "HighValue 1.csv", "\u{feff}\"CustomerId\",\"PrimaryEmail\"\r\n\"a 1\",\"\"\r\n\"b,2\",\"\"\r\n"),
+            ("2026/12/03/0300", "HighValue_2.csv", "\"c3\",\"\"\r\n"),
+        ],
+    );
+    write_model(
+        &case.export,
+        &[(
+            "HighValue",
+            cols,
+            vec![
+                ("2026/12/03/0300", "HighValue 1.csv"),
+                ("2026/12/03/0300", "HighValue_2.csv"),
+            ],
+        )],
+    );
+    let exports = case.dir.path().join("exports");
+    azurite.upload_tree("exports", &exports);
+    let (code, err) = snapshot(
+        "abfss://exports@devstoreaccount1.dfs.core.windows.net/CustomerInsights_7f3a/braze-export/HighValue",
+        &["--latest"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&case.changes(), "ENTERED"), ["a 1", "b,2", "c3"]);
+
+    write_files(&case.export, "HighValue", &[("2026/12/04/0300", "HighValue_1.csv", "c3,\r\nd4,\r\n")]);
+    write_model(&case.export, &[("HighValue", cols, vec![("2026/12/04/0300", "HighValue_1.csv")])]);
+    azurite.upload_tree("exports", &exports);
+    let (code, err) = snapshot(
+        "az://exports/CustomerInsights_7f3a/braze-export/HighValue/2026/12/04/0300",
+        &["--force"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let changes = case.changes();
+    assert_eq!(count(&changes, "ENTERED"), ["a 1", "b,2", "c3", "d4"]);
+    assert_eq!(count(&changes, "EXITED"), ["a 1", "b,2"]);
+}
