@@ -698,13 +698,24 @@ fn a_hand_written_customer_insights_tree_reaches_braze_run_by_run() {
                     ("2026/12/03/2359", "HighValue_2.csv"),
                 ],
             ),
-            ("Churners", &["CustomerId"], vec![("2026/12/03/2359", "Churners_1.csv")]),
+            (
+                "Churners",
+                &["CustomerId"],
+                vec![("2026/12/03/2359", "Churners_1.csv")],
+            ),
         ],
     );
-    write_files(&export, "Churners", &[("2026/12/03/2359", "Churners_1.csv", "x1\r\n")]);
+    write_files(
+        &export,
+        "Churners",
+        &[("2026/12/03/2359", "Churners_1.csv", "x1\r\n")],
+    );
     let (code, out, err) = snapshot(&[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(err.contains("members 4") && err.contains("skipped rows 1"), "{err}");
+    assert!(
+        err.contains("members 4") && err.contains("skipped rows 1"),
+        "{err}"
+    );
     let first = changes_by_key(&case);
     let entered: Vec<&str> = first.iter().map(|c| c.0.as_str()).collect();
     assert_eq!(
@@ -797,7 +808,11 @@ fn a_hand_written_customer_insights_tree_reaches_braze_run_by_run() {
     );
     write_model(
         &export,
-        &[("HighValue", cols, vec![("2026/12/05/0300", "HighValue_1.csv")])],
+        &[(
+            "HighValue",
+            cols,
+            vec![("2026/12/05/0300", "HighValue_1.csv")],
+        )],
     );
     let before = changes_by_key(&case);
     let (code, out, err) = snapshot(&[]);
@@ -825,14 +840,22 @@ fn a_hand_written_customer_insights_tree_reaches_braze_run_by_run() {
 fn single_files_take_their_run_time_from_the_command_line() {
     let case = Case::new("single", 100_000);
     let csv = case.dir.path().join("members.csv");
-    fs::write(&csv, "\u{feff}Email,CustomerId\r\na@x.io,u1\r\nb@x.io,\"u 2\"\r\n").unwrap();
+    fs::write(
+        &csv,
+        "\u{feff}Email,CustomerId\r\na@x.io,u1\r\nb@x.io,\"u 2\"\r\n",
+    )
+    .unwrap();
     let (code, _, err) = case.snapshot("one", &csv, &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--run-time"), "{err}");
     let (code, _, err) = case.snapshot("one", &csv, &["--run-time", "2026-12-04T03:00:00Z"]);
     assert_eq!(code, 0, "{err}");
     let nd = case.dir.path().join("members.ndjson");
-    fs::write(&nd, "\u{feff}{\"CustomerId\":\"u1\"}\r\n{\"CustomerId\":\"u3\"}\r\n").unwrap();
+    fs::write(
+        &nd,
+        "\u{feff}{\"CustomerId\":\"u1\"}\r\n{\"CustomerId\":\"u3\"}\r\n",
+    )
+    .unwrap();
     let (code, _, err) = case.snapshot("one", &nd, &["--run-time", "2026-12-05T03:00:00Z"]);
     assert_eq!(code, 0, "{err}");
     let changes = case.changes();
@@ -842,7 +865,11 @@ fn single_files_take_their_run_time_from_the_command_line() {
         .iter()
         .any(|c| c.user == "u3" && c.occurred_at == 1_796_439_600_000));
     // An older file is refused.
-    let (code, _, err) = case.snapshot("one", &csv, &["--run-time", "2026-12-04T03:00:00Z", "--run", "again"]);
+    let (code, _, err) = case.snapshot(
+        "one",
+        &csv,
+        &["--run-time", "2026-12-04T03:00:00Z", "--run", "again"],
+    );
     assert_eq!(code, 1, "{err}");
 }
 
@@ -918,7 +945,11 @@ fn an_adls_gen2_abfss_url_and_an_az_run_folder_url_read_the_same_export() {
         &case.export,
         "HighValue",
         &[
-            ("2026/12/03/0300", "HighValue 1.csv", "\u{feff}\"CustomerId\",\"PrimaryEmail\"\r\n\"a 1\",\"\"\r\n\"b,2\",\"\"\r\n"),
+            (
+                "2026/12/03/0300",
+                "HighValue 1.csv",
+                "\u{feff}\"CustomerId\",\"PrimaryEmail\"\r\n\"a 1\",\"\"\r\n\"b,2\",\"\"\r\n",
+            ),
             ("2026/12/03/0300", "HighValue_2.csv", "\"c3\",\"\"\r\n"),
         ],
     );
@@ -942,11 +973,22 @@ fn an_adls_gen2_abfss_url_and_an_az_run_folder_url_read_the_same_export() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(count(&case.changes(), "ENTERED"), ["a 1", "b,2", "c3"]);
 
-    write_files(&case.export, "HighValue", &[("2026/12/04/0300", "HighValue_1.csv", "c3,\r\nd4,\r\n")]);
-    write_model(&case.export, &[("HighValue", cols, vec![("2026/12/04/0300", "HighValue_1.csv")])]);
+    write_files(
+        &case.export,
+        "HighValue",
+        &[("2026/12/04/0300", "HighValue_1.csv", "c3,\r\nd4,\r\n")],
+    );
+    write_model(
+        &case.export,
+        &[(
+            "HighValue",
+            cols,
+            vec![("2026/12/04/0300", "HighValue_1.csv")],
+        )],
+    );
     azurite.upload_tree("exports", &exports);
     let (code, err) = snapshot(
-        "az://exports/CustomerInsights_7f3a/braze-export/HighValue/2026/12/04/0300",
+        "az://exports/CustomerInsights_7f3a/braze-export/HighValue/2026/12/04/0300/",
         &["--force"],
     );
     assert_eq!(code, 0, "{err}");

@@ -768,7 +768,11 @@ mod tests {
         assert_eq!(counts.rows, 3);
 
         let nd = root.path().join("members.ndjson");
-        std::fs::write(&nd, "\u{feff}{\"CustomerId\":\"u1\"}\r\n{\"CustomerId\":\"u2\"}\r\n").unwrap();
+        std::fs::write(
+            &nd,
+            "\u{feff}{\"CustomerId\":\"u1\"}\r\n{\"CustomerId\":\"u2\"}\r\n",
+        )
+        .unwrap();
         let run = locate(nd.to_str().unwrap(), false).unwrap();
         let (members, _) = all(&run).unwrap();
         let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
