@@ -34,6 +34,32 @@ pub struct Partition {
     #[serde(default)]
     pub name: String,
     pub location: String,
+    /// CDM's `CsvFormatSettings` of the file, when the model states them.
+    #[serde(default, rename = "fileFormatSettings")]
+    pub format: Option<CsvSettings>,
+}
+
+/// How a partition's CSV is written, as far as reading its rows depends on it. Absent fields
+/// are CDM's defaults: a comma, and a header row recognised by its column names.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct CsvSettings {
+    #[serde(default, rename = "columnHeaders")]
+    pub column_headers: Option<bool>,
+    #[serde(default)]
+    pub delimiter: Option<String>,
+}
+
+impl CsvSettings {
+    /// The delimiter as the one byte a CSV reader takes; an error names what the model says.
+    pub fn delimiter_byte(&self) -> Result<u8, String> {
+        match self.delimiter.as_deref() {
+            None | Some("") => Ok(b','),
+            Some(d) if d.len() == 1 && d.is_ascii() => Ok(d.as_bytes()[0]),
+            Some(d) => Err(format!(
+                "a CSV delimiter {d:?} that is not one ASCII character"
+            )),
+        }
+    }
 }
 
 impl Model {
@@ -66,25 +92,37 @@ impl Entity {
     /// `run_dir` (`<table>/<yyyy>/<mm>/<dd>/<HHMM>`): a location is a URL of the storage
     /// account, so only the trailing folders are comparable with where the run was read.
     pub fn partition_files_in(&self, run_dir: &[&str]) -> Vec<String> {
-        let mut out = Vec::new();
-        for p in &self.partitions {
-            let path = location_path(&p.location);
-            let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-            let Some((file, dir)) = parts.split_last() else {
-                continue;
-            };
-            let same_dir = dir.len() >= run_dir.len()
-                && dir[dir.len() - run_dir.len()..]
-                    .iter()
-                    .zip(run_dir)
-                    .all(|(a, b)| a.eq_ignore_ascii_case(b));
-            if same_dir {
-                out.push((*file).to_string());
-            }
-        }
+        let mut out: Vec<String> = self
+            .partitions
+            .iter()
+            .filter_map(|p| file_in(p, run_dir))
+            .collect();
         out.sort();
         out
     }
+
+    /// The CSV settings of the run's partitions: those of the first that states any (an
+    /// export writes every partition of a run alike).
+    pub fn csv_settings_in(&self, run_dir: &[&str]) -> CsvSettings {
+        self.partitions
+            .iter()
+            .filter(|p| file_in(p, run_dir).is_some())
+            .find_map(|p| p.format.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The partition's file name when its location lies in the run folder `run_dir`.
+fn file_in(p: &Partition, run_dir: &[&str]) -> Option<String> {
+    let path = location_path(&p.location);
+    let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (file, dir) = parts.split_last()?;
+    let same_dir = dir.len() >= run_dir.len()
+        && dir[dir.len() - run_dir.len()..]
+            .iter()
+            .zip(run_dir)
+            .all(|(a, b)| a.eq_ignore_ascii_case(b));
+    same_dir.then(|| (*file).to_string())
 }
 
 /// The decoded path of a partition location: a URL's path, or the text itself.

@@ -26,6 +26,11 @@ pub struct RunSource {
     pub format: FileFormat,
     /// The columns from `model.json`; `None` when the file's first row names them.
     pub columns: Option<Vec<String>>,
+    /// The CSV field delimiter (`model.json`'s, else a comma).
+    pub delimiter: u8,
+    /// `model.json` says every CSV file starts with a header row (`None`: recognised by the
+    /// column names).
+    pub header: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +100,8 @@ fn single_file(path: &Path) -> Result<RunSource, SnapshotError> {
         files: vec![path.to_path_buf()],
         format,
         columns: None,
+        delimiter: b',',
+        header: None,
     })
 }
 
@@ -239,12 +246,22 @@ fn run_folder(dir: &Path) -> Result<RunSource, SnapshotError> {
             });
         }
     }
+    let settings = entity.csv_settings_in(&run_dir);
+    let delimiter = settings
+        .delimiter_byte()
+        .map_err(|reason| SnapshotError::Refused {
+            file: model_path.display().to_string(),
+            line: 0,
+            reason: format!("{table}: {reason}"),
+        })?;
     Ok(RunSource {
         name: run_name,
         time_ms: Some(time_ms),
         files: listed.iter().map(|f| dir.join(f)).collect(),
         format: FileFormat::Csv,
         columns: Some(entity.columns()),
+        delimiter,
+        header: settings.column_headers,
     })
 }
 
@@ -267,14 +284,7 @@ pub fn read_rows(
         let file = std::fs::File::open(path).map_err(|e| refused_io(path, e))?;
         let shown = path.display().to_string();
         match run.format {
-            FileFormat::Csv => read_csv(
-                file,
-                &shown,
-                run.columns.as_deref(),
-                columns,
-                &mut counts,
-                &mut member,
-            )?,
+            FileFormat::Csv => read_csv(file, &shown, run, columns, &mut counts, &mut member)?,
             FileFormat::Ndjson => read_ndjson(file, &shown, columns, &mut counts, &mut member)?,
             FileFormat::Parquet => read_parquet(file, &shown, columns, &mut counts, &mut member)?,
         }
@@ -331,14 +341,16 @@ fn column_index(
 fn read_csv(
     file: impl Read,
     shown: &str,
-    model_columns: Option<&[String]>,
+    run: &RunSource,
     columns: &Columns,
     counts: &mut RowCounts,
     member: &mut impl FnMut(Member) -> Result<(), SnapshotError>,
 ) -> Result<(), SnapshotError> {
+    let model_columns = run.columns.as_deref();
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
+        .delimiter(run.delimiter)
         .from_reader(file);
     let mut record = csv::StringRecord::new();
     let mut idx: Option<(usize, Option<usize>, usize)> = None;
@@ -368,13 +380,15 @@ fn read_csv(
         if first {
             first = false;
             let header = match model_columns {
-                // A header row repeats the model's column names.
+                // A header row repeats the model's column names; the model may also say
+                // there is one whatever it holds.
                 Some(names) => {
-                    fields.len() == names.len()
-                        && fields
-                            .iter()
-                            .zip(names)
-                            .all(|(f, n)| f.trim().eq_ignore_ascii_case(n))
+                    run.header == Some(true)
+                        || fields.len() == names.len()
+                            && fields
+                                .iter()
+                                .zip(names)
+                                .all(|(f, n)| f.trim().eq_ignore_ascii_case(n))
                 }
                 None => {
                     let names: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
@@ -777,5 +791,47 @@ mod tests {
         let (members, _) = all(&run).unwrap();
         let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
         assert_eq!(users, ["u1", "u2"]);
+    }
+
+    /// CDM's `fileFormatSettings` of the partitions: their delimiter, and a header row the
+    /// model announces even when its names are not the attributes' (a display name).
+    #[test]
+    fn the_partitions_csv_settings_in_model_json_are_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let export = root.path().join("c/CustomerInsights_9/exp");
+        let run = export.join("Seg/2026/12/04/0300");
+        std::fs::create_dir_all(&run).unwrap();
+        let model = |delimiter: &str| {
+            format!(
+                "{{\"name\":\"m\",\"version\":\"1.0\",\"entities\":[{{\"$type\":\"LocalEntity\",\
+                 \"name\":\"Seg\",\"attributes\":[{{\"name\":\"CustomerId\",\"dataType\":\"string\"}},\
+                 {{\"name\":\"PrimaryEmail\",\"dataType\":\"string\"}}],\"partitions\":[\
+                 {{\"name\":\"Seg_1\",\"location\":\"https://a.dfs.core.windows.net/c/Seg/2026/12/04/0300/Seg_1.csv\",\
+                 \"fileFormatSettings\":{{\"$type\":\"CsvFormatSettings\",\"columnHeaders\":true,\
+                 \"delimiter\":\"{delimiter}\",\"quoteStyle\":\"QuoteStyle.Csv\",\
+                 \"csvStyle\":\"CsvStyle.QuoteAlways\",\"encoding\":\"UTF-8\"}}}}]}}]}}"
+            )
+        };
+        std::fs::write(export.join("model.json"), model(";")).unwrap();
+        std::fs::write(
+            run.join("Seg_1.csv"),
+            "\"Customer Id\";\"Email\"\r\n\"u1\";\"a@x.io\"\r\n\"u,2\";\"\"\r\n",
+        )
+        .unwrap();
+        let source = locate(run.to_str().unwrap(), false).unwrap();
+        let (members, counts) = all(&source).unwrap();
+        let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
+        assert_eq!(users, ["u1", "u,2"]);
+        assert_eq!(members[0].email.as_deref(), Some("a@x.io"));
+        assert_eq!(counts.rows, 2);
+
+        std::fs::write(export.join("model.json"), model("||")).unwrap();
+        match locate(run.to_str().unwrap(), false).unwrap_err() {
+            SnapshotError::Refused { file, reason, .. } => {
+                assert!(file.ends_with("model.json"), "{file}");
+                assert!(reason.contains("delimiter"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
