@@ -921,10 +921,11 @@ fn restate_repairs_a_dead_lettered_entry_while_the_worker_runs() {
 }
 
 /// The same export read through an `abfss://<container>@<account>.dfs.core.windows.net/` URL
-/// (the form ADLS Gen2 users copy) and an `az://` run folder URL, with a partition whose
-/// name holds a space and a model.json starting with a byte order mark.
+/// (the form ADLS Gen2 users copy), an `az://` run folder URL and the account's `https://`
+/// URL, with a partition whose name holds a space and a model.json starting with a byte order
+/// mark.
 #[test]
-fn an_adls_gen2_abfss_url_and_an_az_run_folder_url_read_the_same_export() {
+fn abfss_az_and_https_urls_read_the_same_export() {
     let azurite = Azurite::start();
     azurite.create_container("exports");
     let case = Case::new("abfss", 100_000);
@@ -995,4 +996,12 @@ fn an_adls_gen2_abfss_url_and_an_az_run_folder_url_read_the_same_export() {
     let changes = case.changes();
     assert_eq!(count(&changes, "ENTERED"), ["a 1", "b,2", "c3", "d4"]);
     assert_eq!(count(&changes, "EXITED"), ["a 1", "b,2"]);
+
+    // The account's https URL, as the portal and model.json show it: the same run.
+    let (code, err) = snapshot(
+        "https://devstoreaccount1.blob.core.windows.net/exports/CustomerInsights_7f3a/braze-export/HighValue",
+        &["--latest"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("already applied"), "{err}");
 }

@@ -44,7 +44,8 @@ pub enum FileFormat {
 pub fn locate(from: &str, latest: bool) -> Result<RunSource, SnapshotError> {
     if is_url(from) {
         return Err(SnapshotError::Usage(format!(
-            "--from {from}: read from a local path or an az://, abfss://, s3:// or gs:// URL"
+            "--from {from}: read from a local path or an az://, abfss://, \
+             https://<account>.blob.core.windows.net/, s3:// or gs:// URL"
         )));
     }
     let path = Path::new(from);
