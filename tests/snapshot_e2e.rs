@@ -571,10 +571,13 @@ fn write_files(export: &Path, table: &str, files: &[(&str, &str, &str)]) {
     }
 }
 
+/// One table of a model.json: its name, columns and partitions as (run stamp, file name).
+type ModelTable<'a> = (&'a str, &'a [&'a str], Vec<(&'a str, &'a str)>);
+
 /// A model.json as a Customer Insights export writes it (with a byte order mark): each
 /// (table, columns, partitions) with its partitions' locations URL-encoded under the
 /// storage account's https URL.
-fn write_model(export: &Path, entities: &[(&str, &[&str], Vec<(&str, &str)>)]) {
+fn write_model(export: &Path, entities: &[ModelTable<'_>]) {
     let entities: Vec<Value> = entities
         .iter()
         .map(|(table, columns, partitions)| {
