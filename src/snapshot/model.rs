@@ -101,14 +101,12 @@ impl Entity {
         out
     }
 
-    /// The CSV settings of the run's partitions: those of the first that states any (an
-    /// export writes every partition of a run alike).
-    pub fn csv_settings_in(&self, run_dir: &[&str]) -> CsvSettings {
+    /// The CSV settings of the partition `file` of the run folder `run_dir`, when stated.
+    pub fn csv_settings_of(&self, run_dir: &[&str], file: &str) -> Option<&CsvSettings> {
         self.partitions
             .iter()
-            .filter(|p| file_in(p, run_dir).is_some())
-            .find_map(|p| p.format.clone())
-            .unwrap_or_default()
+            .find(|p| file_in(p, run_dir).as_deref() == Some(file))
+            .and_then(|p| p.format.as_ref())
     }
 }
 

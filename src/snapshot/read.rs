@@ -28,9 +28,9 @@ pub struct RunSource {
     pub columns: Option<Vec<String>>,
     /// The CSV field delimiter (`model.json`'s, else a comma).
     pub delimiter: u8,
-    /// `model.json` says every CSV file starts with a header row (`None`: recognised by the
-    /// column names).
-    pub header: Option<bool>,
+    /// Which of `files` `model.json` says start with a header row (`columnHeaders`; a header
+    /// is also recognised by the column names). Empty when the model says nothing.
+    pub headers: Vec<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +102,7 @@ fn single_file(path: &Path) -> Result<RunSource, SnapshotError> {
         format,
         columns: None,
         delimiter: b',',
-        header: None,
+        headers: Vec::new(),
     })
 }
 
@@ -247,14 +247,35 @@ fn run_folder(dir: &Path) -> Result<RunSource, SnapshotError> {
             });
         }
     }
-    let settings = entity.csv_settings_in(&run_dir);
-    let delimiter = settings
-        .delimiter_byte()
-        .map_err(|reason| SnapshotError::Refused {
+    let settings: Vec<_> = listed
+        .iter()
+        .map(|f| {
+            entity
+                .csv_settings_of(&run_dir, f)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut delimiters = Vec::new();
+    for s in &settings {
+        let d = s
+            .delimiter_byte()
+            .map_err(|reason| SnapshotError::Refused {
+                file: model_path.display().to_string(),
+                line: 0,
+                reason: format!("{table}: {reason}"),
+            })?;
+        if !delimiters.contains(&d) {
+            delimiters.push(d);
+        }
+    }
+    let [delimiter] = delimiters[..] else {
+        return Err(SnapshotError::Refused {
             file: model_path.display().to_string(),
             line: 0,
-            reason: format!("{table}: {reason}"),
-        })?;
+            reason: format!("{table}: the partitions of one run state different delimiters"),
+        });
+    };
     Ok(RunSource {
         name: run_name,
         time_ms: Some(time_ms),
@@ -262,7 +283,10 @@ fn run_folder(dir: &Path) -> Result<RunSource, SnapshotError> {
         format: FileFormat::Csv,
         columns: Some(entity.columns()),
         delimiter,
-        header: settings.column_headers,
+        headers: settings
+            .iter()
+            .map(|s| s.column_headers == Some(true))
+            .collect(),
     })
 }
 
@@ -281,11 +305,19 @@ pub fn read_rows(
     mut member: impl FnMut(Member) -> Result<(), SnapshotError>,
 ) -> Result<RowCounts, SnapshotError> {
     let mut counts = RowCounts::default();
-    for path in &run.files {
+    for (i, path) in run.files.iter().enumerate() {
+        let header = run.headers.get(i).copied().unwrap_or(false);
         let file = std::fs::File::open(path).map_err(|e| refused_io(path, e))?;
         let shown = path.display().to_string();
         match run.format {
-            FileFormat::Csv => read_csv(file, &shown, run, columns, &mut counts, &mut member)?,
+            FileFormat::Csv => read_csv(
+                file,
+                &shown,
+                (run, header),
+                columns,
+                &mut counts,
+                &mut member,
+            )?,
             FileFormat::Ndjson => read_ndjson(file, &shown, columns, &mut counts, &mut member)?,
             FileFormat::Parquet => read_parquet(file, &shown, columns, &mut counts, &mut member)?,
         }
@@ -342,7 +374,7 @@ fn column_index(
 fn read_csv(
     file: impl Read,
     shown: &str,
-    run: &RunSource,
+    (run, has_header): (&RunSource, bool),
     columns: &Columns,
     counts: &mut RowCounts,
     member: &mut impl FnMut(Member) -> Result<(), SnapshotError>,
@@ -384,7 +416,7 @@ fn read_csv(
                 // A header row repeats the model's column names; the model may also say
                 // there is one whatever it holds.
                 Some(names) => {
-                    run.header == Some(true)
+                    has_header
                         || fields.len() == names.len()
                             && fields
                                 .iter()
@@ -810,7 +842,10 @@ mod tests {
                  {{\"name\":\"Seg_1\",\"location\":\"https://a.dfs.core.windows.net/c/Seg/2026/12/04/0300/Seg_1.csv\",\
                  \"fileFormatSettings\":{{\"$type\":\"CsvFormatSettings\",\"columnHeaders\":true,\
                  \"delimiter\":\"{delimiter}\",\"quoteStyle\":\"QuoteStyle.Csv\",\
-                 \"csvStyle\":\"CsvStyle.QuoteAlways\",\"encoding\":\"UTF-8\"}}}}]}}]}}"
+                 \"csvStyle\":\"CsvStyle.QuoteAlways\",\"encoding\":\"UTF-8\"}}}},\
+                 {{\"name\":\"Seg_2\",\"location\":\"https://a.dfs.core.windows.net/c/Seg/2026/12/04/0300/Seg_2.csv\",\
+                 \"fileFormatSettings\":{{\"$type\":\"CsvFormatSettings\",\"columnHeaders\":false,\
+                 \"delimiter\":\"{delimiter}\"}}}}]}}]}}"
             )
         };
         std::fs::write(export.join("model.json"), model(";")).unwrap();
@@ -819,12 +854,14 @@ mod tests {
             "\"Customer Id\";\"Email\"\r\n\"u1\";\"a@x.io\"\r\n\"u,2\";\"\"\r\n",
         )
         .unwrap();
+        // A partition without a header: its first row is a member.
+        std::fs::write(run.join("Seg_2.csv"), "\"u3\";\"\"\r\n").unwrap();
         let source = locate(run.to_str().unwrap(), false).unwrap();
         let (members, counts) = all(&source).unwrap();
         let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
-        assert_eq!(users, ["u1", "u,2"]);
+        assert_eq!(users, ["u1", "u,2", "u3"]);
         assert_eq!(members[0].email.as_deref(), Some("a@x.io"));
-        assert_eq!(counts.rows, 2);
+        assert_eq!(counts.rows, 3);
 
         std::fs::write(export.join("model.json"), model("||")).unwrap();
         match locate(run.to_str().unwrap(), false).unwrap_err() {
