@@ -602,6 +602,7 @@ fn write_model(export: &Path, entities: &[ModelTable<'_>]) {
         "name": "braze-export", "description": "", "version": "1.0",
         "modifiedTime": "2026-12-04T14:35:12Z", "entities": entities,
     });
+    fs::create_dir_all(export).unwrap();
     let mut text = "\u{feff}".as_bytes().to_vec();
     text.extend(serde_json::to_vec_pretty(&model).unwrap());
     fs::write(export.join("model.json"), text).unwrap();
@@ -1007,4 +1008,44 @@ fn abfss_az_and_https_urls_read_the_same_export() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("already applied"), "{err}");
+}
+
+/// A partition with a short row, or bytes that are not UTF-8, is refused (exit 1) naming the
+/// file and line; nothing is written.
+#[test]
+fn a_malformed_partition_is_refused_naming_its_file_and_line() {
+    let case = Case::new("malformed", 100_000);
+    let cols: &[&str] = &["CustomerId", "FirstName", "PrimaryEmail"];
+    let stamp = "2026/12/04/0300";
+    write_model(
+        &case.export,
+        &[(
+            "HighValue",
+            cols,
+            vec![(stamp, "HighValue_1.csv"), (stamp, "HighValue_2.csv")],
+        )],
+    );
+    write_files(
+        &case.export,
+        "HighValue",
+        &[
+            (stamp, "HighValue_1.csv", "c1,Ada,ada@x.io\r\n"),
+            (stamp, "HighValue_2.csv", "c2,Bob,bob@x.io\r\nc3,Cy\r\n"),
+        ],
+    );
+    let run = case.export.join("HighValue").join(stamp);
+    let (code, _, err) = case.snapshot("bad", &run, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("HighValue_2.csv:2"), "{err}");
+
+    let dir = case.export.join("HighValue").join(stamp);
+    fs::write(
+        dir.join("HighValue_2.csv"),
+        b"c2,Bob,bob@x.io\r\nc3,\xff\xfe,\r\n",
+    )
+    .unwrap();
+    let (code, _, err) = case.snapshot("bad", &run, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("HighValue_2.csv:2"), "{err}");
+    assert!(case.changes().is_empty());
 }

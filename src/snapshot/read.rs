@@ -384,6 +384,10 @@ fn read_csv(
         .has_headers(false)
         .flexible(true)
         .delimiter(run.delimiter)
+        // Records end at LF only: with the csv crate's CRLF terminator, a CRLF file's records
+        // after the first report the line before their own. A CR before the LF is taken off
+        // the last field below.
+        .terminator(csv::Terminator::Any(b'\n'))
         .from_reader(file);
     let mut record = csv::StringRecord::new();
     let mut idx: Option<(usize, Option<usize>, usize)> = None;
@@ -409,7 +413,14 @@ fn read_csv(
             break;
         }
         let line = record.position().map(|p| p.line() as usize).unwrap_or(0);
-        let fields: Vec<&str> = record.iter().collect();
+        let mut fields: Vec<&str> = record.iter().collect();
+        if let Some(last) = fields.last_mut() {
+            *last = last.strip_suffix('\r').unwrap_or(last);
+        }
+        // A blank CRLF line: the LF-only terminator leaves it a record of one empty field.
+        if fields == [""] {
+            continue;
+        }
         if first {
             first = false;
             let header = match model_columns {
@@ -871,5 +882,34 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Windows exports end lines with CRLF: a refusal still names the row's own line, a blank
+    /// line is still skipped, and no CR is left on the last column.
+    #[test]
+    fn crlf_rows_are_refused_by_their_own_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("members.csv");
+        std::fs::write(
+            &csv,
+            "Name,CustomerId\r\nAda,u1\r\n\r\n\"Bob\",\"u2\"\r\nCy\r\n",
+        )
+        .unwrap();
+        let run = locate(csv.to_str().unwrap(), false).unwrap();
+        let columns = Columns {
+            id: "CustomerId".into(),
+            email: None,
+        };
+        let mut users = Vec::new();
+        let err = read_rows(&run, &columns, |m| {
+            users.push(m.user);
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(users, ["u1", "u2"]);
+        assert!(
+            matches!(err, SnapshotError::Refused { line: 5, .. }),
+            "{err:?}"
+        );
     }
 }
