@@ -49,7 +49,7 @@ impl Settings {
         match c.shape {
             Shape::Change => {}
             Shape::AdobeRtcdp => {
-                paths.want("/segmentMembership/ups");
+                paths.want("/segmentMembership");
             }
             Shape::Segment => {
                 for p in [
@@ -64,6 +64,7 @@ impl Settings {
                     "/context/personas/computation_class",
                     "/context/personas/computation_key",
                     "/traits",
+                    "/context/traits",
                 ] {
                     paths.want(p);
                 }
@@ -82,7 +83,11 @@ impl Settings {
                     for field in [
                         "op",
                         "ts_ms",
+                        "ts_us",
+                        "ts_ns",
                         "source/ts_ms",
+                        "source/ts_us",
+                        "source/ts_ns",
                         "source/lsn",
                         "source/connector",
                     ] {
@@ -97,7 +102,17 @@ impl Settings {
                     }
                 }
                 paths.want_presence("/schema");
-                for field in ["__op", "__deleted", "__lsn", "__source_ts_ms", "__ts_ms"] {
+                for field in [
+                    "__op",
+                    "__deleted",
+                    "__lsn",
+                    "__source_ts_ms",
+                    "__source_ts_us",
+                    "__source_ts_ns",
+                    "__ts_ms",
+                    "__ts_us",
+                    "__ts_ns",
+                ] {
                     paths.want(&format!("/{field}"));
                 }
                 for column in columns.iter().copied().flatten() {
