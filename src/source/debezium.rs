@@ -126,13 +126,17 @@ fn left_pair<'v, 'a>(
     let before @ Json::Obj(_) = event.get("before")? else {
         return None;
     };
-    let key = |r: &Json<'_>, column: &str| r.get(column).and_then(scalar_text);
-    let pair = |r: &Json<'_>| {
-        Some((
-            key(r, &settings.user_column)?,
-            key(r, &settings.segment_column)?,
-        ))
+    let key = |r: &Json<'_>, column: &str| {
+        r.get(column)
+            .and_then(scalar_text)
+            .filter(|s| !s.is_empty())
     };
+    // Who, as `add` finds them: the user column, else the email column.
+    let who = |r: &Json<'_>| {
+        key(r, &settings.user_column)
+            .or_else(|| settings.email_column.as_deref().and_then(|c| key(r, c)))
+    };
+    let pair = |r: &Json<'_>| Some((who(r)?, key(r, &settings.segment_column)?));
     let old = pair(before)?;
     if Some(&old) == pair(row.row).as_ref() {
         return None;

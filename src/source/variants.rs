@@ -501,3 +501,26 @@ fn debezium_flattened_deletes_with_string_and_boolean_deleted_and_micro_source_t
         Ok(Read::Ignored(Ignored::Tombstone))
     ));
 }
+
+#[test]
+fn debezium_moved_row_of_a_user_known_by_email_only_exits_the_old_pair() {
+    let mut src = source(Shape::Debezium, |c| {
+        c.user_column = Some("user_id".into());
+        c.segment_column = Some("segment_id".into());
+        c.email_column = Some("email".into());
+    });
+    let moved = br#"{"before": {"id": 8, "user_id": null, "email": "e@example.com", "segment_id": "silver"},
+        "after": {"id": 8, "user_id": null, "email": "e@example.com", "segment_id": "gold"},
+        "source": {"connector": "postgresql", "ts_ms": 1793874000000, "lsn": 300}, "op": "u"}"#;
+    let got: Vec<(String, Change, Option<String>)> = changes(src.read(Some(moved)).expect("reads"))
+        .into_iter()
+        .map(|c| (c.0, c.1, c.3))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("gold".into(), Change::Entered, s("e@example.com")),
+            ("silver".into(), Change::Exited, s("e@example.com")),
+        ]
+    );
+}
