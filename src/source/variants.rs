@@ -16,8 +16,11 @@ fn source(shape: Shape, edit: impl FnOnce(&mut SourceConfig)) -> Source {
     Source::new(&c, Format::Json, None).expect("json needs no registry")
 }
 
-/// (segment, change, external_id, email, occurred_at), sorted by segment then change.
-fn changes(read: Read<'_>) -> Vec<(String, Change, Option<String>, Option<String>, i64)> {
+/// (segment, change, external_id, email, occurred_at) of a change.
+type Seen = (String, Change, Option<String>, Option<String>, i64);
+
+/// Every change, sorted by segment then change.
+fn changes(read: Read<'_>) -> Vec<Seen> {
     let mut out: Vec<_> = read
         .into_events()
         .into_iter()
