@@ -527,3 +527,22 @@ fn debezium_moved_row_of_a_user_known_by_email_only_exits_the_old_pair() {
         ]
     );
 }
+
+#[test]
+fn lytics_event_without_its_kind_is_told_by_the_later_of_enter_and_exit() {
+    let record = br#"{"data": {"user_id": "u9", "segment_events": [
+        {"slug": "back", "enter": "2026-03-01T00:00:00Z", "exit": "2026-02-01T00:00:00Z"},
+        {"slug": "gone", "enter": "2026-01-01T00:00:00Z", "exit": "2026-02-01T00:00:00Z"}
+      ]}}"#;
+    let got: Vec<(String, Change, i64)> = changes(lytics().read(Some(record)).expect("reads"))
+        .into_iter()
+        .map(|c| (c.0, c.1, c.4))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("back".into(), Change::Entered, ms("2026-03-01T00:00:00Z")),
+            ("gone".into(), Change::Exited, ms("2026-02-01T00:00:00Z")),
+        ]
+    );
+}
