@@ -493,3 +493,99 @@ fn a_restore_counts_the_records_it_reads_not_the_changes_they_hold() {
         "records restored ({changes} changes among them)"
     );
 }
+
+/// Records each vendor documents but the samples do not write, produced as they are
+/// (one key a record): Braze ends with `want` for each profile, nothing is dead-lettered.
+fn vendor_variants(shape: Shape, topic: &str, values: &[&str], want: &[(&str, &[(&str, bool)])]) {
+    let env = mock_env(Faults::default(), 0);
+    let cfg = setup(&env, topic, shape);
+    let records: Vec<ShapedRecord> = values
+        .iter()
+        .map(|v| ShapedRecord {
+            key: b"one-key".to_vec(),
+            value: Some(v.as_bytes().to_vec()),
+            changes: Vec::new(),
+        })
+        .collect();
+    produce(&env, &cfg, &records);
+    let (summary, _, _) = run_until_caught_up(&cfg, &env.rt);
+    assert!(summary.caught_up, "{summary}");
+    let got = strip_identifiers(env.sim.state.profiles());
+    for (user, attributes) in want {
+        let profile = got
+            .get(*user)
+            .unwrap_or_else(|| panic!("{shape:?}: no profile {user} in {got:?}"));
+        for (name, value) in *attributes {
+            assert_eq!(
+                profile.get(*name),
+                Some(&serde_json::Value::Bool(*value)),
+                "{shape:?}: {user}.{name} in {profile:?}"
+            );
+        }
+    }
+    let dlq = read_all(&cfg.kafka.brokers, &cfg.kafka.dlq_topic, 1);
+    assert!(dlq.is_empty(), "{shape:?}: nothing is dead-lettered");
+}
+
+#[test]
+fn adobe_audiences_of_every_membership_namespace_reach_braze() {
+    vendor_variants(
+        Shape::AdobeRtcdp,
+        "variant-adobe",
+        &[
+            r#"{"identityMap":{"crmId":[{"id":"crm-9","primary":true,"authenticatedState":"authenticated"}],
+               "ecid":[{"id":"1457500653634928640"}]},"personalEmail":{"address":"crm9@example.com"},
+               "segmentMembership":{"ups":{"u1":{"status":"realized","lastQualificationTime":"2026-11-04T10:15:31.123Z"}},
+               "CustomerAudienceUpload":{"c1":{"status":"existing","lastQualificationTime":"2026-11-04T11:15:31+01:00"}}}}"#,
+            r#"{"identityMap":{"crmId":[{"id":"crm-9"}]},
+               "segmentMembership":{"CustomerAudienceUpload":{"c1":{"status":"exited","lastQualificationTime":"2026-11-04T10:20:00.5Z"}}}}"#,
+        ],
+        &[("external_id:crm-9", &[("cdp_u1", true), ("cdp_c1", false)])],
+    );
+}
+
+#[test]
+fn segment_identify_with_traits_in_context_only_reaches_braze() {
+    vendor_variants(
+        Shape::Segment,
+        "variant-segment",
+        &[
+            r#"{"type":"identify","userId":"u-1","messageId":"m1","timestamp":"2026-11-04T10:15:31Z",
+               "context":{"personas":{"computation_class":"audience","computation_key":"vip"},"traits":{"email":"u1@example.com","vip":true}}}"#,
+            r#"{"type":"track","event":"Audience Exited","userId":null,"anonymousId":"a-2","messageId":"m2",
+               "originalTimestamp":"2026-11-04T10:15:32Z","context":{"personas":{"computation_class":"audience","computation_key":"vip"},"traits":{"email":"anon@example.com"}},
+               "properties":{"audience_key":"vip","vip":false}}"#,
+        ],
+        &[
+            ("external_id:u-1", &[("cdp_vip", true)]),
+            ("email:anon@example.com", &[("cdp_vip", false)]),
+        ],
+    );
+}
+
+#[test]
+fn debezium_update_moving_a_row_to_another_segment_reaches_braze_as_both_changes() {
+    let source = |lsn: u64, ts: u64| {
+        format!(
+            r#"{{"connector":"postgresql","ts_ms":{ts},"ts_us":{ts}000,"lsn":{lsn},"txId":7,"snapshot":"false"}}"#
+        )
+    };
+    let insert = format!(
+        r#"{{"before":null,"after":{{"id":7,"user_id":"u-7","segment_id":"silver","is_member":true}},"source":{},"op":"r","ts_ms":1793873731500}}"#,
+        source(100, 1793873731000)
+    );
+    let moved = format!(
+        r#"{{"schema":{{"type":"struct"}},"payload":{{"before":{{"id":7,"user_id":"u-7","segment_id":"silver","is_member":true}},
+           "after":{{"id":7,"user_id":"u-7","segment_id":"gold","is_member":true}},"source":{},"op":"u","ts_ms":1793873732500}}}}"#,
+        source(200, 1793873732000)
+    );
+    vendor_variants(
+        Shape::Debezium,
+        "variant-debezium",
+        &[&insert, &moved],
+        &[(
+            "external_id:u-7",
+            &[("cdp_silver", false), ("cdp_gold", true)],
+        )],
+    );
+}

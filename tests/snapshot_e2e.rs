@@ -561,3 +561,491 @@ fn an_export_in_azure_blob_storage_is_read_through_the_object_store() {
     );
     assert_eq!(case.changes().len(), before);
 }
+
+/// Writes `<export>/<table>/<stamp>/<file>` for each (stamp, file, text), exactly as given.
+fn write_files(export: &Path, table: &str, files: &[(&str, &str, &str)]) {
+    for (stamp, file, text) in files {
+        let dir = export.join(table).join(stamp);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(file), text).unwrap();
+    }
+}
+
+/// One table of a model.json: its name, columns and partitions as (run stamp, file name).
+type ModelTable<'a> = (&'a str, &'a [&'a str], Vec<(&'a str, &'a str)>);
+
+/// A model.json as a Customer Insights export writes it (with a byte order mark): each
+/// (table, columns, partitions) with its partitions' locations URL-encoded under the
+/// storage account's https URL.
+fn write_model(export: &Path, entities: &[ModelTable<'_>]) {
+    let entities: Vec<Value> = entities
+        .iter()
+        .map(|(table, columns, partitions)| {
+            serde_json::json!({
+                "$type": "LocalEntity",
+                "name": table,
+                "description": "",
+                "annotations": [{"name": "Microsoft.CustomerInsights.EntityType", "value": "Segment"}],
+                "attributes": columns.iter().map(|c| serde_json::json!({"name": c, "dataType": "string"})).collect::<Vec<_>>(),
+                "partitions": partitions.iter().map(|(stamp, file)| serde_json::json!({
+                    "name": file.trim_end_matches(".csv"),
+                    "refreshTime": "2026-12-04T14:35:12.1234567Z",
+                    "location": format!(
+                        "https://orbitcdp.blob.core.windows.net/exports/CustomerInsights_7f3a/braze-export/{table}/{stamp}/{}",
+                        file.replace(' ', "%20")
+                    ),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let model = serde_json::json!({
+        "name": "braze-export", "description": "", "version": "1.0",
+        "modifiedTime": "2026-12-04T14:35:12Z", "entities": entities,
+    });
+    fs::create_dir_all(export).unwrap();
+    let mut text = "\u{feff}".as_bytes().to_vec();
+    text.extend(serde_json::to_vec_pretty(&model).unwrap());
+    fs::write(export.join("model.json"), text).unwrap();
+}
+
+/// Every committed change's (user key, change) as the worker would read them.
+fn changes_by_key(case: &Case) -> Vec<(String, String, String)> {
+    let mut out: Vec<(String, String, String)> = read_committed(&case.brokers, &case.topic)
+        .into_iter()
+        .map(|(_, value)| {
+            let v: Value = serde_json::from_slice(&value.unwrap()).unwrap();
+            let user = match v["external_id"].as_str() {
+                Some(id) => format!("external_id:{id}"),
+                None => format!("email:{}", v["email"].as_str().unwrap()),
+            };
+            (
+                user,
+                v["change"].as_str().unwrap().to_string(),
+                v["event_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits until every profile key in `want` holds `segment` = its value in the simulator.
+fn wait_braze(sim: &Sim, worker: &mut Worker, segment: &str, want: &[(&str, bool)]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let profiles = sim.profiles();
+        let done = want.iter().all(|(key, v)| {
+            profiles
+                .get(*key)
+                .and_then(|p| p.get(segment))
+                .is_some_and(|got| got == &Value::Bool(*v))
+        });
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want {want:?}\n{profiles:?}\n{}",
+            worker.proc.report()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A new user's pass over an export tree written by hand as Customer Insights writes one:
+/// several runs on different days and times, model.json listing only the newest run of its
+/// table beside another table's partitions, a partition name with a space, byte order marks,
+/// CRLF, every field quoted, a header row, ids with a space or a comma, members known only by
+/// email, and a failed refresh exporting an empty segment. The worker runs throughout and
+/// Braze is read back after each run.
+#[test]
+fn a_hand_written_customer_insights_tree_reaches_braze_run_by_run() {
+    let case = Case::new("ci-tree", 100_000);
+    let export = case.export.clone();
+    let table = export.join("HighValue");
+    let cols: &[&str] = &["CustomerId", "FirstName", "PrimaryEmail"];
+    let sim = Sim::start(case.dir.path(), "sim", &[]);
+    let cfg = WorkerConfig::new(&case.brokers, &case.topic, &sim.url);
+    let mut worker = Worker::start(case.dir.path(), "worker", &cfg);
+    let snapshot = |extra: &[&str]| {
+        let mut args = vec!["--latest", "--email-column", "PrimaryEmail"];
+        args.extend_from_slice(extra);
+        case.snapshot("vip", &table, &args)
+    };
+
+    // Run 1, late on the 3rd: a header, BOM and CRLF in the first partition, none in the second.
+    write_files(
+        &export,
+        "HighValue",
+        &[
+            (
+                "2026/12/03/2359",
+                "HighValue 1.csv",
+                "\u{feff}\"CustomerId\",\"FirstName\",\"PrimaryEmail\"\r\n\
+                 \"c 001\",\"Ada\",\"ada@x.io\"\r\n\"acme,42\",\"Lovelace, A\",\"\"\r\n",
+            ),
+            (
+                "2026/12/03/2359",
+                "HighValue_2.csv",
+                "\"c003\",\"Bob\",\"bob@x.io\"\r\n\"\",\"Cy\",\"cy@x.io\"\r\n\"\",\"Nobody\",\"\"\r\n",
+            ),
+        ],
+    );
+    write_model(
+        &export,
+        &[
+            (
+                "HighValue",
+                cols,
+                vec![
+                    ("2026/12/03/2359", "HighValue 1.csv"),
+                    ("2026/12/03/2359", "HighValue_2.csv"),
+                ],
+            ),
+            (
+                "Churners",
+                &["CustomerId"],
+                vec![("2026/12/03/2359", "Churners_1.csv")],
+            ),
+        ],
+    );
+    write_files(
+        &export,
+        "Churners",
+        &[("2026/12/03/2359", "Churners_1.csv", "x1\r\n")],
+    );
+    let (code, out, err) = snapshot(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("members 4") && err.contains("skipped rows 1"),
+        "{err}"
+    );
+    let first = changes_by_key(&case);
+    let entered: Vec<&str> = first.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        entered,
+        [
+            "email:cy@x.io",
+            "external_id:acme,42",
+            "external_id:c 001",
+            "external_id:c003"
+        ]
+    );
+    wait_braze(
+        &sim,
+        &mut worker,
+        "vip",
+        &[
+            ("external_id:c 001", true),
+            ("external_id:acme,42", true),
+            ("external_id:c003", true),
+            ("email:cy@x.io", true),
+        ],
+    );
+
+    // Run 2 in the afternoon of the 4th, beside an earlier run of the 4th that model.json no
+    // longer lists: --latest takes 14:30; c003 and cy left, c004 joined.
+    write_files(
+        &export,
+        "HighValue",
+        &[
+            ("2026/12/04/0300", "HighValue_1.csv", "c 001,Ada,ada@x.io\n"),
+            (
+                "2026/12/04/1430",
+                "HighValue 1.csv",
+                "\u{feff}\"CustomerId\",\"FirstName\",\"PrimaryEmail\"\r\n\"c 001\",\"Ada\",\"ada@x.io\"\r\n",
+            ),
+            ("2026/12/04/1430", "HighValue_2.csv", "\"acme,42\",\"A\",\"\"\r\n\"c004\",\"Di\",\"di@x.io\"\r\n"),
+        ],
+    );
+    write_model(
+        &export,
+        &[(
+            "HighValue",
+            cols,
+            vec![
+                ("2026/12/04/1430", "HighValue 1.csv"),
+                ("2026/12/04/1430", "HighValue_2.csv"),
+            ],
+        )],
+    );
+    let (code, out, err) = snapshot(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("run 2026/12/04/1430"), "{err}");
+    let all = changes_by_key(&case);
+    let second: Vec<(&str, &str)> = all
+        .iter()
+        .filter(|c| !first.contains(c))
+        .map(|c| (c.0.as_str(), c.1.as_str()))
+        .collect();
+    assert_eq!(
+        second,
+        [
+            ("email:cy@x.io", "EXITED"),
+            ("external_id:c003", "EXITED"),
+            ("external_id:c004", "ENTERED")
+        ]
+    );
+    wait_braze(
+        &sim,
+        &mut worker,
+        "vip",
+        &[
+            ("external_id:c 001", true),
+            ("external_id:acme,42", true),
+            ("external_id:c003", false),
+            ("email:cy@x.io", false),
+            ("external_id:c004", true),
+        ],
+    );
+
+    // Run 3, a failed refresh: only the header. Refused by the shrink guard, nothing written;
+    // applied with --force.
+    write_files(
+        &export,
+        "HighValue",
+        &[(
+            "2026/12/05/0300",
+            "HighValue_1.csv",
+            "\u{feff}\"CustomerId\",\"FirstName\",\"PrimaryEmail\"\r\n",
+        )],
+    );
+    write_model(
+        &export,
+        &[(
+            "HighValue",
+            cols,
+            vec![("2026/12/05/0300", "HighValue_1.csv")],
+        )],
+    );
+    let before = changes_by_key(&case);
+    let (code, out, err) = snapshot(&[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("refused") && err.contains("exited 3"), "{err}");
+    assert_eq!(changes_by_key(&case), before);
+    let (code, out, err) = snapshot(&["--force"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_braze(
+        &sim,
+        &mut worker,
+        "vip",
+        &[
+            ("external_id:c 001", false),
+            ("external_id:acme,42", false),
+            ("external_id:c004", false),
+        ],
+    );
+    worker.proc.sigterm();
+}
+
+/// One CSV or NDJSON file takes its time from --run-time; without it the run is an error
+/// (exit 2) that names the option.
+#[test]
+fn single_files_take_their_run_time_from_the_command_line() {
+    let case = Case::new("single", 100_000);
+    let csv = case.dir.path().join("members.csv");
+    fs::write(
+        &csv,
+        "\u{feff}Email,CustomerId\r\na@x.io,u1\r\nb@x.io,\"u 2\"\r\n",
+    )
+    .unwrap();
+    let (code, _, err) = case.snapshot("one", &csv, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--run-time"), "{err}");
+    let (code, _, err) = case.snapshot("one", &csv, &["--run-time", "2026-12-04T03:00:00Z"]);
+    assert_eq!(code, 0, "{err}");
+    let nd = case.dir.path().join("members.ndjson");
+    fs::write(
+        &nd,
+        "\u{feff}{\"CustomerId\":\"u1\"}\r\n{\"CustomerId\":\"u3\"}\r\n",
+    )
+    .unwrap();
+    let (code, _, err) = case.snapshot("one", &nd, &["--run-time", "2026-12-05T03:00:00Z"]);
+    assert_eq!(code, 0, "{err}");
+    let changes = case.changes();
+    assert_eq!(count(&changes, "ENTERED"), ["u 2", "u1", "u3"]);
+    assert_eq!(count(&changes, "EXITED"), ["u 2"]);
+    assert!(changes
+        .iter()
+        .any(|c| c.user == "u3" && c.occurred_at == 1_796_439_600_000));
+    // An older file is refused.
+    let (code, _, err) = case.snapshot(
+        "one",
+        &csv,
+        &["--run-time", "2026-12-04T03:00:00Z", "--run", "again"],
+    );
+    assert_eq!(code, 1, "{err}");
+}
+
+/// `--restate` is the repair after a dead-lettered entry: Braze rejected one member's object,
+/// the live worker dead-lettered it and forgot what it had sent for that user, so the restated
+/// ENTERED reaches Braze; the members it remembers delivering are left out as redundant.
+#[test]
+fn restate_repairs_a_dead_lettered_entry_while_the_worker_runs() {
+    let case = Case::new("repair", 100_000);
+    let sim = Sim::start(case.dir.path(), "sim", &[]);
+    sim.set_faults(&segment_sync::tools::sim::Faults {
+        reject_prefix: Some("cust-0002".into()),
+        ..Default::default()
+    });
+    let cfg = WorkerConfig::new(&case.brokers, &case.topic, &sim.url);
+    let mut worker = Worker::start(case.dir.path(), "worker", &cfg);
+    let run = case.write_run("2026/12/04/0300", &users(0..4), 1);
+    assert_eq!(case.snapshot("vip", &run, &[]).0, 0);
+    wait_braze(
+        &sim,
+        &mut worker,
+        "vip",
+        &[
+            ("external_id:cust-0000", true),
+            ("external_id:cust-0001", true),
+            ("external_id:cust-0003", true),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sim.stats().objects_rejected == 0 {
+        assert!(Instant::now() < deadline, "{}", worker.proc.report());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!sim.profiles().contains_key("external_id:cust-0002"));
+
+    sim.set_faults(&Default::default());
+    let tracked = sim.stats().objects_applied;
+    let (code, _, err) = case.snapshot("vip", &run, &["--restate"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("restated 4"), "{err}");
+    wait_braze(&sim, &mut worker, "vip", &[("external_id:cust-0002", true)]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        sim.stats().objects_applied - tracked,
+        1,
+        "only the dead-lettered member is sent again"
+    );
+    worker.proc.sigterm();
+}
+
+/// The same export read through an `abfss://<container>@<account>.dfs.core.windows.net/` URL
+/// (the form ADLS Gen2 users copy), an `az://` run folder URL and the account's `https://`
+/// URL, with a partition whose name holds a space and a model.json starting with a byte order
+/// mark.
+#[test]
+fn abfss_az_and_https_urls_read_the_same_export() {
+    let azurite = Azurite::start();
+    azurite.create_container("exports");
+    let case = Case::new("abfss", 100_000);
+    let cols: &[&str] = &["CustomerId", "PrimaryEmail"];
+    let snapshot = |from: &str, extra: &[&str]| {
+        let out = case
+            .command("seg-abfss", Path::new(from), extra)
+            .env("AZURE_STORAGE_USE_EMULATOR", "true")
+            .env("AZURITE_BLOB_STORAGE_URL", azurite.blob_url())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    write_files(
+        &case.export,
+        "HighValue",
+        &[
+            (
+                "2026/12/03/0300",
+                "HighValue 1.csv",
+                "\u{feff}\"CustomerId\",\"PrimaryEmail\"\r\n\"a 1\",\"\"\r\n\"b,2\",\"\"\r\n",
+            ),
+            ("2026/12/03/0300", "HighValue_2.csv", "\"c3\",\"\"\r\n"),
+        ],
+    );
+    write_model(
+        &case.export,
+        &[(
+            "HighValue",
+            cols,
+            vec![
+                ("2026/12/03/0300", "HighValue 1.csv"),
+                ("2026/12/03/0300", "HighValue_2.csv"),
+            ],
+        )],
+    );
+    let exports = case.dir.path().join("exports");
+    azurite.upload_tree("exports", &exports);
+    let (code, err) = snapshot(
+        "abfss://exports@devstoreaccount1.dfs.core.windows.net/CustomerInsights_7f3a/braze-export/HighValue",
+        &["--latest"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&case.changes(), "ENTERED"), ["a 1", "b,2", "c3"]);
+
+    write_files(
+        &case.export,
+        "HighValue",
+        &[("2026/12/04/0300", "HighValue_1.csv", "c3,\r\nd4,\r\n")],
+    );
+    write_model(
+        &case.export,
+        &[(
+            "HighValue",
+            cols,
+            vec![("2026/12/04/0300", "HighValue_1.csv")],
+        )],
+    );
+    azurite.upload_tree("exports", &exports);
+    let (code, err) = snapshot(
+        "az://exports/CustomerInsights_7f3a/braze-export/HighValue/2026/12/04/0300/",
+        &["--force"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let changes = case.changes();
+    assert_eq!(count(&changes, "ENTERED"), ["a 1", "b,2", "c3", "d4"]);
+    assert_eq!(count(&changes, "EXITED"), ["a 1", "b,2"]);
+
+    // The account's https URL, as the portal and model.json show it: the same run.
+    let (code, err) = snapshot(
+        "https://devstoreaccount1.blob.core.windows.net/exports/CustomerInsights_7f3a/braze-export/HighValue",
+        &["--latest"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("already applied"), "{err}");
+}
+
+/// A partition with a short row, or bytes that are not UTF-8, is refused (exit 1) naming the
+/// file and line; nothing is written.
+#[test]
+fn a_malformed_partition_is_refused_naming_its_file_and_line() {
+    let case = Case::new("malformed", 100_000);
+    let cols: &[&str] = &["CustomerId", "FirstName", "PrimaryEmail"];
+    let stamp = "2026/12/04/0300";
+    write_model(
+        &case.export,
+        &[(
+            "HighValue",
+            cols,
+            vec![(stamp, "HighValue_1.csv"), (stamp, "HighValue_2.csv")],
+        )],
+    );
+    write_files(
+        &case.export,
+        "HighValue",
+        &[
+            (stamp, "HighValue_1.csv", "c1,Ada,ada@x.io\r\n"),
+            (stamp, "HighValue_2.csv", "c2,Bob,bob@x.io\r\nc3,Cy\r\n"),
+        ],
+    );
+    let run = case.export.join("HighValue").join(stamp);
+    let (code, _, err) = case.snapshot("bad", &run, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("HighValue_2.csv:2"), "{err}");
+
+    let dir = case.export.join("HighValue").join(stamp);
+    fs::write(
+        dir.join("HighValue_2.csv"),
+        b"c2,Bob,bob@x.io\r\nc3,\xff\xfe,\r\n",
+    )
+    .unwrap();
+    let (code, _, err) = case.snapshot("bad", &run, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("HighValue_2.csv:2"), "{err}");
+    assert!(case.changes().is_empty());
+}

@@ -6,6 +6,9 @@ use serde::Deserialize;
 
 use super::SnapshotError;
 
+/// The UTF-8 byte order mark some writers put before a file's first character.
+pub const UTF8_BOM: &str = "\u{feff}";
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Model {
     #[serde(default)]
@@ -31,10 +34,39 @@ pub struct Partition {
     #[serde(default)]
     pub name: String,
     pub location: String,
+    /// CDM's `CsvFormatSettings` of the file, when the model states them.
+    #[serde(default, rename = "fileFormatSettings")]
+    pub format: Option<CsvSettings>,
+}
+
+/// How a partition's CSV is written, as far as reading its rows depends on it. Absent fields
+/// are CDM's defaults: a comma, and a header row recognised by its column names.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct CsvSettings {
+    #[serde(default, rename = "columnHeaders")]
+    pub column_headers: Option<bool>,
+    #[serde(default)]
+    pub delimiter: Option<String>,
+}
+
+impl CsvSettings {
+    /// The delimiter as the one byte a CSV reader takes; an error names what the model says.
+    pub fn delimiter_byte(&self) -> Result<u8, String> {
+        match self.delimiter.as_deref() {
+            None | Some("") => Ok(b','),
+            Some(d) if d.len() == 1 && d.is_ascii() => Ok(d.as_bytes()[0]),
+            Some(d) => Err(format!(
+                "a CSV delimiter {d:?} that is not one ASCII character"
+            )),
+        }
+    }
 }
 
 impl Model {
     pub fn parse(text: &[u8], file: &str) -> Result<Model, SnapshotError> {
+        // Files written by .NET tools often start with a UTF-8 byte order mark, which JSON
+        // parsers refuse as a value.
+        let text = text.strip_prefix(UTF8_BOM.as_bytes()).unwrap_or(text);
         serde_json::from_slice(text).map_err(|e| SnapshotError::Refused {
             file: file.to_string(),
             line: e.line(),
@@ -60,25 +92,35 @@ impl Entity {
     /// `run_dir` (`<table>/<yyyy>/<mm>/<dd>/<HHMM>`): a location is a URL of the storage
     /// account, so only the trailing folders are comparable with where the run was read.
     pub fn partition_files_in(&self, run_dir: &[&str]) -> Vec<String> {
-        let mut out = Vec::new();
-        for p in &self.partitions {
-            let path = location_path(&p.location);
-            let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-            let Some((file, dir)) = parts.split_last() else {
-                continue;
-            };
-            let same_dir = dir.len() >= run_dir.len()
-                && dir[dir.len() - run_dir.len()..]
-                    .iter()
-                    .zip(run_dir)
-                    .all(|(a, b)| a.eq_ignore_ascii_case(b));
-            if same_dir {
-                out.push((*file).to_string());
-            }
-        }
+        let mut out: Vec<String> = self
+            .partitions
+            .iter()
+            .filter_map(|p| file_in(p, run_dir))
+            .collect();
         out.sort();
         out
     }
+
+    /// The CSV settings of the partition `file` of the run folder `run_dir`, when stated.
+    pub fn csv_settings_of(&self, run_dir: &[&str], file: &str) -> Option<&CsvSettings> {
+        self.partitions
+            .iter()
+            .find(|p| file_in(p, run_dir).as_deref() == Some(file))
+            .and_then(|p| p.format.as_ref())
+    }
+}
+
+/// The partition's file name when its location lies in the run folder `run_dir`.
+fn file_in(p: &Partition, run_dir: &[&str]) -> Option<String> {
+    let path = location_path(&p.location);
+    let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (file, dir) = parts.split_last()?;
+    let same_dir = dir.len() >= run_dir.len()
+        && dir[dir.len() - run_dir.len()..]
+            .iter()
+            .zip(run_dir)
+            .all(|(a, b)| a.eq_ignore_ascii_case(b));
+    same_dir.then(|| (*file).to_string())
 }
 
 /// The decoded path of a partition location: a URL's path, or the text itself.

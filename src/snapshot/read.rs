@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use super::diff::{By, Member};
-use super::model::Model;
+use super::model::{Model, UTF8_BOM};
 use super::SnapshotError;
 
 /// Which columns identify a member: Braze's `external_id` and, optionally, the email.
@@ -26,6 +26,11 @@ pub struct RunSource {
     pub format: FileFormat,
     /// The columns from `model.json`; `None` when the file's first row names them.
     pub columns: Option<Vec<String>>,
+    /// The CSV field delimiter (`model.json`'s, else a comma).
+    pub delimiter: u8,
+    /// Which of `files` `model.json` says start with a header row (`columnHeaders`; a header
+    /// is also recognised by the column names). Empty when the model says nothing.
+    pub headers: Vec<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +44,8 @@ pub enum FileFormat {
 pub fn locate(from: &str, latest: bool) -> Result<RunSource, SnapshotError> {
     if is_url(from) {
         return Err(SnapshotError::Usage(format!(
-            "--from {from}: read from a local path or an az://, abfss://, s3:// or gs:// URL"
+            "--from {from}: read from a local path or an az://, abfss://, \
+             https://<account>.blob.core.windows.net/, s3:// or gs:// URL"
         )));
     }
     let path = Path::new(from);
@@ -95,6 +101,8 @@ fn single_file(path: &Path) -> Result<RunSource, SnapshotError> {
         files: vec![path.to_path_buf()],
         format,
         columns: None,
+        delimiter: b',',
+        headers: Vec::new(),
     })
 }
 
@@ -239,12 +247,46 @@ fn run_folder(dir: &Path) -> Result<RunSource, SnapshotError> {
             });
         }
     }
+    let settings: Vec<_> = listed
+        .iter()
+        .map(|f| {
+            entity
+                .csv_settings_of(&run_dir, f)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut delimiters = Vec::new();
+    for s in &settings {
+        let d = s
+            .delimiter_byte()
+            .map_err(|reason| SnapshotError::Refused {
+                file: model_path.display().to_string(),
+                line: 0,
+                reason: format!("{table}: {reason}"),
+            })?;
+        if !delimiters.contains(&d) {
+            delimiters.push(d);
+        }
+    }
+    let [delimiter] = delimiters[..] else {
+        return Err(SnapshotError::Refused {
+            file: model_path.display().to_string(),
+            line: 0,
+            reason: format!("{table}: the partitions of one run state different delimiters"),
+        });
+    };
     Ok(RunSource {
         name: run_name,
         time_ms: Some(time_ms),
         files: listed.iter().map(|f| dir.join(f)).collect(),
         format: FileFormat::Csv,
         columns: Some(entity.columns()),
+        delimiter,
+        headers: settings
+            .iter()
+            .map(|s| s.column_headers == Some(true))
+            .collect(),
     })
 }
 
@@ -263,14 +305,15 @@ pub fn read_rows(
     mut member: impl FnMut(Member) -> Result<(), SnapshotError>,
 ) -> Result<RowCounts, SnapshotError> {
     let mut counts = RowCounts::default();
-    for path in &run.files {
+    for (i, path) in run.files.iter().enumerate() {
+        let header = run.headers.get(i).copied().unwrap_or(false);
         let file = std::fs::File::open(path).map_err(|e| refused_io(path, e))?;
         let shown = path.display().to_string();
         match run.format {
             FileFormat::Csv => read_csv(
                 file,
                 &shown,
-                run.columns.as_deref(),
+                (run, header),
                 columns,
                 &mut counts,
                 &mut member,
@@ -331,14 +374,20 @@ fn column_index(
 fn read_csv(
     file: impl Read,
     shown: &str,
-    model_columns: Option<&[String]>,
+    (run, has_header): (&RunSource, bool),
     columns: &Columns,
     counts: &mut RowCounts,
     member: &mut impl FnMut(Member) -> Result<(), SnapshotError>,
 ) -> Result<(), SnapshotError> {
+    let model_columns = run.columns.as_deref();
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
+        .delimiter(run.delimiter)
+        // Records end at LF only: with the csv crate's CRLF terminator, a CRLF file's records
+        // after the first report the line before their own. A CR before the LF is taken off
+        // the last field below.
+        .terminator(csv::Terminator::Any(b'\n'))
         .from_reader(file);
     let mut record = csv::StringRecord::new();
     let mut idx: Option<(usize, Option<usize>, usize)> = None;
@@ -364,17 +413,26 @@ fn read_csv(
             break;
         }
         let line = record.position().map(|p| p.line() as usize).unwrap_or(0);
-        let fields: Vec<&str> = record.iter().collect();
+        let mut fields: Vec<&str> = record.iter().collect();
+        if let Some(last) = fields.last_mut() {
+            *last = last.strip_suffix('\r').unwrap_or(last);
+        }
+        // A blank CRLF line: the LF-only terminator leaves it a record of one empty field.
+        if fields == [""] {
+            continue;
+        }
         if first {
             first = false;
             let header = match model_columns {
-                // A header row repeats the model's column names.
+                // A header row repeats the model's column names; the model may also say
+                // there is one whatever it holds.
                 Some(names) => {
-                    fields.len() == names.len()
-                        && fields
-                            .iter()
-                            .zip(names)
-                            .all(|(f, n)| f.trim().eq_ignore_ascii_case(n))
+                    has_header
+                        || fields.len() == names.len()
+                            && fields
+                                .iter()
+                                .zip(names)
+                                .all(|(f, n)| f.trim().eq_ignore_ascii_case(n))
                 }
                 None => {
                     let names: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
@@ -436,10 +494,14 @@ fn read_ndjson(
             line: line_no,
             reason: format!("cannot be read: {e}"),
         })?;
+        let line = match i {
+            0 => line.strip_prefix(UTF8_BOM).unwrap_or(&line),
+            _ => &line,
+        };
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&line)
+        let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line)
             .map_err(|e| SnapshotError::Refused {
                 file: shown.to_string(),
                 line: line_no,
@@ -729,6 +791,124 @@ mod tests {
         let err = read_rows(&run, &columns, |_| Ok(())).unwrap_err();
         assert!(
             matches!(err, SnapshotError::Refused { line: 2, .. }),
+            "{err:?}"
+        );
+    }
+
+    /// What .NET writers and spreadsheet tools put in real exports: a byte order mark before
+    /// model.json, a CSV and an NDJSON file, CRLF line ends, every field quoted, an id holding
+    /// a comma or spaces, and a partition whose file name the model URL-encodes.
+    #[test]
+    fn byte_order_marks_crlf_quoting_and_encoded_names_are_read_as_written() {
+        let root = tempfile::tempdir().unwrap();
+        let export = root.path().join("c/CustomerInsights_9/exp");
+        let run = export.join("Seg/2026/12/04/0300");
+        std::fs::create_dir_all(&run).unwrap();
+        let base = "https://a.blob.core.windows.net/c/CustomerInsights_9/exp/Seg/2026/12/04/0300";
+        let model = format!(
+            "\u{feff}{{\"name\":\"m\",\"version\":\"1.0\",\"entities\":[{{\"$type\":\"LocalEntity\",\
+             \"name\":\"Seg\",\"attributes\":[{{\"name\":\"CustomerId\",\"dataType\":\"string\"}},\
+             {{\"name\":\"PrimaryEmail\",\"dataType\":\"string\"}}],\"partitions\":[\
+             {{\"name\":\"Seg 1\",\"location\":\"{base}/Seg%201.csv\"}},\
+             {{\"name\":\"Seg_2\",\"location\":\"{base}/Seg_2.csv\"}}]}}]}}"
+        );
+        std::fs::write(export.join("model.json"), model).unwrap();
+        std::fs::write(
+            run.join("Seg 1.csv"),
+            "\u{feff}\"CustomerId\",\"PrimaryEmail\"\r\n\"u 1\",\"a@x.io\"\r\n\"u,2\",\"\"\r\n",
+        )
+        .unwrap();
+        std::fs::write(run.join("Seg_2.csv"), "\u{feff}\"u3\",\"\"\r\n").unwrap();
+        let source = locate(run.to_str().unwrap(), false).unwrap();
+        let (members, counts) = all(&source).unwrap();
+        let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
+        assert_eq!(users, ["u 1", "u,2", "u3"]);
+        assert_eq!(counts.rows, 3);
+
+        let nd = root.path().join("members.ndjson");
+        std::fs::write(
+            &nd,
+            "\u{feff}{\"CustomerId\":\"u1\"}\r\n{\"CustomerId\":\"u2\"}\r\n",
+        )
+        .unwrap();
+        let run = locate(nd.to_str().unwrap(), false).unwrap();
+        let (members, _) = all(&run).unwrap();
+        let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
+        assert_eq!(users, ["u1", "u2"]);
+    }
+
+    /// CDM's `fileFormatSettings` of the partitions: their delimiter, and a header row the
+    /// model announces even when its names are not the attributes' (a display name).
+    #[test]
+    fn the_partitions_csv_settings_in_model_json_are_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let export = root.path().join("c/CustomerInsights_9/exp");
+        let run = export.join("Seg/2026/12/04/0300");
+        std::fs::create_dir_all(&run).unwrap();
+        let model = |delimiter: &str| {
+            format!(
+                "{{\"name\":\"m\",\"version\":\"1.0\",\"entities\":[{{\"$type\":\"LocalEntity\",\
+                 \"name\":\"Seg\",\"attributes\":[{{\"name\":\"CustomerId\",\"dataType\":\"string\"}},\
+                 {{\"name\":\"PrimaryEmail\",\"dataType\":\"string\"}}],\"partitions\":[\
+                 {{\"name\":\"Seg_1\",\"location\":\"https://a.dfs.core.windows.net/c/Seg/2026/12/04/0300/Seg_1.csv\",\
+                 \"fileFormatSettings\":{{\"$type\":\"CsvFormatSettings\",\"columnHeaders\":true,\
+                 \"delimiter\":\"{delimiter}\",\"quoteStyle\":\"QuoteStyle.Csv\",\
+                 \"csvStyle\":\"CsvStyle.QuoteAlways\",\"encoding\":\"UTF-8\"}}}},\
+                 {{\"name\":\"Seg_2\",\"location\":\"https://a.dfs.core.windows.net/c/Seg/2026/12/04/0300/Seg_2.csv\",\
+                 \"fileFormatSettings\":{{\"$type\":\"CsvFormatSettings\",\"columnHeaders\":false,\
+                 \"delimiter\":\"{delimiter}\"}}}}]}}]}}"
+            )
+        };
+        std::fs::write(export.join("model.json"), model(";")).unwrap();
+        std::fs::write(
+            run.join("Seg_1.csv"),
+            "\"Customer Id\";\"Email\"\r\n\"u1\";\"a@x.io\"\r\n\"u,2\";\"\"\r\n",
+        )
+        .unwrap();
+        // A partition without a header: its first row is a member.
+        std::fs::write(run.join("Seg_2.csv"), "\"u3\";\"\"\r\n").unwrap();
+        let source = locate(run.to_str().unwrap(), false).unwrap();
+        let (members, counts) = all(&source).unwrap();
+        let users: Vec<&str> = members.iter().map(|m| m.user.as_str()).collect();
+        assert_eq!(users, ["u1", "u,2", "u3"]);
+        assert_eq!(members[0].email.as_deref(), Some("a@x.io"));
+        assert_eq!(counts.rows, 3);
+
+        std::fs::write(export.join("model.json"), model("||")).unwrap();
+        match locate(run.to_str().unwrap(), false).unwrap_err() {
+            SnapshotError::Refused { file, reason, .. } => {
+                assert!(file.ends_with("model.json"), "{file}");
+                assert!(reason.contains("delimiter"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Windows exports end lines with CRLF: a refusal still names the row's own line, a blank
+    /// line is still skipped, and no CR is left on the last column.
+    #[test]
+    fn crlf_rows_are_refused_by_their_own_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("members.csv");
+        std::fs::write(
+            &csv,
+            "Name,CustomerId\r\nAda,u1\r\n\r\n\"Bob\",\"u2\"\r\nCy\r\n",
+        )
+        .unwrap();
+        let run = locate(csv.to_str().unwrap(), false).unwrap();
+        let columns = Columns {
+            id: "CustomerId".into(),
+            email: None,
+        };
+        let mut users = Vec::new();
+        let err = read_rows(&run, &columns, |m| {
+            users.push(m.user);
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(users, ["u1", "u2"]);
+        assert!(
+            matches!(err, SnapshotError::Refused { line: 5, .. }),
             "{err:?}"
         );
     }

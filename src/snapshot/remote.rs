@@ -21,6 +21,18 @@ pub fn is_remote(from: &str) -> bool {
     ]
     .iter()
     .any(|p| from.starts_with(p))
+        || is_azure_https(from)
+}
+
+/// An Azure storage account's own `https://<account>.blob|dfs.core.windows.net/<container>/…`
+/// URL: what the portal shows and `model.json`'s partition locations hold.
+fn is_azure_https(from: &str) -> bool {
+    reqwest::Url::parse(from).is_ok_and(|url| {
+        url.scheme() == "https"
+            && url.host_str().is_some_and(|h| {
+                h.ends_with(".blob.core.windows.net") || h.ends_with(".dfs.core.windows.net")
+            })
+    })
 }
 
 /// Environment variable prefixes whose variables are the object store's options.
@@ -99,13 +111,18 @@ pub fn stage(
 ) -> Result<Staged, SnapshotError> {
     let url = reqwest::Url::parse(from)
         .map_err(|e| SnapshotError::Usage(format!("--from {from}: not a URL: {e}")))?;
-    let (store, _) = object_store::parse_url_opts(&url, options(storage))
+    let (store, store_path) = object_store::parse_url_opts(&url, options(storage))
         .map_err(|e| SnapshotError::Usage(format!("--from {from}: {e}")))?;
-    // The object's path is the URL's path for every scheme taken here: the host names the
-    // container or bucket (object_store's own parse drops a first segment for az://, which
-    // names the container twice in its convention, not in Azure's `az://<container>/<path>`).
-    let path = StorePath::from_url_path(url.path())
-        .map_err(|e| SnapshotError::Usage(format!("--from {from}: {e}")))?;
+    // The object's path is the URL's path for the schemes whose host names the container or
+    // bucket (object_store's own parse drops a first segment for az://, which names the
+    // container twice in its convention, not in Azure's `az://<container>/<path>`); an
+    // account's https URL names the container first, and object_store's parse drops it.
+    let path = if url.scheme() == "https" {
+        store_path
+    } else {
+        StorePath::from_url_path(url.path())
+            .map_err(|e| SnapshotError::Usage(format!("--from {from}: {e}")))?
+    };
     let text = path.as_ref().to_string();
     let trimmed = from.trim_end_matches('/');
     let base = trimmed.strip_suffix(&text).unwrap_or(trimmed).to_string();

@@ -1,5 +1,6 @@
 //! Adobe Real-Time CDP streaming destination: one profile per record, its audiences in
-//! `segmentMembership.ups.<audience id>` = `{status, lastQualificationTime}`.
+//! `segmentMembership.<namespace>.<audience id>` = `{status, lastQualificationTime}`
+//! (namespace `ups` for Segmentation Service audiences).
 
 use super::sparse::Json;
 
@@ -16,20 +17,32 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceE
         // A profile update without audiences, or not a profile at all.
         return Ok(Found::default());
     };
-    let Some(ups) = membership.get("ups") else {
-        return Ok(Found::default());
+    let namespaces = match membership {
+        Json::Obj(namespaces) => namespaces,
+        Json::Null => return Ok(Found::default()),
+        _ => return Err(field_error(SHAPE, "segmentMembership is not an object")),
     };
-    let Json::Obj(audiences) = ups else {
-        return Err(field_error(SHAPE, "segmentMembership.ups is not an object"));
-    };
+    // `ups` holds the audiences Segmentation Service evaluates; audiences of other origins
+    // (custom upload, Audience Manager) sit under their own namespace beside it. An
+    // audience id is unique across namespaces, so the namespace is not part of the id.
+    let mut audiences = Vec::new();
+    for (namespace, entries) in namespaces {
+        let Json::Obj(entries) = entries else {
+            return Err(field_error(
+                SHAPE,
+                format!("segmentMembership.{namespace} is not an object"),
+            ));
+        };
+        audiences.extend(entries.iter().map(|(id, entry)| (namespace, id, entry)));
+    }
     let (external_id, email) = settings.identity(doc);
     if external_id.is_none() && email.is_none() && !audiences.is_empty() {
         return Err(settings.no_identity(SHAPE));
     }
     let identity = external_id.as_deref().or(email.as_deref()).unwrap_or("");
     let mut found = Found::default();
-    for (audience, entry) in audiences {
-        let field = |name: &str| format!("segmentMembership.ups.{audience}.{name}");
+    for (namespace, audience, entry) in audiences {
+        let field = |name: &str| format!("segmentMembership.{namespace}.{audience}.{name}");
         let status = entry.get("status").and_then(Json::as_str).ok_or_else(|| {
             field_error(
                 SHAPE,

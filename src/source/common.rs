@@ -49,7 +49,7 @@ impl Settings {
         match c.shape {
             Shape::Change => {}
             Shape::AdobeRtcdp => {
-                paths.want("/segmentMembership/ups");
+                paths.want("/segmentMembership");
             }
             Shape::Segment => {
                 for p in [
@@ -64,6 +64,7 @@ impl Settings {
                     "/context/personas/computation_class",
                     "/context/personas/computation_key",
                     "/traits",
+                    "/context/traits",
                 ] {
                     paths.want(p);
                 }
@@ -78,11 +79,32 @@ impl Settings {
                     &c.email_column,
                     &c.member_column,
                 ];
+                // The flattened row first: its keys are matched against these in order,
+                // and a flattened record is small enough for that to show.
+                for column in columns.iter().copied().flatten() {
+                    paths.want(&format!("/{}", escape(column)));
+                }
+                for field in [
+                    "__op",
+                    "__deleted",
+                    "__lsn",
+                    "__source_ts_ms",
+                    "__ts_ms",
+                    "__source_ts_us",
+                    "__source_ts_ns",
+                    "__ts_us",
+                    "__ts_ns",
+                ] {
+                    paths.want(&format!("/{field}"));
+                }
+                paths.want_presence("/schema");
                 for envelope in ["", "/payload"] {
                     for field in [
                         "op",
                         "ts_ms",
                         "source/ts_ms",
+                        "source/ts_us",
+                        "source/ts_ns",
                         "source/lsn",
                         "source/connector",
                     ] {
@@ -95,13 +117,6 @@ impl Settings {
                             paths.want(&format!("{envelope}/{row}/{}", escape(column)));
                         }
                     }
-                }
-                paths.want_presence("/schema");
-                for field in ["__op", "__deleted", "__lsn", "__source_ts_ms", "__ts_ms"] {
-                    paths.want(&format!("/{field}"));
-                }
-                for column in columns.iter().copied().flatten() {
-                    paths.want(&format!("/{}", escape(column)));
                 }
             }
         }

@@ -35,6 +35,18 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Option<Found>,
     let Some(row) = row else {
         return Ok(Some(Found::default()));
     };
+    let mut found = Found::default();
+    // An update that moved the row to another user or segment (a table keyed by a
+    // surrogate id) leaves the pair it had: read first, both share the record's position.
+    if let Some(left) = left_pair(settings, event, &row) {
+        add(settings, &left, &mut found)?;
+    }
+    add(settings, &row, &mut found)?;
+    Ok(Some(found))
+}
+
+/// One row's change into `found` (or counted as unmapped).
+fn add(settings: &Settings, row: &Row<'_, '_>, found: &mut Found) -> Result<(), SourceError> {
     let column = |name: &str| {
         row.row
             .get(name)
@@ -67,10 +79,9 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Option<Found>,
             ),
         )
     })?;
-    let mut found = Found::default();
     let Some(segment_id) = settings.segment_for(&audience) else {
-        found.unmapped = 1;
-        return Ok(Some(found));
+        found.unmapped += 1;
+        return Ok(());
     };
     let event_id = hashed_id(
         SHAPE,
@@ -81,7 +92,7 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Option<Found>,
         ],
         &[row.occurred_at, row.sequence.unwrap_or(i64::MIN)],
     );
-    // One change a record: its strings are moved into the event, not copied again.
+    // Its strings are moved into the event, not copied again.
     let segment_id = if segment_id == audience {
         audience
     } else {
@@ -98,7 +109,53 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Option<Found>,
         sequence: row.sequence,
         attributes: Vec::new(),
     });
-    Ok(Some(found))
+    Ok(())
+}
+
+/// For an envelope's update whose `before` names another user or segment than `after`
+/// (and was a member, when `source.member_column` says): that pair, exited. `before`
+/// without those columns (PostgreSQL's default replica identity) tells nothing.
+fn left_pair<'v, 'a>(
+    settings: &Settings,
+    event: &'v Json<'a>,
+    row: &Row<'v, 'a>,
+) -> Option<Row<'v, 'a>> {
+    if row.op != Some("u") {
+        return None;
+    }
+    let before @ Json::Obj(_) = event.get("before")? else {
+        return None;
+    };
+    let key = |r: &Json<'_>, column: &str| {
+        r.get(column)
+            .and_then(scalar_text)
+            .filter(|s| !s.is_empty())
+    };
+    // Who, as `add` finds them: the user column, else the email column.
+    let who = |r: &Json<'_>| {
+        key(r, &settings.user_column)
+            .or_else(|| settings.email_column.as_deref().and_then(|c| key(r, c)))
+    };
+    let pair = |r: &Json<'_>| Some((who(r)?, key(r, &settings.segment_column)?));
+    let old = pair(before)?;
+    if Some(&old) == pair(row.row).as_ref() {
+        return None;
+    }
+    let was_member = settings
+        .member_column
+        .as_ref()
+        .and_then(|c| before.get(c))
+        .is_none_or(|v| {
+            !matches!(v, Json::Bool(false) | Json::Int(0)) && v.as_str() != Some("false")
+        });
+    was_member.then_some(Row {
+        row: before,
+        name: "before",
+        op: row.op,
+        change: Change::Exited,
+        occurred_at: row.occurred_at,
+        sequence: row.sequence,
+    })
 }
 
 /// The row a change speaks of and what it says.
@@ -106,6 +163,8 @@ struct Row<'v, 'a> {
     row: &'v Json<'a>,
     /// Where the row was, for messages.
     name: &'static str,
+    /// The envelope's `op`; `None` for a flattened row.
+    op: Option<&'v str>,
     change: Change,
     occurred_at: i64,
     sequence: Option<i64>,
@@ -114,7 +173,7 @@ struct Row<'v, 'a> {
 fn envelope<'v, 'a>(
     settings: &Settings,
     event: &'v Json<'a>,
-    op: &Json<'a>,
+    op: &'v Json<'a>,
 ) -> Result<Option<Row<'v, 'a>>, SourceError> {
     let op = op
         .as_str()
@@ -139,9 +198,8 @@ fn envelope<'v, 'a>(
     };
     let source = event.get("source");
     let occurred_at = source
-        .and_then(|s| s.get("ts_ms"))
-        .and_then(millis)
-        .or_else(|| event.get("ts_ms").and_then(millis))
+        .and_then(commit_time)
+        .or_else(|| commit_time(event))
         .ok_or_else(|| field_error(SHAPE, "source.ts_ms is missing or not a number"))?;
     // PostgreSQL's LSN orders a key's changes; other connectors' positions do not fit in
     // a sequence, and their order is source.ts_ms, then the offset.
@@ -157,6 +215,7 @@ fn envelope<'v, 'a>(
     Ok(Some(Row {
         row,
         name,
+        op: Some(op),
         change: change_of(settings, row, deleted, op == "u")?,
         occurred_at,
         sequence,
@@ -177,24 +236,50 @@ fn flattened<'v, 'a>(
         Some(Json::Str(s)) => s == "true",
         _ => false,
     } || op == Some("d");
-    let occurred_at = row
-        .get("__source_ts_ms")
-        .or_else(|| row.get("__ts_ms"))
-        .and_then(millis)
-        .ok_or_else(|| {
+    let occurred_at = flattened_time(row).ok_or_else(|| {
             field_error(
                 SHAPE,
-                "__source_ts_ms is missing or not a number (add source.ts_ms to the transform's add.fields)",
+                "__source_ts_ms (or __source_ts_us, __source_ts_ns) is missing or not a number (add source.ts_ms to the transform's add.fields)",
             )
         })?;
     Ok(Some(Row {
         row,
         name: "the row",
+        op: None,
         // Without `__op` an insert cannot be told from an update.
         change: change_of(settings, row, deleted, op.is_none_or(|op| op == "u"))?,
         occurred_at,
         sequence: row.get("__lsn").and_then(Json::as_i64),
     }))
+}
+
+/// `ts_ms`, else Debezium 2's `ts_us` or `ts_ns` scaled to milliseconds.
+fn commit_time(block: &Json<'_>) -> Option<i64> {
+    block
+        .get("ts_ms")
+        .and_then(millis)
+        .or_else(|| block.get("ts_us").and_then(Json::as_i64).map(|t| t / 1_000))
+        .or_else(|| {
+            block
+                .get("ts_ns")
+                .and_then(Json::as_i64)
+                .map(|t| t / 1_000_000)
+        })
+}
+
+/// The flattened form of [`commit_time`]: `__source_ts_ms` (`_us`, `_ns`), else the
+/// `__ts_` ones. Keys spelt out: this runs once a record.
+fn flattened_time(row: &Json<'_>) -> Option<i64> {
+    const KEYS: [[&str; 3]; 2] = [
+        ["__source_ts_ms", "__source_ts_us", "__source_ts_ns"],
+        ["__ts_ms", "__ts_us", "__ts_ns"],
+    ];
+    KEYS.iter().find_map(|[ms, us, ns]| {
+        row.get(ms)
+            .and_then(millis)
+            .or_else(|| row.get(us).and_then(Json::as_i64).map(|t| t / 1_000))
+            .or_else(|| row.get(ns).and_then(Json::as_i64).map(|t| t / 1_000_000))
+    })
 }
 
 /// A deleted row exits; an inserted or snapshot row enters; an updated one (`update`)

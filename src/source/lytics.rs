@@ -55,8 +55,11 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceE
             Some("enter") => (Change::Entered, enter),
             Some("exit") if still_member => (Change::Entered, enter),
             Some("exit") => (Change::Exited, exit),
-            // No event: the times alone say whether the user is in.
-            None if exit.is_some() && !still_member => (Change::Exited, exit),
+            // No event: the times alone say whether the user is in; a user who came back
+            // after leaving has an exit before the latest enter.
+            None if exit.is_some() && !still_member && (enter.is_none() || exit >= enter) => {
+                (Change::Exited, exit)
+            }
             None if enter.is_some() => (Change::Entered, enter),
             None => {
                 return Err(field_error(

@@ -250,3 +250,6 @@ pub(crate) fn owned(s: &str) -> Cow<'static, str> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod variants;

@@ -27,22 +27,36 @@ pub(crate) fn read(settings: &Settings, doc: &Json<'_>) -> Result<Found, SourceE
     let mut changes: Vec<(&str, Change)> = Vec::new();
     match doc.get("type").and_then(Json::as_str) {
         Some("identify") if is_audience => {
-            let Some(traits @ Json::Obj(members)) = doc.get("traits") else {
+            // Engage writes the audience trait in `traits`; a call relayed by a source
+            // library may carry it in `context.traits` only.
+            let context_traits = doc
+                .get("context")
+                .and_then(|c| c.get("traits"))
+                .filter(|t| matches!(t, Json::Obj(_)));
+            let traits = doc
+                .get("traits")
+                .filter(|t| matches!(t, Json::Obj(_)))
+                .or(context_traits);
+            let Some(traits @ Json::Obj(members)) = traits else {
                 return Err(field_error(
                     SHAPE,
-                    "an audience identify has no traits object",
+                    "an audience identify has no traits object (neither traits nor context.traits)",
                 ));
             };
             match key {
                 Some(key) => {
-                    let member = traits.get(key).and_then(Json::as_bool).ok_or_else(|| {
-                        field_error(
-                            SHAPE,
-                            format!(
-                                "traits.{key} (the computation_key) is missing or not a boolean"
-                            ),
-                        )
-                    })?;
+                    let member = traits
+                        .get(key)
+                        .or_else(|| context_traits.and_then(|t| t.get(key)))
+                        .and_then(Json::as_bool)
+                        .ok_or_else(|| {
+                            field_error(
+                                SHAPE,
+                                format!(
+                                    "traits.{key} (the computation_key) is missing or not a boolean, in traits and in context.traits"
+                                ),
+                            )
+                        })?;
                     changes.push((key, entered(member)));
                 }
                 // Without the key every boolean trait is an audience: Engage writes only
