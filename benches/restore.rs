@@ -22,7 +22,7 @@ mod common;
 #[path = "../tests/support/kafka.rs"]
 mod kafka;
 
-use std::io::BufRead;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -255,6 +255,10 @@ fn main() {
 fn restore_peak_rss_mb(cfg: &Config, end: &[i64]) -> f64 {
     let group = "bench.restore.rss";
     commit(&cfg.kafka.brokers, group, end);
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("its address")
+    };
     let dir = tempfile::tempdir().expect("a scratch directory");
     let config = dir.path().join("restore.toml");
     std::fs::write(
@@ -274,7 +278,7 @@ endpoint = {endpoint:?}
 restore_records = {lookback}
 
 [server]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 "#,
             brokers = cfg.kafka.brokers,
             endpoint = cfg.braze.endpoint,
@@ -287,24 +291,25 @@ listen = "127.0.0.1:0"
         .args(["run", "--config"])
         .arg(&config)
         .env("BRAZE_API_KEY", API_KEY)
-        .env("RUST_LOG", "warn,segment_sync::pipeline::worker=info")
+        .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("the segment-sync binary starts");
     let peak = common::peak_rss_kb(child.id());
-    let stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
-    let mut restored = 0;
-    for line in stderr.lines() {
-        let line = line.expect("the worker's log");
-        if line.contains("partition restored") {
-            restored += 1;
-            if restored == PARTITIONS {
-                break;
-            }
+    // Every partition restored: one observation of restore_seconds each, on its /metrics.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let restored = loop {
+        let count = scrape(listen).and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("segment_sync_restore_seconds_count "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        if count.is_some_and(|c| c as i32 >= PARTITIONS) || Instant::now() > deadline {
+            break count.unwrap_or(0.0) as i32;
         }
-    }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let took = started.elapsed();
     assert_eq!(
         restored, PARTITIONS,
@@ -322,4 +327,15 @@ listen = "127.0.0.1:0"
         "the worker binary restored the log in {took:.2?} from its start; peak resident {peak_mb:.1} MB ({peak_kb} KiB)"
     );
     peak_mb
+}
+
+/// `GET /metrics` of the worker at `addr`, or `None` while it does not answer.
+fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
 }
