@@ -12,7 +12,7 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-fn source(shape: Shape, edit: impl FnOnce(&mut SourceConfig)) -> Source {
+pub(super) fn source(shape: Shape, edit: impl FnOnce(&mut SourceConfig)) -> Source {
     let mut c = SourceConfig {
         shape,
         ..SourceConfig::default()
@@ -22,10 +22,10 @@ fn source(shape: Shape, edit: impl FnOnce(&mut SourceConfig)) -> Source {
 }
 
 /// (segment, change, external_id, email, occurred_at) of a change.
-type Seen = (String, Change, Option<String>, Option<String>, i64);
+pub(super) type Seen = (String, Change, Option<String>, Option<String>, i64);
 
 /// Every change, sorted by segment.
-fn changes(read: Read<'_>) -> Vec<Seen> {
+pub(super) fn changes(read: Read<'_>) -> Vec<Seen> {
     let mut out: Vec<_> = read
         .into_events()
         .into_iter()

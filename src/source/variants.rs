@@ -7,33 +7,11 @@
 use super::*;
 use crate::event::Change;
 
-fn source(shape: Shape, edit: impl FnOnce(&mut SourceConfig)) -> Source {
-    let mut c = SourceConfig {
-        shape,
-        ..SourceConfig::default()
-    };
-    edit(&mut c);
-    Source::new(&c, Format::Json, None).expect("json needs no registry")
-}
+use super::tests::{source, Seen};
 
-/// (segment, change, external_id, email, occurred_at) of a change.
-type Seen = (String, Change, Option<String>, Option<String>, i64);
-
-/// Every change, sorted by segment then change.
+/// Every change, sorted by segment then change (the fixtures' tests sort by segment only).
 fn changes(read: Read<'_>) -> Vec<Seen> {
-    let mut out: Vec<_> = read
-        .into_events()
-        .into_iter()
-        .map(|e| {
-            (
-                e.segment_id.to_string(),
-                e.change,
-                e.external_id.map(|s| s.to_string()),
-                e.email.map(|s| s.to_string()),
-                e.occurred_at,
-            )
-        })
-        .collect();
+    let mut out = super::tests::changes(read);
     out.sort_by(|a, b| (&a.0, a.1.symbol()).cmp(&(&b.0, b.1.symbol())));
     out
 }
